@@ -1,0 +1,30 @@
+"""luong: Keras's `Attention` layer (Luong dot-product and concat attention) in Rust.
+
+    >>> import numpy as np, luong
+    >>> q = np.ones((2, 3, 4), np.float32); v = np.ones((2, 5, 4), np.float32)
+    >>> luong.Attention()([q, v]).shape
+    (2, 3, 4)
+"""
+
+from __future__ import annotations
+
+from . import _core
+from .layer import Attention, attention
+
+__version__: str = _core.__version__
+
+__all__ = ["Attention", "attention", "set_num_threads", "get_num_threads", "__version__"]
+
+
+def set_num_threads(threads: int) -> None:
+    """Sets the number of worker threads luong computes on (results never depend on it)."""
+    if isinstance(threads, bool) or not isinstance(threads, int):
+        raise TypeError(f"`threads` must be an int, received {threads!r}")
+    if threads < 1:
+        raise ValueError(f"`threads` must be at least 1, received {threads}")
+    _core.set_num_threads(threads)
+
+
+def get_num_threads() -> int:
+    """The number of worker threads (from `LUONG_NUM_THREADS`, the machine, or the last set)."""
+    return _core.get_num_threads()

@@ -1,0 +1,103 @@
+"""The one path every call takes: convert inputs (without copying when they already fit), then
+hand them to the Rust kernel. Shared by the `Attention` layer and the functional `attention`."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any, Optional
+
+import numpy as np
+
+from . import _core
+
+_COMPUTE_DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
+
+
+def compute_dtype(dtype: Any) -> np.dtype:
+    """The compute dtype for a `dtype` argument: float32 by default (as Keras), or float64."""
+    if dtype is None:
+        return _COMPUTE_DTYPES["float32"]
+    if isinstance(dtype, dict):  # a Keras DTypePolicy config, e.g. from `get_config()`
+        dtype = dtype.get("config", {}).get("name", dtype)
+    name = getattr(dtype, "name", dtype)  # a Keras DTypePolicy or a NumPy dtype
+    try:
+        return _COMPUTE_DTYPES[np.dtype(name).name if not isinstance(name, str) else name]
+    except (KeyError, TypeError) as e:
+        raise ValueError(
+            f"Invalid value for argument `dtype`: luong computes in 'float32' (the default, as "
+            f"Keras) or 'float64'. Received: dtype={dtype!r}"
+        ) from e
+
+
+def as_input(x: Any, arg: str, dtype: np.dtype) -> np.ndarray:
+    """`x` as an array of the compute dtype: the same array when it already is one (no copy)."""
+    a = x if isinstance(x, np.ndarray) else np.asarray(x)
+    if a.dtype == dtype:
+        return a
+    if a.dtype.kind not in "fiub":
+        raise TypeError(
+            f"`{arg}` must hold real numbers; got an array of dtype {a.dtype} and shape {a.shape}"
+        )
+    return a.astype(dtype)
+
+
+def as_mask(m: Any, arg: str) -> Optional[np.ndarray]:
+    """A mask as a bool array (non-zero keeps), or None."""
+    if m is None:
+        return None
+    a = m if isinstance(m, np.ndarray) else np.asarray(m)
+    if a.dtype == np.bool_:
+        return a
+    if a.dtype.kind not in "iuf":
+        raise TypeError(
+            f"`{arg}` must be bool or numeric (non-zero keeps); got dtype {a.dtype} "
+            f"and shape {a.shape}"
+        )
+    return a != 0
+
+
+def check_dropout(dropout: Any) -> float:
+    """Keras's Dropout rule: a float in [0, 1)."""
+    try:
+        rate = float(dropout)
+    except (TypeError, ValueError) as e:
+        raise ValueError(
+            f"Invalid value received for argument `dropout`. Expected a float value in [0, 1). "
+            f"Received: dropout={dropout!r}"
+        ) from e
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(
+            "Invalid value received for argument `dropout`. Expected a float value in [0, 1). "
+            f"Received: dropout={dropout!r}"
+        )
+    return rate
+
+
+def check_seed(seed: Any) -> int:
+    """Keras's SeedGenerator rule: an integer; None draws one. Returned as an unsigned 64-bit key."""
+    if seed is None:
+        return secrets.randbits(64)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"Argument `seed` must be an integer. Received: seed={seed!r}")
+    return int(seed) % (1 << 64)
+
+
+
+
+def run(
+    query: Any,
+    value: Any,
+    key: Any,
+    query_mask: Any,
+    value_mask: Any,
+    *,
+    dtype: np.dtype,
+    options: dict[str, Any],
+) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """Converts the arrays and runs the kernel; returns (output, scores or None)."""
+    q = as_input(query, "query", dtype)
+    v = as_input(value, "value", dtype)
+    k = None if key is None else as_input(key, "key", dtype)
+    qm = as_mask(query_mask, "query_mask")
+    vm = as_mask(value_mask, "value_mask")
+    return _core.attention(q, v, k, qm, vm, options)

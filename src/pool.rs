@@ -1,0 +1,70 @@
+//! The one thread pool luong computes on.
+//!
+//! Sized from `LUONG_NUM_THREADS` when it holds a positive integer, else from the machine's
+//! available parallelism; resized with [`set_num_threads`]. A dedicated pool (not rayon's global
+//! one) so that luong's thread count never changes a host program's own rayon work. Results do
+//! not depend on the size: each output row is computed by one thread in a fixed order.
+
+use std::sync::{Arc, OnceLock, RwLock};
+
+use rayon::{ThreadPool, ThreadPoolBuilder};
+
+use crate::error::{AttentionError, Result};
+
+fn slot() -> &'static RwLock<Option<Arc<ThreadPool>>> {
+    static POOL: OnceLock<RwLock<Option<Arc<ThreadPool>>>> = OnceLock::new();
+    POOL.get_or_init(|| RwLock::new(None))
+}
+
+fn default_threads() -> usize {
+    std::env::var("LUONG_NUM_THREADS")
+        .ok()
+        .and_then(|s| s.trim().parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+fn build(threads: usize) -> Result<Arc<ThreadPool>> {
+    ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("luong-{i}"))
+        .build()
+        .map(Arc::new)
+        .map_err(|e| AttentionError::Config {
+            arg: "num_threads",
+            reason: format!("could not start {threads} threads: {e}"),
+        })
+}
+
+/// The pool, built on first use.
+pub(crate) fn pool() -> Result<Arc<ThreadPool>> {
+    if let Some(p) = slot().read().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        return Ok(Arc::clone(p));
+    }
+    let mut w = slot().write().unwrap_or_else(|e| e.into_inner());
+    if w.is_none() {
+        *w = Some(build(default_threads())?);
+    }
+    Ok(Arc::clone(w.as_ref().expect("just set")))
+}
+
+/// Sets the number of worker threads (a new pool; calls already running finish on the old one).
+///
+/// # Errors
+/// [`AttentionError::Config`] when `threads` is 0 or the threads cannot be started.
+pub fn set_num_threads(threads: usize) -> Result<()> {
+    if threads == 0 {
+        return Err(AttentionError::Config {
+            arg: "num_threads",
+            reason: "must be at least 1, received 0".into(),
+        });
+    }
+    let pool = build(threads)?;
+    *slot().write().unwrap_or_else(|e| e.into_inner()) = Some(pool);
+    Ok(())
+}
+
+/// The number of worker threads calls run on.
+pub fn num_threads() -> usize {
+    pool().map_or(1, |p| p.current_num_threads())
+}

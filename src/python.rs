@@ -1,0 +1,154 @@
+//! The thin PyO3 boundary (feature `python`): NumPy arrays in, NumPy arrays out, errors mapped.
+//!
+//! Inputs are borrowed (`PyReadonlyArray`, any strides, no copy); results are allocated in Rust
+//! and handed to NumPy with `into_pyarray` (no copy); the GIL is released while the kernel runs.
+//! The Python package (`python/luong/`) casts inputs to the compute dtype and checks Keras's
+//! list rules; everything about shapes is checked in Rust (`shape.rs`) and comes back here as
+//! `ValueError` (or `MemoryError` for results too large to allocate).
+
+use numpy::{IntoPyArray, PyArrayDyn, PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use pyo3::exceptions::{PyMemoryError, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+
+use crate::{Attention, AttentionError, Dropout, Float, MasksNd, ScoreMode};
+
+fn to_py(e: AttentionError) -> PyErr {
+    match e {
+        AttentionError::TooLarge { .. } => PyMemoryError::new_err(e.to_string()),
+        _ => PyValueError::new_err(e.to_string()),
+    }
+}
+
+/// The call's settings, passed from Python as one dict.
+#[derive(FromPyObject)]
+#[pyo3(from_item_all)]
+struct Options {
+    score_mode: String,
+    scale: Option<f64>,
+    concat_score_weight: f64,
+    dropout: f64,
+    seed: u64,
+    call: u64,
+    causal: bool,
+    return_scores: bool,
+}
+
+impl Options {
+    fn attention(&self) -> PyResult<Attention> {
+        let mut attn = Attention::new(ScoreMode::parse(&self.score_mode).map_err(to_py)?)
+            .concat_score_weight(self.concat_score_weight)
+            .return_scores(self.return_scores)
+            .dropout(Dropout {
+                rate: self.dropout,
+                seed: self.seed,
+                call: self.call,
+            });
+        if let Some(s) = self.scale {
+            attn = attn.scale(s);
+        }
+        attn.validate().map_err(to_py)?;
+        Ok(attn)
+    }
+}
+
+type Arrays<'py> = (Bound<'py, PyAny>, Option<Bound<'py, PyAny>>);
+
+/// Runs the call in the compute type `T`, with the GIL released.
+fn run<'py, T: Float + numpy::Element>(
+    py: Python<'py>,
+    attn: &Attention,
+    (query, value, key): (
+        &Bound<'py, PyAny>,
+        &Bound<'py, PyAny>,
+        Option<&Bound<'py, PyAny>>,
+    ),
+    (query_mask, value_mask): (
+        Option<PyReadonlyArrayDyn<'py, bool>>,
+        Option<PyReadonlyArrayDyn<'py, bool>>,
+    ),
+    causal: bool,
+) -> PyResult<Arrays<'py>> {
+    let read = |arg: &str, a: &Bound<'py, PyAny>| -> PyResult<PyReadonlyArrayDyn<'py, T>> {
+        a.extract().map_err(|_| {
+            PyTypeError::new_err(format!(
+                "`{arg}` must be a {} NumPy array like `query`, got {}",
+                T::NAME,
+                describe(a)
+            ))
+        })
+    };
+    let (q, v) = (read("query", query)?, read("value", value)?);
+    let k = key.map(|k| read("key", k)).transpose()?;
+    let (qv, vv, kv) = (q.as_array(), v.as_array(), k.as_ref().map(|k| k.as_array()));
+    let masks = MasksNd {
+        query: query_mask.as_ref().map(|m| m.as_array()),
+        value: value_mask.as_ref().map(|m| m.as_array()),
+        causal,
+    };
+    let out = py
+        .detach(|| attn.forward_nd(qv, vv, kv, &masks))
+        .map_err(to_py)?;
+    Ok((
+        out.output.into_pyarray(py).into_any(),
+        out.scores.map(|s| s.into_pyarray(py).into_any()),
+    ))
+}
+
+fn describe(a: &Bound<'_, PyAny>) -> String {
+    match a.cast::<numpy::PyUntypedArray>() {
+        Ok(arr) => format!(
+            "an array of dtype {} and shape {:?}",
+            arr.dtype(),
+            arr.shape()
+        ),
+        Err(_) => format!(
+            "an object of type {}",
+            a.get_type().name().map_or("?".into(), |n| n.to_string())
+        ),
+    }
+}
+
+/// attention(query, value, key, query_mask, value_mask, options) -> (output, scores | None)
+///
+/// query/value/key: float32 or float64 arrays, all of one dtype; masks: bool arrays or None.
+#[pyfunction]
+#[pyo3(signature = (query, value, key, query_mask, value_mask, options))]
+fn attention<'py>(
+    py: Python<'py>,
+    query: &Bound<'py, PyAny>,
+    value: &Bound<'py, PyAny>,
+    key: Option<&Bound<'py, PyAny>>,
+    query_mask: Option<PyReadonlyArrayDyn<'py, bool>>,
+    value_mask: Option<PyReadonlyArrayDyn<'py, bool>>,
+    options: Options,
+) -> PyResult<Arrays<'py>> {
+    let attn = options.attention()?;
+    let inputs = (query, value, key);
+    let masks = (query_mask, value_mask);
+    if query.cast::<PyArrayDyn<f64>>().is_ok() {
+        run::<f64>(py, &attn, inputs, masks, options.causal)
+    } else {
+        run::<f32>(py, &attn, inputs, masks, options.causal)
+    }
+}
+
+/// Sets the number of worker threads.
+#[pyfunction]
+fn set_num_threads(threads: usize) -> PyResult<()> {
+    crate::set_num_threads(threads).map_err(to_py)
+}
+
+/// The number of worker threads.
+#[pyfunction]
+fn get_num_threads() -> usize {
+    crate::num_threads()
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_function(wrap_pyfunction!(attention, m)?)?;
+    m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
+    Ok(())
+}
