@@ -195,14 +195,17 @@ impl Attention {
         let v: CowArray<'_, T, Ix3> = fold(&value, batch, 2);
         let k: Option<CowArray<'_, T, Ix3>> = key.as_ref().map(|k| fold(k, batch, 2));
         let qm: Option<CowArray<'_, bool, Ix2>> = masks.query.as_ref().map(|m| fold(m, batch, 1));
-        let (keys_mask, score_mask): (
-            Option<CowArray<'_, bool, Ix2>>,
-            Option<CowArray<'_, bool, Ix3>>,
-        ) = match &masks.value {
-            Some(m) if plan.full_score_mask => (None, Some(fold(m, batch, 2))),
-            Some(m) => (Some(fold(m, batch, 1)), None),
-            None => (None, None),
-        };
+        let full = plan.full_score_mask;
+        let keys_mask: Option<CowArray<'_, bool, Ix2>> = masks
+            .value
+            .as_ref()
+            .filter(|_| !full)
+            .map(|m| fold(m, batch, 1));
+        let score_mask: Option<CowArray<'_, bool, Ix3>> = masks
+            .value
+            .as_ref()
+            .filter(|_| full)
+            .map(|m| fold(m, batch, 2));
         let value_mask = match (&keys_mask, &score_mask) {
             (Some(m), _) => Some(ValueMask::Keys(m.view())),
             (_, Some(m)) => Some(ValueMask::Scores(m.view())),
