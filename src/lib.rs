@@ -10,7 +10,7 @@
 //! 2. score mask: value mask, full score mask, causal; masked scores get `1e9` subtracted
 //!    ([`mask`]);
 //! 3. softmax over Tv ([`softmax`]); 4. dropout when training ([`dropout`]);
-//! 5. output `(B, Tq, Dv)` = weights · value ([`combine`]); the query mask zeroes output rows.
+//! 5. output `(B, Tq, Dv)` = weights · value ([`combine`](mod@combine)); the query mask zeroes output rows.
 //!
 //! ```
 //! use luong::{Attention, Masks, ScoreMode};
@@ -30,7 +30,7 @@
 //! ```
 //!
 //! Modules: [`shape`] (all shape rules), [`score`], [`mask`], [`softmax`], [`dropout`],
-//! [`combine`] (the stages, public and readable), `attention` (the orchestration),
+//! [`combine`](mod@combine) (the stages, public and readable), `attention` (the orchestration),
 //! `pool` (the thread pool), and, with the `python` feature, the PyO3 bindings.
 
 pub mod combine;
