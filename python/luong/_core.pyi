@@ -1,14 +1,15 @@
 """Type stubs for the compiled extension `luong._core` (src/python.rs)."""
 
-from typing import Any, Optional, TypedDict
+from typing import Any, TypedDict
 
 import numpy as np
 
 __version__: str
+__all__ = ["__version__", "attention", "get_num_threads", "set_num_threads"]
 
 class _Options(TypedDict):
     score_mode: str
-    scale: Optional[float]
+    scale: float | None
     concat_score_weight: float
     dropout: float
     seed: int
@@ -19,10 +20,10 @@ class _Options(TypedDict):
 def attention(
     query: np.ndarray,
     value: np.ndarray,
-    key: Optional[np.ndarray],
-    query_mask: Optional[np.ndarray],
-    value_mask: Optional[np.ndarray],
+    key: np.ndarray | None,
+    query_mask: np.ndarray | None,
+    value_mask: np.ndarray | None,
     options: _Options | dict[str, Any],
-) -> tuple[np.ndarray, Optional[np.ndarray]]: ...
+) -> tuple[np.ndarray, np.ndarray | None]: ...
 def set_num_threads(threads: int) -> None: ...
 def get_num_threads() -> int: ...

@@ -4,13 +4,16 @@ hand them to the Rust kernel. Shared by the `Attention` layer and the functional
 from __future__ import annotations
 
 import secrets
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
 from . import _core
 
-_COMPUTE_DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
+_COMPUTE_DTYPES: dict[str, np.dtype[Any]] = {
+    "float32": np.dtype(np.float32),
+    "float64": np.dtype(np.float64),
+}
 
 
 def compute_dtype(dtype: Any) -> np.dtype:
@@ -41,7 +44,7 @@ def as_input(x: Any, arg: str, dtype: np.dtype) -> np.ndarray:
     return a.astype(dtype)
 
 
-def as_mask(m: Any, arg: str) -> Optional[np.ndarray]:
+def as_mask(m: Any, arg: str) -> np.ndarray | None:
     """A mask as a bool array (non-zero keeps), or None."""
     if m is None:
         return None
@@ -53,7 +56,8 @@ def as_mask(m: Any, arg: str) -> Optional[np.ndarray]:
             f"`{arg}` must be bool or numeric (non-zero keeps); got dtype {a.dtype} "
             f"and shape {a.shape}"
         )
-    return a != 0
+    keep: np.ndarray = a != 0
+    return keep
 
 
 def check_dropout(dropout: Any) -> float:
@@ -74,7 +78,7 @@ def check_dropout(dropout: Any) -> float:
 
 
 def check_seed(seed: Any) -> int:
-    """Keras's SeedGenerator rule: an integer; None draws one. Returned as an unsigned 64-bit key."""
+    """Keras's SeedGenerator rule: an integer; None draws one. Returns an unsigned 64-bit key."""
     if seed is None:
         return secrets.randbits(64)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
@@ -93,7 +97,7 @@ def run(
     *,
     dtype: np.dtype,
     options: dict[str, Any],
-) -> tuple[np.ndarray, Optional[np.ndarray]]:
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Converts the arrays and runs the kernel; returns (output, scores or None)."""
     q = as_input(query, "query", dtype)
     v = as_input(value, "value", dtype)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import numpy as np
 
@@ -45,9 +45,9 @@ class Attention:
         use_scale: bool = False,
         score_mode: str = "dot",
         dropout: float = 0.0,
-        seed: Optional[int] = None,
+        seed: int | None = None,
         dtype: Any = None,
-        name: Optional[str] = None,
+        name: str | None = None,
         trainable: bool = True,
     ) -> None:
         if score_mode not in ["dot", "concat"]:
@@ -68,8 +68,8 @@ class Attention:
         self.trainable = bool(trainable)
         self.built = True
         one = np.array(1.0, dtype=self._dtype)
-        self.scale: Optional[Array] = one.copy() if self.use_scale else None
-        self.concat_score_weight: Optional[Array] = (
+        self.scale: Array | None = one.copy() if self.use_scale else None
+        self.concat_score_weight: Array | None = (
             one.copy() if score_mode == "concat" else None
         )
 
@@ -138,8 +138,8 @@ class Attention:
     def __call__(
         self,
         inputs: list[Any],
-        mask: Optional[list[Any]] = None,
-        training: Optional[bool] = False,
+        mask: list[Any] | None = None,
+        training: bool | None = False,
         return_attention_scores: bool = False,
         use_causal_mask: bool = False,
     ) -> Output:
@@ -185,15 +185,16 @@ class Attention:
             inputs[0], inputs[1], key, q_mask, v_mask, dtype=self._dtype, options=options
         )
         if return_attention_scores:
+            assert scores is not None  # the kernel returns scores when asked
             return out, scores
         return out
 
-    def compute_output_shape(self, input_shape: Sequence[Sequence[Optional[int]]]) -> tuple:
+    def compute_output_shape(self, input_shape: Sequence[Sequence[int | None]]) -> tuple[int | None, ...]:
         """`(*query_shape[:-1], value_shape[-1])`."""
         query_shape, value_shape = input_shape[0], input_shape[1]
         return (*query_shape[:-1], value_shape[-1])
 
-    def compute_mask(self, inputs: list[Any], mask: Optional[list[Any]] = None) -> Optional[Array]:
+    def compute_mask(self, inputs: list[Any], mask: list[Any] | None = None) -> Array | None:
         """The output mask: the query mask (Keras's rule), or None."""
         self._validate_inputs(inputs, mask)
         if mask is None or mask[0] is None:
@@ -242,10 +243,10 @@ def attention(
     query_mask: Any = None,
     value_mask: Any = None,
     score_mode: str = "dot",
-    scale: Optional[float] = None,
+    scale: float | None = None,
     concat_score_weight: float = 1.0,
     dropout: float = 0.0,
-    seed: Optional[int] = None,
+    seed: int | None = None,
     training: bool = False,
     return_attention_scores: bool = False,
     use_causal_mask: bool = False,
@@ -279,5 +280,6 @@ def attention(
         dtype=_run.compute_dtype(dtype), options=options,
     )
     if return_attention_scores:
+        assert scores is not None  # the kernel returns scores when asked
         return out, scores
     return out
