@@ -59,3 +59,8 @@ pub use mask::{apply_query_mask, apply_score_mask, Masks, ValueMask};
 pub use pool::{num_threads, set_num_threads};
 pub use score::scores;
 pub use softmax::softmax_rows;
+
+/// The README's Rust example, compiled and run as a doc-test.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
