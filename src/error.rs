@@ -10,19 +10,21 @@ use thiserror::Error;
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum AttentionError {
     /// An input has fewer dimensions than the layer needs.
-    #[error("`{arg}` must have at least {min} dimensions ({expected}), got shape {shape:?}")]
+    #[error("`{arg}` has shape {shape}: {rule}", shape = fmt_shape(.shape))]
     Rank {
         /// The argument: `query`, `value`, `key`, `query_mask`, `value_mask`.
         arg: &'static str,
-        /// The least number of dimensions accepted.
-        min: usize,
-        /// The expected layout, for example `(..., Tq, D)`.
-        expected: &'static str,
+        /// What is expected, for example `expected at least 2 dims, (..., Tq, D)`.
+        rule: &'static str,
         /// The shape received.
         shape: Vec<usize>,
     },
     /// Two inputs disagree on a dimension they must share.
-    #[error("`{arg}` shape {shape:?} does not match `{other}` shape {other_shape:?}: {rule}")]
+    #[error(
+        "`{arg}` shape {shape} does not match `{other}` shape {other_shape}: {rule}",
+        shape = fmt_shape(.shape),
+        other_shape = fmt_shape(.other_shape)
+    )]
     Mismatch {
         /// The argument whose shape is rejected.
         arg: &'static str,
@@ -37,7 +39,9 @@ pub enum AttentionError {
     },
     /// Leading (batch) dimensions that do not broadcast.
     #[error(
-        "the leading (batch) dims of `{arg}` {shape:?} do not broadcast to the batch dims {batch:?}{detail}"
+        "the leading (batch) dims of `{arg}` shape {shape} do not broadcast to the batch dims {batch}{detail}",
+        shape = fmt_shape(.shape),
+        batch = fmt_shape(.batch)
     )]
     Broadcast {
         /// The argument whose leading dims are rejected.
@@ -58,13 +62,28 @@ pub enum AttentionError {
         reason: String,
     },
     /// The result would not fit in memory, or its element count overflows `usize`.
-    #[error("the result of shape {shape:?} ({what}) is too large to allocate")]
+    #[error("the {what} of shape {shape} is too large to allocate", shape = fmt_shape(.shape))]
     TooLarge {
         /// Which result: `output` or `scores`.
         what: &'static str,
         /// Its shape.
         shape: Vec<usize>,
     },
+}
+
+/// A shape as NumPy prints it: `(2, 5, 3)`, `(3,)`, `()`.
+pub fn fmt_shape(shape: &[usize]) -> String {
+    match shape {
+        [one] => format!("({one},)"),
+        _ => format!(
+            "({})",
+            shape
+                .iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
 }
 
 /// `Result` with [`AttentionError`].

@@ -74,8 +74,7 @@ pub fn check_qkv(query: &[usize], value: &[usize], key: Option<&[usize]>) -> Res
         if s.len() != 3 {
             return Err(AttentionError::Rank {
                 arg,
-                min: 3,
-                expected: "(B, T, D) for the 3-D API",
+                rule: "the 3-D API takes (B, T, D); forward_nd takes any leading dims",
                 shape: s.to_vec(),
             });
         }
@@ -139,37 +138,25 @@ pub fn check_masks(
     value_mask: Option<&[usize]>,
 ) -> Result<()> {
     let Dims { batch, tq, tv, .. } = *dims;
+    let scores = [batch, tq, tv];
     if let Some(m) = query_mask {
         if m != [batch, tq] {
-            return Err(mask_mismatch("query_mask", m, vec![batch, tq], "(B, Tq)"));
-        }
-    }
-    if let Some(m) = value_mask {
-        if m != [batch, tv] && m != [batch, tq, tv] {
-            return Err(mask_mismatch(
-                "value_mask",
+            return Err(mismatch(
+                "query_mask",
                 m,
-                vec![batch, tv],
-                "(B, Tv) or (B, Tq, Tv)",
+                "scores",
+                &scores,
+                "a query mask must be (B, Tq)",
             ));
         }
     }
-    Ok(())
-}
-
-fn mask_mismatch(
-    arg: &'static str,
-    shape: &[usize],
-    expected: Vec<usize>,
-    rule: &'static str,
-) -> AttentionError {
-    AttentionError::Mismatch {
-        arg,
-        shape: shape.to_vec(),
-        other: "the expected shape",
-        other_shape: expected,
-        rule,
+    if let Some(m) = value_mask {
+        if m != [batch, tv] && m != scores {
+            let rule = "a value mask must be (B, Tv) or (B, Tq, Tv)";
+            return Err(mismatch("value_mask", m, "scores", &scores, rule));
+        }
     }
+    Ok(())
 }
 
 /// The plan of an N-D call: the broadcast batch shape and the folded sizes.
@@ -221,23 +208,32 @@ pub fn plan(s: Shapes<'_>) -> Result<Plan> {
     fn lead(x: &[usize]) -> &[usize] {
         &x[..x.len() - 2]
     }
-    let rank = |arg, shape: &[usize], min, expected| {
+    let rank = |arg, shape: &[usize], min, rule| {
         if shape.len() < min {
             Err(AttentionError::Rank {
                 arg,
-                min,
-                expected,
+                rule,
                 shape: shape.to_vec(),
             })
         } else {
             Ok(())
         }
     };
-    rank("query", s.query, 2, "(..., Tq, D)")?;
-    rank("value", s.value, 2, "(..., Tv, Dv)")?;
+    rank(
+        "query",
+        s.query,
+        2,
+        "expected at least 2 dims, (..., Tq, D)",
+    )?;
+    rank(
+        "value",
+        s.value,
+        2,
+        "expected at least 2 dims, (..., Tv, Dv)",
+    )?;
     let (key_arg, key) = match s.key {
         Some(k) => {
-            rank("key", k, 2, "(..., Tv, D)")?;
+            rank("key", k, 2, "expected at least 2 dims, (..., Tv, D)")?;
             ("key", k)
         }
         None => ("value", s.value),
@@ -277,7 +273,7 @@ pub fn plan(s: Shapes<'_>) -> Result<Plan> {
         None => false,
     };
     if let Some(m) = s.query_mask {
-        rank("query_mask", m, 1, "(..., Tq)")?;
+        rank("query_mask", m, 1, "expected at least 1 dim, (..., Tq)")?;
         if m[m.len() - 1] != tq {
             return Err(mismatch(
                 "query_mask",
@@ -301,33 +297,31 @@ pub fn plan(s: Shapes<'_>) -> Result<Plan> {
 
 /// Checks a value mask and tells whether it is a full score mask.
 fn check_value_mask(m: &[usize], batch_shape: &[usize], tq: usize, tv: usize) -> Result<bool> {
-    let full = m.len() == batch_shape.len() + 2;
-    if m.is_empty() || m.len() > batch_shape.len() + 2 {
+    let scores_rank = batch_shape.len() + 2;
+    if m.is_empty() || m.len() > scores_rank {
         return Err(AttentionError::Rank {
             arg: "value_mask",
-            min: 1,
-            expected: "(..., Tv) or (..., Tq, Tv), with no more leading dims than the inputs",
+            rule: "expected (..., Tv) per key or (..., Tq, Tv) per score, with no more dims than the scores",
             shape: m.to_vec(),
         });
     }
-    let (tail, ok, rule): (usize, bool, &'static str) = if full {
+    let full = m.len() == scores_rank;
+    let (tail, ok, rule) = if full {
         (
             2,
             m[m.len() - 2..] == [tq, tv],
-            "a full score mask must end in (Tq, Tv)",
+            "a full score mask (same rank as the scores) must end in (Tq, Tv)",
         )
     } else {
-        (1, m[m.len() - 1] == tv, "a per-key mask must end in Tv")
+        (
+            1,
+            m[m.len() - 1] == tv,
+            "a per-key mask (fewer dims than the scores) must end in Tv",
+        )
     };
     if !ok {
-        let expected = if full { vec![tq, tv] } else { vec![tv] };
-        return Err(mismatch(
-            "value_mask",
-            m,
-            "(Tq, Tv) of the scores",
-            &expected,
-            rule,
-        ));
+        let scores: Vec<usize> = [batch_shape, &[tq, tv]].concat();
+        return Err(mismatch("value_mask", m, "scores", &scores, rule));
     }
     check_mask_lead("value_mask", m, tail, batch_shape)?;
     Ok(full)

@@ -40,40 +40,40 @@ fn has_all(msg: &str, parts: &[&str]) {
 fn shape_errors_name_arguments_and_shapes() {
     has_all(
         &err(&[3], &[2, 4, 3], None, None, None),
-        &["`query`", "[3]"],
+        &["`query`", "(3,)"],
     );
     has_all(
         &err(&[2, 4, 3], &[2, 5, 4], None, None, None),
-        &["`value`", "[2, 5, 4]", "`query`", "[2, 4, 3]", "(D)"],
+        &["`value`", "(2, 5, 4)", "`query`", "(2, 4, 3)", "(D)"],
     );
     has_all(
         &err(&[2, 4, 3], &[2, 5, 4], Some(&[2, 6, 3]), None, None),
-        &["`key`", "[2, 6, 3]", "[2, 5, 4]", "(Tv)"],
+        &["`key`", "(2, 6, 3)", "(2, 5, 4)", "(Tv)"],
     );
     has_all(
         &err(&[2, 4, 3], &[3, 5, 3], None, None, None),
-        &["`value`", "[3, 5, 3]", "broadcast"],
+        &["`value`", "(3, 5, 3)", "broadcast"],
     );
     has_all(
         &err(&[2, 4, 3], &[2, 5, 3], None, Some(&[2, 5]), None),
-        &["`query_mask`", "[2, 5]", "Tq"],
+        &["`query_mask`", "(2, 5)", "Tq"],
     );
     has_all(
         &err(&[2, 4, 3], &[2, 5, 3], None, None, Some(&[2, 4])),
-        &["`value_mask`", "[2, 4]", "Tv"],
+        &["`value_mask`", "(2, 4)", "Tv"],
     );
     has_all(
         &err(&[2, 4, 3], &[2, 5, 3], None, None, Some(&[2, 4, 4])),
-        &["`value_mask`", "[2, 4, 4]"],
+        &["`value_mask`", "(2, 4, 4)"],
     );
     has_all(
         &err(&[2, 4, 3], &[2, 5, 3], None, None, Some(&[3, 5])),
-        &["`value_mask`", "[3, 5]", "broadcast"],
+        &["`value_mask`", "(3, 5)", "broadcast"],
     );
     // A mask may not grow the batch: (2, 2, 5) against batch (2,) is a rank error, not a broadcast.
     has_all(
         &err(&[2, 4, 3], &[2, 5, 3], None, None, Some(&[2, 2, 4, 5])),
-        &["`value_mask`", "[2, 2, 4, 5]"],
+        &["`value_mask`", "(2, 2, 4, 5)"],
     );
 }
 
@@ -97,7 +97,7 @@ fn three_d_api_checks_batch_and_masks() {
     let e = Attention::default()
         .forward(q.view(), v.view(), None, &m)
         .unwrap_err();
-    has_all(&e.to_string(), &["`value_mask`", "[2, 4]", "[2, 5]"]);
+    has_all(&e.to_string(), &["`value_mask`", "(2, 4)", "(2, 3, 5)"]);
 }
 
 #[test]

@@ -189,7 +189,9 @@ class Attention:
             return out, scores
         return out
 
-    def compute_output_shape(self, input_shape: Sequence[Sequence[int | None]]) -> tuple[int | None, ...]:
+    def compute_output_shape(
+        self, input_shape: Sequence[Sequence[int | None]]
+    ) -> tuple[int | None, ...]:
         """`(*query_shape[:-1], value_shape[-1])`."""
         query_shape, value_shape = input_shape[0], input_shape[1]
         return (*query_shape[:-1], value_shape[-1])
