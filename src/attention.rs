@@ -11,25 +11,27 @@
 //! result are the same for any thread count and any block size.
 
 use ndarray::{
-    Array3, ArrayD, ArrayView3, ArrayViewD, ArrayViewMut3, Axis, CowArray, Ix2, Ix3, IxDyn,
+    Array3, ArrayD, ArrayView3, ArrayViewD, ArrayViewMut2, ArrayViewMut3, Axis, CowArray, Ix2, Ix3,
+    IxDyn,
 };
 use rayon::prelude::*;
 
-use crate::combine::combine_row;
 use crate::config::Attention;
-use crate::dropout::{dropout_row, DropoutMask};
+use crate::dropout::DropoutMask;
 use crate::error::{AttentionError, Result};
 use crate::float::Float;
-use crate::mask::{mask_row, Masks, ValueMask};
-use crate::score::{score_row, ScoreParams};
-use crate::shape::{self, checked_len, fold, rows_contiguous, Shapes};
-use crate::softmax::softmax_row;
+use crate::kernel::{Ctx, Isa, Item};
+use crate::mask::{Masks, ValueMask};
+use crate::score::ScoreParams;
+use crate::shape::{self, checked_len, fold, rows_contiguous, Dims, Shapes};
 
 /// Below this many floating-point operations a call runs on the calling thread: handing work to
 /// the pool costs a few microseconds, more than the whole computation.
 const SERIAL_FLOPS: usize = 1 << 20;
 /// The most rows one work item holds; smaller items when there are few rows, so both cores work.
 const MAX_ROWS_PER_ITEM: usize = 64;
+/// The most bytes of scores one work item keeps (its `rows × Tv` block): L2-resident.
+const SCRATCH_BYTES: usize = 1 << 20;
 
 /// What a 3-D call returns.
 #[derive(Debug, Clone, PartialEq)]
@@ -74,45 +76,6 @@ pub(crate) fn zeros<T: Float>(shape: [usize; 3], what: &'static str) -> Result<A
     Ok(Array3::from_shape_vec(shape, data).expect("length matches shape"))
 }
 
-/// Everything a row needs, borrowed for the call.
-struct Rows<'a, 'm, T> {
-    query: ArrayView3<'a, T>,
-    key: ArrayView3<'a, T>,
-    value: ArrayView3<'a, T>,
-    masks: &'a Masks<'m>,
-    params: ScoreParams<T>,
-    dropout: Option<(DropoutMask, T)>,
-    tq: usize,
-}
-
-impl<T: Float> Rows<'_, '_, T> {
-    /// Flat row `r` (batch element `r / Tq`, query row `r % Tq`): scores into `scores` (length
-    /// Tv), the weighted sum into `out` (length Dv).
-    #[inline]
-    fn run(&self, r: usize, scores: &mut [T], out: &mut [T]) {
-        let (b, i) = (r / self.tq, r % self.tq);
-        let q = self.query.slice(ndarray::s![b, i, ..]);
-        let q = q.to_slice().expect("query rows are contiguous");
-        score_row(&self.params, q, self.key.index_axis(Axis(0), b), scores);
-        mask_row(
-            scores,
-            self.masks.keys_of_row(b, i),
-            self.masks.causal.then_some(i),
-        );
-        softmax_row(scores);
-        if let Some((mask, keep_prob)) = &self.dropout {
-            let first = (r * scores.len()) as u64;
-            dropout_row(scores.iter_mut(), mask, *keep_prob, first);
-        }
-        if self.masks.query_keeps(b, i) {
-            combine_row(scores, self.value.index_axis(Axis(0), b), out);
-        } else {
-            // Keras's `where(query_mask, output, 0)`: exactly 0, even where the row was NaN.
-            out.fill(T::zero());
-        }
-    }
-}
-
 impl Attention {
     /// Runs attention on 3-D views: query `(B, Tq, D)`, value `(B, Tv, Dv)`, key `(B, Tv, D)`
     /// (`None`: the value is the key). Views may have any strides.
@@ -146,7 +109,7 @@ impl Attention {
             true => Some(zeros::<T>([dims.batch, dims.tq, dims.tv], "scores")?),
             false => None,
         };
-        let rows = Rows {
+        let mut ctx = Ctx {
             query: query.view(),
             key: key.as_ref().map_or(value.view(), |k| k.view()),
             value: value.view(),
@@ -155,17 +118,23 @@ impl Attention {
             dropout: self
                 .active_dropout()
                 .map(|d| (DropoutMask::new(&d), T::of(1.0 - d.rate))),
-            tq: dims.tq,
+            dims,
+            packed: Vec::new(),
+            concat_ok: Vec::new(),
+            isa: Isa::detect(),
         };
         let flops = (dims.batch * dims.tq)
             .saturating_mul(dims.tv)
             .saturating_mul(2 * (dims.d + dims.dv) + 8);
-        run_rows(
-            &rows,
-            flops,
+        let pool = crate::pool::pool()?;
+        let parallel = flops >= SERIAL_FLOPS && pool.current_num_threads() > 1;
+        T::prepare_fast(&mut ctx, parallel.then_some(&*pool));
+        run_items(
+            &ctx,
+            parallel.then_some(&*pool),
             output.view_mut(),
             scores.as_mut().map(|s| s.view_mut()),
-        )?;
+        );
         Ok(Output { output, scores })
     }
 
@@ -228,79 +197,76 @@ impl Attention {
     }
 }
 
-/// Runs every row, on the calling thread for small calls, else on the pool in blocks of rows.
-fn run_rows<T: Float>(
-    rows: &Rows<'_, '_, T>,
-    flops: usize,
+/// Splits the rows into work items (blocks of query rows of one batch element) and runs them,
+/// on the pool when given, else on the calling thread. The split never changes the results.
+fn run_items<T: Float>(
+    ctx: &Ctx<'_, '_, T>,
+    pool: Option<&rayon::ThreadPool>,
     output: ArrayViewMut3<'_, T>,
     scores: Option<ArrayViewMut3<'_, T>>,
-) -> Result<()> {
-    let (b, tq, dv) = output.dim();
-    let tv = rows.key.dim().1;
-    let n = b * tq;
-    let mut out2 = output
-        .into_shape_with_order((n, dv))
-        .expect("fresh arrays are in standard layout");
-    let mut sc2 = scores.map(|s| {
-        s.into_shape_with_order((n, tv))
-            .expect("fresh arrays are in standard layout")
+) {
+    let Dims {
+        batch, tq, tv, dv, ..
+    } = ctx.dims;
+    let threads = pool.map_or(1, |p| p.current_num_threads());
+    // Enough items for load balance (8 per thread), at most 64 rows, and a scores block of at
+    // most 1 MiB so it stays in L2 between the softmax and the combine.
+    let per_item = (batch * tq)
+        .div_ceil(8 * threads)
+        .clamp(1, MAX_ROWS_PER_ITEM)
+        .min((SCRATCH_BYTES / std::mem::size_of::<T>() / tv.max(1)).max(1));
+    let mut items = Vec::new();
+    let mut outs = Vec::new();
+    let mut scs = Vec::new();
+    let mut out_rest = output
+        .into_shape_with_order((batch * tq, dv))
+        .expect("standard layout");
+    let mut sc_rest = scores.map(|s| {
+        s.into_shape_with_order((batch * tq, tv))
+            .expect("standard layout")
     });
-    let pool = crate::pool::pool()?;
-    let threads = pool.current_num_threads();
-    let serial = flops < SERIAL_FLOPS || threads == 1;
-    // Enough items for load balance (8 per thread); the split never changes the results.
-    let per_item = if serial {
-        n.max(1)
-    } else {
-        n.div_ceil(8 * threads).clamp(1, MAX_ROWS_PER_ITEM)
-    };
-    let outs: Vec<_> = out2.axis_chunks_iter_mut(Axis(0), per_item).collect();
-    let scs: Vec<Option<_>> = match sc2.as_mut() {
-        Some(s) => s
-            .axis_chunks_iter_mut(Axis(0), per_item)
-            .map(Some)
-            .collect(),
-        None => outs.iter().map(|_| None).collect(),
-    };
-    let work =
-        |scratch: &mut Vec<T>,
-         (item, (mut out, sc)): (usize, (ArrayViewMut2<T>, Option<ArrayViewMut2<T>>))| {
-            let first = item * per_item;
-            match sc {
-                Some(mut sc) => {
-                    for (k, (mut o, mut s)) in
-                        out.rows_mut().into_iter().zip(sc.rows_mut()).enumerate()
-                    {
-                        let (o, s) = (
-                            o.as_slice_mut().expect("contiguous"),
-                            s.as_slice_mut().expect("contiguous"),
-                        );
-                        rows.run(first + k, s, o);
-                    }
-                }
-                None => {
-                    for (k, mut o) in out.rows_mut().into_iter().enumerate() {
-                        rows.run(first + k, scratch, o.as_slice_mut().expect("contiguous"));
-                    }
-                }
-            }
-        };
-    let scratch = || vec![T::zero(); tv];
-    if serial {
-        let mut buf = scratch();
-        outs.into_iter()
-            .zip(scs)
-            .enumerate()
-            .for_each(|it| work(&mut buf, it));
-    } else {
-        pool.install(|| {
-            outs.into_par_iter()
-                .zip(scs)
-                .enumerate()
-                .for_each_init(scratch, work)
-        });
+    for b in 0..batch {
+        let mut i0 = 0;
+        while i0 < tq {
+            let rows = per_item.min(tq - i0);
+            items.push(Item { b, i0, rows });
+            let (head, tail) = out_rest.split_at(Axis(0), rows);
+            outs.push(head);
+            out_rest = tail;
+            scs.push(sc_rest.take().map(|s| {
+                let (head, tail) = s.split_at(Axis(0), rows);
+                sc_rest = Some(tail);
+                head
+            }));
+            i0 += rows;
+        }
     }
-    Ok(())
+    let work = |scratch: &mut Vec<T>,
+                ((item, mut out), sc): (
+        (Item, ArrayViewMut2<'_, T>),
+        Option<ArrayViewMut2<'_, T>>,
+    )| {
+        let out = out.as_slice_mut().expect("standard layout");
+        match sc {
+            Some(mut sc) => {
+                T::attend_block(ctx, item, sc.as_slice_mut().expect("standard layout"), out)
+            }
+            None => {
+                scratch.resize(item.rows * tv, T::zero());
+                T::attend_block(ctx, item, &mut scratch[..item.rows * tv], out)
+            }
+        }
+    };
+    let jobs = items.into_iter().zip(outs).zip(scs);
+    match pool {
+        Some(pool) => pool.install(|| {
+            jobs.collect::<Vec<_>>()
+                .into_par_iter()
+                .for_each_init(Vec::new, work)
+        }),
+        None => {
+            let mut scratch = Vec::new();
+            jobs.for_each(|job| work(&mut scratch, job));
+        }
+    }
 }
-
-use ndarray::ArrayViewMut2;

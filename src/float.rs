@@ -5,6 +5,8 @@
 
 use std::fmt::{Debug, Display};
 
+use crate::kernel::{self, Ctx, Item};
+
 /// A float type the attention stages can run in: `f32` or `f64`.
 ///
 /// `MASK_BIAS` is the number Keras subtracts from masked scores (`1e9`; Keras uses `65504` for
@@ -29,6 +31,16 @@ pub trait Float:
     /// Converts an `f64` setting (scale, concat weight, keep probability) to this type, rounding
     /// as NumPy's cast does.
     fn of(x: f64) -> Self;
+
+    /// Prepares the fast path of a call (packs keys); the portable path needs nothing.
+    #[doc(hidden)]
+    fn prepare_fast(_ctx: &mut Ctx<'_, '_, Self>, _pool: Option<&rayon::ThreadPool>) {}
+
+    /// Runs one work item: the fused fast path where there is one, else the stage functions.
+    #[doc(hidden)]
+    fn attend_block(ctx: &Ctx<'_, '_, Self>, item: Item, scores: &mut [Self], out: &mut [Self]) {
+        kernel::portable_block(ctx, item, scores, out)
+    }
 }
 
 impl Float for f32 {
@@ -37,6 +49,12 @@ impl Float for f32 {
     #[inline]
     fn of(x: f64) -> f32 {
         x as f32
+    }
+    fn prepare_fast(ctx: &mut Ctx<'_, '_, f32>, pool: Option<&rayon::ThreadPool>) {
+        kernel::prepare_f32(ctx, pool)
+    }
+    fn attend_block(ctx: &Ctx<'_, '_, f32>, item: Item, scores: &mut [f32], out: &mut [f32]) {
+        kernel::block_f32(ctx, item, scores, out)
     }
 }
 

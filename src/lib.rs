@@ -38,6 +38,7 @@ pub mod config;
 pub mod dropout;
 pub mod error;
 pub mod float;
+pub mod kernel;
 pub mod mask;
 pub mod score;
 pub mod shape;

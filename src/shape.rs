@@ -439,13 +439,14 @@ pub fn fold<'v, A: Clone, D: Dimension>(
         .expect("fold produces tail + 1 dims")
 }
 
-/// `view` itself when each of its rows (last axis) is contiguous, else a standard-layout copy:
-/// the row kernels read rows as slices.
+/// `view` itself when each of its rows (last axis) is contiguous and no stride is negative,
+/// else a standard-layout copy: the row kernels read rows as slices and walk rows forward.
 pub(crate) fn rows_contiguous<'v, A: Clone, D: Dimension>(
     view: ndarray::ArrayView<'v, A, D>,
 ) -> CowArray<'v, A, D> {
     let last = view.ndim() - 1;
-    if view.len_of(Axis(last)) <= 1 || view.stride_of(Axis(last)) == 1 {
+    let inner_ok = view.len_of(Axis(last)) <= 1 || view.stride_of(Axis(last)) == 1;
+    if inner_ok && view.strides().iter().all(|&s| s >= 0) {
         CowArray::from(view)
     } else {
         CowArray::from(view.as_standard_layout().into_owned())

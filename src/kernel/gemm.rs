@@ -1,0 +1,204 @@
+//! Register-tiled products for the two matrix steps, without packing the left operand:
+//! `C (m × n) = op(A (m × k) · B (k × n))`.
+//!
+//! - scores: A = query rows, B = Kᵀ packed in panels of NR keys (`pack_panels`), op = dot × scale
+//!   (or the concat form, see [`Concat`]);
+//! - combine: A = weights rows, B = value rows read in place (each row contiguous), op = dot.
+//!
+//! A tile is R rows × NV vectors; its accumulators stay in registers for the whole k loop, B's
+//! vectors are loaded once per k and reused by all R rows, A's entries are broadcast from
+//! memory. Every C element is one sequential chain over k, so its bits never depend on the tile
+//! it falls in: results are the same for any block split or thread count.
+
+use ndarray::ArrayView2;
+
+use super::simd::Simd;
+
+/// What a tile accumulates per k, and how it finishes.
+pub(crate) trait Op<S: Simd>: Copy {
+    unsafe fn step(&self, acc: S::V, a: S::V, b: S::V) -> S::V;
+    unsafe fn finish(&self, acc: S::V) -> S::V;
+}
+
+/// `Σ_k a·b`, then `× scale` (Keras multiplies the finished dot product by the scale).
+#[derive(Clone, Copy)]
+pub(crate) struct Dot {
+    pub scale: Option<f32>,
+}
+
+impl<S: Simd> Op<S> for Dot {
+    #[inline(always)]
+    unsafe fn step(&self, acc: S::V, a: S::V, b: S::V) -> S::V {
+        S::fma(a, b, acc)
+    }
+    #[inline(always)]
+    unsafe fn finish(&self, acc: S::V) -> S::V {
+        match self.scale {
+            Some(s) => S::mul(acc, S::splat(s)),
+            None => acc,
+        }
+    }
+}
+
+/// Concat scores from exponentials: with `a = e^{2s·q_d}` and `b = e^{2s·k_d}`,
+/// `tanh(s·(q_d + k_d)) = 1 - 2 / (1 + a·b)`, so `w · Σ_d tanh(...) = w · (D - 2 Σ_d 1/(1 + a·b))`.
+/// One FMA and one reciprocal per term instead of a tanh. Callers guarantee `|2s·q|, |2s·k| ≤ 40`
+/// so `a·b` stays well inside f32's range (else they use the plain tanh path).
+#[derive(Clone, Copy)]
+pub(crate) struct Concat {
+    pub weight: f32,
+    pub d: f32,
+}
+
+impl<S: Simd> Op<S> for Concat {
+    #[inline(always)]
+    unsafe fn step(&self, acc: S::V, a: S::V, b: S::V) -> S::V {
+        S::add(acc, S::recip(S::fma(a, b, S::splat(1.0))))
+    }
+    #[inline(always)]
+    unsafe fn finish(&self, acc: S::V) -> S::V {
+        let sum_tanh = S::fma(acc, S::splat(-2.0), S::splat(self.d));
+        S::mul(S::splat(self.weight), sum_tanh)
+    }
+}
+
+/// The operands of one product. Pointers are valid for the ranges the sizes describe.
+#[derive(Clone, Copy)]
+pub(crate) struct Gemm {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    /// Row i of A starts at `a + i·lda`; its k entries are contiguous.
+    pub a: *const f32,
+    pub lda: usize,
+    /// B(kk, j) for j in panel p is at `b + p·b_panel + kk·b_row + (j mod NR)`.
+    pub b: *const f32,
+    pub b_row: usize,
+    pub b_panel: usize,
+    /// C(i, j) is at `c + i·ldc + j`.
+    pub c: *mut f32,
+    pub ldc: usize,
+}
+
+/// Runs the product with tiles of `mr` rows (1..=12) and NV vectors per row.
+///
+/// # Safety
+/// The ISA of `S` must be available; `g`'s pointers must cover the described ranges (B may be
+/// read past column n only inside zero-padded panels, which full-width loads need; partial
+/// panels of a row-major B are read with masked loads).
+#[inline(always)]
+pub(crate) unsafe fn gemm<S: Simd, O: Op<S>, const NV: usize>(g: &Gemm, op: O, mr: usize) {
+    let nr = NV * S::LANES;
+    for p in 0..g.n.div_ceil(nr) {
+        let cols = (g.n - p * nr).min(nr);
+        let b = g.b.add(p * g.b_panel);
+        let mut i = 0;
+        while i < g.m {
+            let rows = (g.m - i).min(mr);
+            let (a, c) = (g.a.add(i * g.lda), g.c.add(i * g.ldc + p * nr));
+            let t = Tile {
+                a,
+                lda: g.lda,
+                b,
+                b_row: g.b_row,
+                k: g.k,
+                c,
+                ldc: g.ldc,
+                cols,
+            };
+            match rows {
+                1 => tile::<S, O, 1, NV>(&t, op),
+                2 => tile::<S, O, 2, NV>(&t, op),
+                3 => tile::<S, O, 3, NV>(&t, op),
+                4 => tile::<S, O, 4, NV>(&t, op),
+                5 => tile::<S, O, 5, NV>(&t, op),
+                6 => tile::<S, O, 6, NV>(&t, op),
+                7 => tile::<S, O, 7, NV>(&t, op),
+                8 => tile::<S, O, 8, NV>(&t, op),
+                9 => tile::<S, O, 9, NV>(&t, op),
+                10 => tile::<S, O, 10, NV>(&t, op),
+                11 => tile::<S, O, 11, NV>(&t, op),
+                _ => tile::<S, O, 12, NV>(&t, op),
+            }
+            i += rows;
+        }
+    }
+}
+
+struct Tile {
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    b_row: usize,
+    k: usize,
+    c: *mut f32,
+    ldc: usize,
+    cols: usize,
+}
+
+#[inline(always)]
+unsafe fn tile<S: Simd, O: Op<S>, const R: usize, const NV: usize>(t: &Tile, op: O) {
+    let l = S::LANES;
+    let mut acc = [[S::zero(); NV]; R];
+    if t.cols == NV * l {
+        for kk in 0..t.k {
+            let bp = t.b.add(kk * t.b_row);
+            let bv: [S::V; NV] = std::array::from_fn(|v| S::load(bp.add(v * l)));
+            for (r, row) in acc.iter_mut().enumerate() {
+                let av = S::splat(*t.a.add(r * t.lda + kk));
+                for (x, &b) in row.iter_mut().zip(&bv) {
+                    *x = op.step(*x, av, b);
+                }
+            }
+        }
+        for (r, row) in acc.iter().enumerate() {
+            for (v, &x) in row.iter().enumerate() {
+                S::store(t.c.add(r * t.ldc + v * l), op.finish(x));
+            }
+        }
+    } else {
+        let masks: [S::M; NV] = std::array::from_fn(|v| S::mask(t.cols.saturating_sub(v * l)));
+        for kk in 0..t.k {
+            let bp = t.b.add(kk * t.b_row);
+            let bv: [S::V; NV] = std::array::from_fn(|v| S::load_masked(bp.add(v * l), masks[v]));
+            for (r, row) in acc.iter_mut().enumerate() {
+                let av = S::splat(*t.a.add(r * t.lda + kk));
+                for (x, &b) in row.iter_mut().zip(&bv) {
+                    *x = op.step(*x, av, b);
+                }
+            }
+        }
+        for (r, row) in acc.iter().enumerate() {
+            for (v, &x) in row.iter().enumerate() {
+                S::store_masked(t.c.add(r * t.ldc + v * l), masks[v], op.finish(x));
+            }
+        }
+    }
+}
+
+/// Packs the transpose of `key` (`(Tv, D)`, contiguous rows), mapped through `f`, into panels
+/// of `nr` columns: panel p holds `[D][nr]`, zero-padded past Tv. `out` has
+/// `Tv.div_ceil(nr) · D · nr` elements.
+pub(crate) fn pack_panels(
+    key: ArrayView2<'_, f32>,
+    nr: usize,
+    out: &mut [f32],
+    f: impl Fn(f32) -> f32,
+) {
+    let (tv, d) = key.dim();
+    debug_assert_eq!(out.len(), tv.div_ceil(nr) * d * nr);
+    for (p, panel) in out.chunks_exact_mut(d * nr).enumerate() {
+        let keys = (tv - p * nr).min(nr);
+        for j in 0..keys {
+            let row = key.row(p * nr + j);
+            for (x, &v) in row.iter().enumerate() {
+                panel[x * nr + j] = f(v);
+            }
+        }
+        if keys < nr {
+            for x in 0..d {
+                panel[x * nr + keys..(x + 1) * nr].fill(0.0);
+            }
+        }
+    }
+}

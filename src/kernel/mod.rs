@@ -1,0 +1,406 @@
+//! Fused fast paths: one work item (a block of query rows of one batch element) runs scores,
+//! mask, softmax, dropout and combine back to back while its `rows × Tv` block of scores sits in
+//! L2 (in per-thread scratch, or straight in the returned scores array).
+//!
+//! For f32 on x86-64 the products and the softmax run on AVX-512 or AVX2 + FMA micro-kernels
+//! chosen at run time ([`Isa::detect`]); everything else (f64, other CPUs, degenerate shapes)
+//! runs the portable block, which calls the readable stage functions row by row. Tests hold the
+//! fast paths equal to the stage functions within float32 rounding
+//! (`tests/kernels.rs`), and Keras parity tests run on whatever path the machine picks.
+//!
+//! What the fast path buys at (8, 512, 512, 64), 2 threads, float32: see `benches/` and the
+//! README's performance table.
+
+mod gemm;
+mod rows;
+mod simd;
+
+use std::sync::OnceLock;
+
+use ndarray::{ArrayView3, Axis};
+
+use crate::combine::combine_row;
+use crate::config::ScoreMode;
+use crate::dropout::{dropout_row, DropoutMask};
+use crate::float::Float;
+use crate::mask::{mask_row, Masks};
+use crate::score::{score_row, ScoreParams};
+use crate::shape::Dims;
+use crate::softmax::softmax_row;
+
+/// The instruction sets the f32 kernels can use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    /// AVX-512F: 16 lanes, masked loads, `vscalefps`.
+    Avx512,
+    /// AVX2 and FMA: 8 lanes.
+    Avx2,
+    /// The portable row-by-row path.
+    Scalar,
+}
+
+impl Isa {
+    /// The best set this CPU supports, or what `LUONG_ISA` (`avx512`, `avx2`, `scalar`) asks for
+    /// when the CPU supports it (to test and benchmark every path on one machine). Detected once.
+    pub fn detect() -> Isa {
+        static ISA: OnceLock<Isa> = OnceLock::new();
+        *ISA.get_or_init(|| {
+            let best = Isa::best();
+            match std::env::var("LUONG_ISA").ok().as_deref() {
+                Some("scalar") => Isa::Scalar,
+                Some("avx2") if best != Isa::Scalar => Isa::Avx2,
+                _ => best,
+            }
+        })
+    }
+
+    fn best() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f") {
+                return Isa::Avx512;
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Scalar
+    }
+}
+
+/// Below this many query rows the dot scores read key rows in place instead of packing Kᵀ: the
+/// packing pass costs as much as the product when each key meets only a few queries.
+pub(crate) const PACK_MIN_TQ: usize = 8;
+
+/// A concat score uses `e^{2s·q}·e^{2s·k}` only when every `|2s·q|` and `|2s·k|` is at most this,
+/// so the product stays within `[e^-80, e^80]`, far inside f32's range.
+const CONCAT_EXP_LIMIT: f32 = 40.0;
+
+/// Everything a work item reads, shared by all items of one call.
+pub struct Ctx<'a, 'm, T> {
+    // Views have contiguous rows and no negative strides (`shape::rows_contiguous`).
+    pub(crate) query: ArrayView3<'a, T>,
+    pub(crate) key: ArrayView3<'a, T>,
+    pub(crate) value: ArrayView3<'a, T>,
+    pub(crate) masks: &'a Masks<'m>,
+    pub(crate) params: ScoreParams<T>,
+    pub(crate) dropout: Option<(DropoutMask, T)>,
+    pub(crate) dims: Dims,
+    /// Filled by `Float::prepare`: Kᵀ panels (dot) or `e^{2s·k}` panels (concat) per batch.
+    pub(crate) packed: Vec<T>,
+    /// Concat: whether batch element b's keys allow the exponential form.
+    pub(crate) concat_ok: Vec<bool>,
+    pub(crate) isa: Isa,
+}
+
+/// A block of query rows `i0 .. i0 + rows` of batch element `b`.
+#[derive(Debug, Clone, Copy)]
+pub struct Item {
+    pub(crate) b: usize,
+    pub(crate) i0: usize,
+    pub(crate) rows: usize,
+}
+
+/// The portable block: the stage functions, row by row. `scores` is `rows × Tv`, `out`
+/// `rows × Dv`, both row-major.
+pub(crate) fn portable_block<T: Float>(
+    ctx: &Ctx<'_, '_, T>,
+    item: Item,
+    scores: &mut [T],
+    out: &mut [T],
+) {
+    let Dims { tq, tv, dv, .. } = ctx.dims;
+    for r in 0..item.rows {
+        let i = item.i0 + r;
+        let (s, o) = (
+            &mut scores[r * tv..(r + 1) * tv],
+            &mut out[r * dv..(r + 1) * dv],
+        );
+        let q = ctx.query.slice(ndarray::s![item.b, i, ..]);
+        let q = q.to_slice().expect("query rows are contiguous");
+        score_row(&ctx.params, q, ctx.key.index_axis(Axis(0), item.b), s);
+        finish_row(ctx, item.b, i, (item.b * tq + i) * tv, s);
+        if ctx.masks.query_keeps(item.b, i) {
+            combine_row(s, ctx.value.index_axis(Axis(0), item.b), o);
+        } else {
+            o.fill(T::zero()); // Keras's `where(query_mask, output, 0)`: exactly 0, even for NaN
+        }
+    }
+}
+
+/// Mask, softmax and dropout of one row of scores (row `i` of batch `b`, first flat index
+/// `first`), the portable way.
+fn finish_row<T: Float>(ctx: &Ctx<'_, '_, T>, b: usize, i: usize, first: usize, s: &mut [T]) {
+    mask_row(
+        s,
+        ctx.masks.keys_of_row(b, i),
+        ctx.masks.causal.then_some(i),
+    );
+    softmax_row(s);
+    apply_dropout_row(ctx, first, s);
+}
+
+fn apply_dropout_row<T: Float>(ctx: &Ctx<'_, '_, T>, first: usize, s: &mut [T]) {
+    if let Some((mask, keep_prob)) = &ctx.dropout {
+        dropout_row(s.iter_mut(), mask, *keep_prob, first as u64);
+    }
+}
+
+fn masked(masks: &Masks<'_>) -> bool {
+    masks.value.is_some() || masks.causal
+}
+
+/// Prepares the f32 fast path: packs Kᵀ (dot, Tq ≥ PACK_MIN_TQ) or `e^{2s·k}` (concat) per batch
+/// element, in parallel on `pool`.
+pub(crate) fn prepare_f32(ctx: &mut Ctx<'_, '_, f32>, pool: Option<&rayon::ThreadPool>) {
+    let Dims {
+        batch,
+        tq,
+        tv,
+        d,
+        dv,
+        ..
+    } = ctx.dims;
+    if ctx.isa == Isa::Scalar || tv == 0 || d == 0 || dv == 0 {
+        ctx.isa = Isa::Scalar;
+        return;
+    }
+    let nr = panel_width(ctx.isa);
+    let per_batch = tv.div_ceil(nr) * d * nr;
+    let (key, params) = (ctx.key, ctx.params);
+    let two_s = 2.0 * params.scale.unwrap_or(1.0);
+    let pack = |(b, out): (usize, &mut [f32])| -> bool {
+        let k = key.index_axis(Axis(0), b);
+        match params.mode {
+            ScoreMode::Dot => {
+                gemm::pack_panels(k, nr, out, |x| x);
+                true
+            }
+            ScoreMode::Concat => {
+                let ok = k.iter().all(|&x| (two_s * x).abs() <= CONCAT_EXP_LIMIT);
+                if ok {
+                    gemm::pack_panels(k, nr, out, |x| (two_s * x).exp());
+                }
+                ok
+            }
+        }
+    };
+    if params.mode == ScoreMode::Dot && tq < PACK_MIN_TQ {
+        return;
+    }
+    let mut packed = vec![0.0f32; batch * per_batch];
+    let ok: Vec<bool> = match pool {
+        Some(pool) => pool.install(|| {
+            use rayon::prelude::*;
+            packed
+                .par_chunks_mut(per_batch)
+                .enumerate()
+                .map(pack)
+                .collect()
+        }),
+        None => packed.chunks_mut(per_batch).enumerate().map(pack).collect(),
+    };
+    ctx.packed = packed;
+    ctx.concat_ok = ok;
+}
+
+fn panel_width(isa: Isa) -> usize {
+    match isa {
+        Isa::Avx512 => 32,
+        _ => 16,
+    }
+}
+
+/// Runs one item on the f32 fast path (or the portable block where it does not apply).
+pub(crate) fn block_f32(ctx: &Ctx<'_, '_, f32>, item: Item, scores: &mut [f32], out: &mut [f32]) {
+    match ctx.isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::detect` chose Avx512 only after `is_x86_feature_detected!("avx512f")`.
+        Isa::Avx512 => unsafe { block_avx512(ctx, item, scores, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: Avx2 only after detecting avx2 and fma.
+        Isa::Avx2 => unsafe { block_avx2(ctx, item, scores, out) },
+        _ => portable_block(ctx, item, scores, out),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn block_avx512(ctx: &Ctx<'_, '_, f32>, item: Item, scores: &mut [f32], out: &mut [f32]) {
+    // Tiles: scores 12 rows × 32 keys (24 accumulators of 32 registers), combine 6 × 64.
+    block_simd::<simd::Avx512>(
+        ctx,
+        item,
+        scores,
+        out,
+        Tiles {
+            scores_mr: 12,
+            combine_mr: 6,
+        },
+    )
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn block_avx2(ctx: &Ctx<'_, '_, f32>, item: Item, scores: &mut [f32], out: &mut [f32]) {
+    // Tiles: scores 6 rows × 16 keys, combine 3 × 32 (12 accumulators of 16 registers).
+    block_simd::<simd::Avx2>(
+        ctx,
+        item,
+        scores,
+        out,
+        Tiles {
+            scores_mr: 6,
+            combine_mr: 3,
+        },
+    )
+}
+
+#[derive(Clone, Copy)]
+struct Tiles {
+    scores_mr: usize,
+    combine_mr: usize,
+}
+
+/// The fused block on ISA `S`.
+///
+/// # Safety
+/// `S`'s instructions must be available; `ctx` was prepared by `prepare_f32` for this ISA.
+#[inline(always)]
+unsafe fn block_simd<S: simd::Simd>(
+    ctx: &Ctx<'_, '_, f32>,
+    item: Item,
+    scores: &mut [f32],
+    out: &mut [f32],
+    tiles: Tiles,
+) {
+    let Dims { tq, tv, d, dv, .. } = ctx.dims;
+    let Item { b, i0, rows } = item;
+    debug_assert!(scores.len() >= rows * tv && out.len() >= rows * dv);
+    let q = ctx.query.index_axis(Axis(0), b);
+    let q_ld = q.stride_of(Axis(0));
+    let q0 = q.as_ptr().offset(i0 as isize * q_ld);
+    let nr = panel_width(ctx.isa);
+    let panel = d * nr;
+    let per_batch = tv.div_ceil(nr) * panel;
+
+    // 1. Scores.
+    match ctx.params.mode {
+        ScoreMode::Dot if !ctx.packed.is_empty() => {
+            let g = gemm::Gemm {
+                m: rows,
+                n: tv,
+                k: d,
+                a: q0,
+                lda: q_ld as usize,
+                b: ctx.packed.as_ptr().add(b * per_batch),
+                b_row: nr,
+                b_panel: panel,
+                c: scores.as_mut_ptr(),
+                ldc: tv,
+            };
+            gemm::gemm::<S, _, 2>(
+                &g,
+                gemm::Dot {
+                    scale: ctx.params.scale,
+                },
+                tiles.scores_mr,
+            );
+        }
+        ScoreMode::Dot => {
+            let k = ctx.key.index_axis(Axis(0), b);
+            for r in 0..rows {
+                let qr = std::slice::from_raw_parts(q0.offset(r as isize * q_ld), d);
+                let s = &mut scores[r * tv..(r + 1) * tv];
+                rows::dot_rows::<S>(
+                    qr,
+                    k.as_ptr(),
+                    k.stride_of(Axis(0)) as usize,
+                    s,
+                    ctx.params.scale,
+                );
+            }
+        }
+        ScoreMode::Concat => concat_scores::<S>(ctx, item, scores, tiles.scores_mr),
+    }
+
+    // 2. Mask, softmax, dropout.
+    for r in 0..rows {
+        let i = i0 + r;
+        let s = &mut scores[r * tv..(r + 1) * tv];
+        if masked(ctx.masks) {
+            mask_row(
+                s,
+                ctx.masks.keys_of_row(b, i),
+                ctx.masks.causal.then_some(i),
+            );
+        }
+        rows::softmax_row::<S>(s);
+        apply_dropout_row(ctx, (b * tq + i) * tv, s);
+    }
+
+    // 3. Combine, then the query mask.
+    let v = ctx.value.index_axis(Axis(0), b);
+    let g = gemm::Gemm {
+        m: rows,
+        n: dv,
+        k: tv,
+        a: scores.as_ptr(),
+        lda: tv,
+        b: v.as_ptr(),
+        b_row: v.stride_of(Axis(0)) as usize,
+        b_panel: 4 * S::LANES,
+        c: out.as_mut_ptr(),
+        ldc: dv,
+    };
+    gemm::gemm::<S, _, 4>(&g, gemm::Dot { scale: None }, tiles.combine_mr);
+    for r in 0..rows {
+        if !ctx.masks.query_keeps(b, i0 + r) {
+            out[r * dv..(r + 1) * dv].fill(0.0);
+        }
+    }
+}
+
+/// Concat scores for one item: the exponential form where it is safe, else tanh row by row.
+#[inline(always)]
+unsafe fn concat_scores<S: simd::Simd>(
+    ctx: &Ctx<'_, '_, f32>,
+    item: Item,
+    scores: &mut [f32],
+    mr: usize,
+) {
+    let Dims { tv, d, .. } = ctx.dims;
+    let Item { b, i0, rows } = item;
+    let p = ctx.params;
+    let two_s = 2.0 * p.scale.unwrap_or(1.0);
+    let q = ctx.query.slice(ndarray::s![b, i0..i0 + rows, ..]);
+    let q_ok = q.iter().all(|&x| (two_s * x).abs() <= CONCAT_EXP_LIMIT);
+    if !(q_ok && ctx.concat_ok[b]) {
+        let k = ctx.key.index_axis(Axis(0), b);
+        for (r, qr) in q.rows().into_iter().enumerate() {
+            let qr = qr.to_slice().expect("query rows are contiguous");
+            score_row(&p, qr, k, &mut scores[r * tv..(r + 1) * tv]);
+        }
+        return;
+    }
+    let eq: Vec<f32> = q.iter().map(|&x| (two_s * x).exp()).collect();
+    let nr = panel_width(ctx.isa);
+    let per_batch = tv.div_ceil(nr) * d * nr;
+    let g = gemm::Gemm {
+        m: rows,
+        n: tv,
+        k: d,
+        a: eq.as_ptr(),
+        lda: d,
+        b: ctx.packed.as_ptr().add(b * per_batch),
+        b_row: nr,
+        b_panel: d * nr,
+        c: scores.as_mut_ptr(),
+        ldc: tv,
+    };
+    let op = gemm::Concat {
+        weight: p.concat_score_weight,
+        d: d as f32,
+    };
+    gemm::gemm::<S, _, 2>(&g, op, mr);
+}

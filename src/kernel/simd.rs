@@ -1,0 +1,261 @@
+//! The vector operations the kernels are written in, for AVX-512 (16 lanes) and AVX2 + FMA
+//! (8 lanes). Kernels are generic over [`Simd`] and instantiated inside `#[target_feature]`
+//! functions (`kernel/mod.rs`), where these `#[inline(always)]` bodies inline and compile to the
+//! right instructions.
+//!
+//! Safety: every method is `unsafe` because it uses instructions the CPU must support; callers
+//! reach them only through functions selected after `is_x86_feature_detected!`. Pointer methods
+//! additionally need the (unmasked) lanes they touch to be in bounds; masked loads and stores
+//! never touch masked-off lanes (they do not fault there), which is what the tails rely on.
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+/// One SIMD instruction set, as the kernels need it.
+pub(crate) trait Simd: Copy {
+    /// f32 lanes per vector.
+    const LANES: usize;
+    /// A vector of f32.
+    type V: Copy;
+    /// A lane mask for partial loads and stores.
+    type M: Copy;
+    unsafe fn zero() -> Self::V;
+    unsafe fn splat(x: f32) -> Self::V;
+    unsafe fn load(p: *const f32) -> Self::V;
+    unsafe fn store(p: *mut f32, v: Self::V);
+    /// Lanes `0..n` on (n ≤ LANES).
+    unsafe fn mask(n: usize) -> Self::M;
+    unsafe fn load_masked(p: *const f32, m: Self::M) -> Self::V;
+    unsafe fn store_masked(p: *mut f32, m: Self::M, v: Self::V);
+    /// `a · b + c`, one rounding.
+    unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    unsafe fn mul(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn sub(a: Self::V, b: Self::V) -> Self::V;
+    /// Lane-wise max that returns `b` when either is NaN (so `max(acc, x)` keeps a NaN `x`).
+    unsafe fn max(a: Self::V, b: Self::V) -> Self::V;
+    /// Sum of the lanes, in a fixed order.
+    unsafe fn sum(v: Self::V) -> f32;
+    /// Max of the lanes.
+    unsafe fn hmax(v: Self::V) -> f32;
+    /// `e^x` within about 2 ulp for normal results, exactly 0 below the denormal range, NaN for
+    /// NaN (see `exp` below for the method).
+    unsafe fn exp(x: Self::V) -> Self::V;
+    /// `1 / x` to about 1 ulp.
+    unsafe fn recip(x: Self::V) -> Self::V;
+}
+
+// Cephes' expf: e^x = 2^n · e^r with n = round(x·log2 e) and r = x - n·ln 2 (ln 2 split in two so
+// n·C1 is exact: Cody–Waite), then a degree-5 polynomial for e^r on [-ln2/2, ln2/2].
+const LOG2E: f32 = std::f32::consts::LOG2_E;
+const C1: f32 = 0.693_359_4;
+const C2: f32 = -2.121_944_4e-4;
+const P: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    1.666_666_5e-1,
+    0.5,
+];
+
+/// The polynomial part of exp, shared by both ISAs: returns (e^r, n).
+#[inline(always)]
+unsafe fn exp_poly<S: Simd>(x: S::V, round: impl Fn(S::V) -> S::V) -> (S::V, S::V) {
+    let n = round(S::mul(x, S::splat(LOG2E)));
+    let r = S::sub(x, S::mul(n, S::splat(C1)));
+    let r = S::sub(r, S::mul(n, S::splat(C2)));
+    let z = S::mul(r, r);
+    let mut y = S::splat(P[0]);
+    for &c in &P[1..] {
+        y = S::fma(y, r, S::splat(c));
+    }
+    let y = S::add(S::fma(y, z, r), S::splat(1.0));
+    (y, n)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+pub(crate) struct Avx512;
+
+#[cfg(target_arch = "x86_64")]
+impl Simd for Avx512 {
+    const LANES: usize = 16;
+    type V = __m512;
+    type M = __mmask16;
+    #[inline(always)]
+    unsafe fn zero() -> __m512 {
+        _mm512_setzero_ps()
+    }
+    #[inline(always)]
+    unsafe fn splat(x: f32) -> __m512 {
+        _mm512_set1_ps(x)
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> __m512 {
+        _mm512_loadu_ps(p)
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, v: __m512) {
+        _mm512_storeu_ps(p, v)
+    }
+    #[inline(always)]
+    unsafe fn mask(n: usize) -> __mmask16 {
+        ((1u32 << n.min(16)) - 1) as u16
+    }
+    #[inline(always)]
+    unsafe fn load_masked(p: *const f32, m: __mmask16) -> __m512 {
+        _mm512_maskz_loadu_ps(m, p)
+    }
+    #[inline(always)]
+    unsafe fn store_masked(p: *mut f32, m: __mmask16, v: __m512) {
+        _mm512_mask_storeu_ps(p, m, v)
+    }
+    #[inline(always)]
+    unsafe fn fma(a: __m512, b: __m512, c: __m512) -> __m512 {
+        _mm512_fmadd_ps(a, b, c)
+    }
+    #[inline(always)]
+    unsafe fn mul(a: __m512, b: __m512) -> __m512 {
+        _mm512_mul_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn add(a: __m512, b: __m512) -> __m512 {
+        _mm512_add_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn sub(a: __m512, b: __m512) -> __m512 {
+        _mm512_sub_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn max(a: __m512, b: __m512) -> __m512 {
+        _mm512_max_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn sum(v: __m512) -> f32 {
+        _mm512_reduce_add_ps(v)
+    }
+    #[inline(always)]
+    unsafe fn hmax(v: __m512) -> f32 {
+        _mm512_reduce_max_ps(v)
+    }
+    #[inline(always)]
+    unsafe fn exp(x: __m512) -> __m512 {
+        // Clamp to [-120, 89]: below, 2^n underflows to exactly 0 (as e^x rounds to 0 in f32);
+        // above, scalef overflows to inf. `max(c, x)` returns x when x is NaN, so NaN passes.
+        let x = _mm512_min_ps(
+            _mm512_set1_ps(89.0),
+            _mm512_max_ps(_mm512_set1_ps(-120.0), x),
+        );
+        let (y, n) = exp_poly::<Self>(x, |v| {
+            _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v)
+        });
+        // vscalefps: y · 2^n with correct overflow, gradual underflow and NaN propagation.
+        _mm512_scalef_ps(y, n)
+    }
+    #[inline(always)]
+    unsafe fn recip(x: __m512) -> __m512 {
+        // rcp14 (14 bits) and one Newton step, r' = r + r·(1 - x·r): about 1 ulp.
+        let r = _mm512_rcp14_ps(x);
+        _mm512_fmadd_ps(r, _mm512_fnmadd_ps(x, r, _mm512_set1_ps(1.0)), r)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+pub(crate) struct Avx2;
+
+#[cfg(target_arch = "x86_64")]
+static MASK_WINDOW: [i32; 16] = [-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0];
+
+#[cfg(target_arch = "x86_64")]
+impl Simd for Avx2 {
+    const LANES: usize = 8;
+    type V = __m256;
+    type M = __m256i;
+    #[inline(always)]
+    unsafe fn zero() -> __m256 {
+        _mm256_setzero_ps()
+    }
+    #[inline(always)]
+    unsafe fn splat(x: f32) -> __m256 {
+        _mm256_set1_ps(x)
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> __m256 {
+        _mm256_loadu_ps(p)
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, v: __m256) {
+        _mm256_storeu_ps(p, v)
+    }
+    #[inline(always)]
+    unsafe fn mask(n: usize) -> __m256i {
+        // Eight lanes of the window starting at 8 - n: n ones, then zeros.
+        _mm256_loadu_si256(MASK_WINDOW.as_ptr().add(8 - n.min(8)) as *const __m256i)
+    }
+    #[inline(always)]
+    unsafe fn load_masked(p: *const f32, m: __m256i) -> __m256 {
+        _mm256_maskload_ps(p, m)
+    }
+    #[inline(always)]
+    unsafe fn store_masked(p: *mut f32, m: __m256i, v: __m256) {
+        _mm256_maskstore_ps(p, m, v)
+    }
+    #[inline(always)]
+    unsafe fn fma(a: __m256, b: __m256, c: __m256) -> __m256 {
+        _mm256_fmadd_ps(a, b, c)
+    }
+    #[inline(always)]
+    unsafe fn mul(a: __m256, b: __m256) -> __m256 {
+        _mm256_mul_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn add(a: __m256, b: __m256) -> __m256 {
+        _mm256_add_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn sub(a: __m256, b: __m256) -> __m256 {
+        _mm256_sub_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn max(a: __m256, b: __m256) -> __m256 {
+        _mm256_max_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn sum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
+        _mm_cvtss_f32(s)
+    }
+    #[inline(always)]
+    unsafe fn hmax(v: __m256) -> f32 {
+        let s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_max_ss(s, _mm_shuffle_ps::<1>(s, s));
+        _mm_cvtss_f32(s)
+    }
+    #[inline(always)]
+    unsafe fn exp(x: __m256) -> __m256 {
+        // No vscalefps: build 2^n from its exponent bits, valid for n in [-126, 127], so clamp to
+        // [-87.3, 88.7] and write 0 where x was below (e^x < 1.2e-38 there: denormals become 0,
+        // an absolute error under 1.2e-38). NaN lanes are restored at the end.
+        let lo = _mm256_set1_ps(-87.33);
+        let xc = _mm256_min_ps(_mm256_set1_ps(88.72), _mm256_max_ps(lo, x));
+        let (y, n) = exp_poly::<Self>(xc, |v| {
+            _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v)
+        });
+        let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+            _mm256_cvtps_epi32(n),
+            _mm256_set1_epi32(127),
+        ));
+        let e = _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
+        let e = _mm256_andnot_ps(_mm256_cmp_ps::<_CMP_LT_OQ>(x, lo), e);
+        _mm256_blendv_ps(e, x, _mm256_cmp_ps::<_CMP_UNORD_Q>(x, x))
+    }
+    #[inline(always)]
+    unsafe fn recip(x: __m256) -> __m256 {
+        _mm256_div_ps(_mm256_set1_ps(1.0), x)
+    }
+}
