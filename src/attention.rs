@@ -28,8 +28,6 @@ use crate::shape::{self, checked_len, fold, rows_contiguous, Dims, Shapes};
 /// Below this many floating-point operations a call runs on the calling thread: handing work to
 /// the pool costs a few microseconds, more than the whole computation.
 const SERIAL_FLOPS: usize = 1 << 20;
-/// The most rows one work item holds; smaller items when there are few rows, so both cores work.
-const MAX_ROWS_PER_ITEM: usize = 64;
 /// The most bytes of scores one work item keeps (its `rows × Tv` block): L2-resident.
 const SCRATCH_BYTES: usize = 1 << 20;
 
@@ -122,6 +120,7 @@ impl Attention {
             packed: Vec::new(),
             concat_ok: Vec::new(),
             isa: Isa::detect(),
+            normalize: self.return_scores,
         };
         let flops = (dims.batch * dims.tq)
             .saturating_mul(dims.tv)
@@ -213,7 +212,7 @@ fn run_items<T: Float>(
     // most 1 MiB so it stays in L2 between the softmax and the combine.
     let per_item = (batch * tq)
         .div_ceil(8 * threads)
-        .clamp(1, MAX_ROWS_PER_ITEM)
+        .clamp(1, crate::kernel::MAX_ITEM_ROWS)
         .min((SCRATCH_BYTES / std::mem::size_of::<T>() / tv.max(1)).max(1));
     let mut items = Vec::new();
     let mut outs = Vec::new();

@@ -118,7 +118,10 @@ pub(crate) unsafe fn gemm<S: Simd, O: Op<S>, const NV: usize>(g: &Gemm, op: O, m
                 9 => tile::<S, O, 9, NV>(&t, op),
                 10 => tile::<S, O, 10, NV>(&t, op),
                 11 => tile::<S, O, 11, NV>(&t, op),
-                _ => tile::<S, O, 12, NV>(&t, op),
+
+                12 => tile::<S, O, 12, NV>(&t, op),
+                13 => tile::<S, O, 13, NV>(&t, op),
+                _ => tile::<S, O, 14, NV>(&t, op),
             }
             i += rows;
         }
@@ -140,12 +143,14 @@ struct Tile {
 unsafe fn tile<S: Simd, O: Op<S>, const R: usize, const NV: usize>(t: &Tile, op: O) {
     let l = S::LANES;
     let mut acc = [[S::zero(); NV]; R];
+    // Row pointers once, so each broadcast is a plain base + index load.
+    let ap: [*const f32; R] = std::array::from_fn(|r| t.a.add(r * t.lda));
     if t.cols == NV * l {
         for kk in 0..t.k {
             let bp = t.b.add(kk * t.b_row);
             let bv: [S::V; NV] = std::array::from_fn(|v| S::load(bp.add(v * l)));
             for (r, row) in acc.iter_mut().enumerate() {
-                let av = S::splat(*t.a.add(r * t.lda + kk));
+                let av = S::splat(*ap[r].add(kk));
                 for (x, &b) in row.iter_mut().zip(&bv) {
                     *x = op.step(*x, av, b);
                 }
@@ -162,7 +167,7 @@ unsafe fn tile<S: Simd, O: Op<S>, const R: usize, const NV: usize>(t: &Tile, op:
             let bp = t.b.add(kk * t.b_row);
             let bv: [S::V; NV] = std::array::from_fn(|v| S::load_masked(bp.add(v * l), masks[v]));
             for (r, row) in acc.iter_mut().enumerate() {
-                let av = S::splat(*t.a.add(r * t.lda + kk));
+                let av = S::splat(*ap[r].add(kk));
                 for (x, &b) in row.iter_mut().zip(&bv) {
                     *x = op.step(*x, av, b);
                 }

@@ -72,6 +72,9 @@ impl Isa {
 /// packing pass costs as much as the product when each key meets only a few queries.
 pub(crate) const PACK_MIN_TQ: usize = 8;
 
+/// The most query rows of one work item.
+pub(crate) const MAX_ITEM_ROWS: usize = 64;
+
 /// A concat score uses `e^{2s·q}·e^{2s·k}` only when every `|2s·q|` and `|2s·k|` is at most this,
 /// so the product stays within `[e^-80, e^80]`, far inside f32's range.
 const CONCAT_EXP_LIMIT: f32 = 40.0;
@@ -91,6 +94,8 @@ pub struct Ctx<'a, 'm, T> {
     /// Concat: whether batch element b's keys allow the exponential form.
     pub(crate) concat_ok: Vec<bool>,
     pub(crate) isa: Isa,
+    /// Whether the weights are returned (so each row of scores must hold normalised weights).
+    pub(crate) normalize: bool,
 }
 
 /// A block of query rows `i0 .. i0 + rows` of batch element `b`.
@@ -167,7 +172,7 @@ pub(crate) fn prepare_f32(ctx: &mut Ctx<'_, '_, f32>, pool: Option<&rayon::Threa
     }
     let nr = panel_width(ctx.isa);
     let per_batch = tv.div_ceil(nr) * d * nr;
-    let (key, params) = (ctx.key, ctx.params);
+    let (key, params, isa) = (ctx.key, ctx.params, ctx.isa);
     let two_s = 2.0 * params.scale.unwrap_or(1.0);
     let pack = |(b, out): (usize, &mut [f32])| -> bool {
         let k = key.index_axis(Axis(0), b);
@@ -179,7 +184,8 @@ pub(crate) fn prepare_f32(ctx: &mut Ctx<'_, '_, f32>, pool: Option<&rayon::Threa
             ScoreMode::Concat => {
                 let ok = k.iter().all(|&x| (two_s * x).abs() <= CONCAT_EXP_LIMIT);
                 if ok {
-                    gemm::pack_panels(k, nr, out, |x| (two_s * x).exp());
+                    gemm::pack_panels(k, nr, out, |x| x);
+                    exp_scaled(isa, out, two_s);
                 }
                 ok
             }
@@ -202,6 +208,42 @@ pub(crate) fn prepare_f32(ctx: &mut Ctx<'_, '_, f32>, pool: Option<&rayon::Threa
     };
     ctx.packed = packed;
     ctx.concat_ok = ok;
+}
+
+/// `x = e^{c·x}` over a buffer, on the given ISA.
+fn exp_scaled(isa: Isa, xs: &mut [f32], c: f32) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f")]
+        unsafe fn avx512(xs: &mut [f32], c: f32) {
+            exp_scaled_simd::<simd::Avx512>(xs, c)
+        }
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2(xs: &mut [f32], c: f32) {
+            exp_scaled_simd::<simd::Avx2>(xs, c)
+        }
+        match isa {
+            // SAFETY: the ISA was detected (`Isa::detect`).
+            Isa::Avx512 => return unsafe { avx512(xs, c) },
+            // SAFETY: as above.
+            Isa::Avx2 => return unsafe { avx2(xs, c) },
+            Isa::Scalar => {}
+        }
+    }
+    xs.iter_mut().for_each(|x| *x = (c * *x).exp());
+}
+
+#[inline(always)]
+unsafe fn exp_scaled_simd<S: simd::Simd>(xs: &mut [f32], c: f32) {
+    let (l, cv) = (S::LANES, S::splat(c));
+    let mut chunks = xs.chunks_exact_mut(l);
+    for ch in &mut chunks {
+        S::store(ch.as_mut_ptr(), S::exp(S::mul(S::load(ch.as_ptr()), cv)));
+    }
+    let tail = chunks.into_remainder();
+    let m = S::mask(tail.len());
+    let v = S::exp(S::mul(S::load_masked(tail.as_ptr(), m), cv));
+    S::store_masked(tail.as_mut_ptr(), m, v);
 }
 
 fn panel_width(isa: Isa) -> usize {
@@ -228,7 +270,7 @@ pub(crate) fn block_f32(ctx: &Ctx<'_, '_, f32>, item: Item, scores: &mut [f32], 
 #[target_feature(enable = "avx512f")]
 unsafe fn block_avx512(ctx: &Ctx<'_, '_, f32>, item: Item, scores: &mut [f32], out: &mut [f32]) {
     // Tiles: scores 12 rows × 32 keys (24 accumulators of 32 registers), combine 6 × 64.
-    block_simd::<simd::Avx512>(
+    block_simd::<simd::Avx512, 2>(
         ctx,
         item,
         scores,
@@ -244,7 +286,7 @@ unsafe fn block_avx512(ctx: &Ctx<'_, '_, f32>, item: Item, scores: &mut [f32], o
 #[target_feature(enable = "avx2,fma")]
 unsafe fn block_avx2(ctx: &Ctx<'_, '_, f32>, item: Item, scores: &mut [f32], out: &mut [f32]) {
     // Tiles: scores 6 rows × 16 keys, combine 3 × 32 (12 accumulators of 16 registers).
-    block_simd::<simd::Avx2>(
+    block_simd::<simd::Avx2, 2>(
         ctx,
         item,
         scores,
@@ -267,7 +309,7 @@ struct Tiles {
 /// # Safety
 /// `S`'s instructions must be available; `ctx` was prepared by `prepare_f32` for this ISA.
 #[inline(always)]
-unsafe fn block_simd<S: simd::Simd>(
+unsafe fn block_simd<S: simd::Simd, const NVS: usize>(
     ctx: &Ctx<'_, '_, f32>,
     item: Item,
     scores: &mut [f32],
@@ -299,7 +341,7 @@ unsafe fn block_simd<S: simd::Simd>(
                 c: scores.as_mut_ptr(),
                 ldc: tv,
             };
-            gemm::gemm::<S, _, 2>(
+            gemm::gemm::<S, _, NVS>(
                 &g,
                 gemm::Dot {
                     scale: ctx.params.scale,
@@ -321,21 +363,24 @@ unsafe fn block_simd<S: simd::Simd>(
                 );
             }
         }
-        ScoreMode::Concat => concat_scores::<S>(ctx, item, scores, tiles.scores_mr),
+        ScoreMode::Concat => concat_scores::<S, NVS>(ctx, item, scores, tiles.scores_mr),
     }
 
-    // 2. Mask, softmax, dropout.
+    // 2. Mask, softmax, dropout. Unless the weights are returned, rows stay unnormalised and
+    //    the output rows are scaled by 1/sum after the combine.
+    let mut inv = [1.0f32; MAX_ITEM_ROWS];
+    let normalize = ctx.normalize || rows > MAX_ITEM_ROWS;
     for r in 0..rows {
         let i = i0 + r;
         let s = &mut scores[r * tv..(r + 1) * tv];
         if masked(ctx.masks) {
-            mask_row(
-                s,
-                ctx.masks.keys_of_row(b, i),
-                ctx.masks.causal.then_some(i),
-            );
+            let keys = ctx.masks.keys_of_row(b, i);
+            mask_row(s, keys, ctx.masks.causal.then_some(i));
         }
-        rows::softmax_row::<S>(s);
+        let scale = rows::softmax_row::<S>(s, normalize);
+        if !normalize {
+            inv[r] = scale;
+        }
         apply_dropout_row(ctx, (b * tq + i) * tv, s);
     }
 
@@ -355,15 +400,18 @@ unsafe fn block_simd<S: simd::Simd>(
     };
     gemm::gemm::<S, _, 4>(&g, gemm::Dot { scale: None }, tiles.combine_mr);
     for r in 0..rows {
+        let o = &mut out[r * dv..(r + 1) * dv];
         if !ctx.masks.query_keeps(b, i0 + r) {
-            out[r * dv..(r + 1) * dv].fill(0.0);
+            o.fill(0.0);
+        } else if !normalize {
+            o.iter_mut().for_each(|x| *x *= inv[r]);
         }
     }
 }
 
 /// Concat scores for one item: the exponential form where it is safe, else tanh row by row.
 #[inline(always)]
-unsafe fn concat_scores<S: simd::Simd>(
+unsafe fn concat_scores<S: simd::Simd, const NVS: usize>(
     ctx: &Ctx<'_, '_, f32>,
     item: Item,
     scores: &mut [f32],
@@ -383,7 +431,8 @@ unsafe fn concat_scores<S: simd::Simd>(
         }
         return;
     }
-    let eq: Vec<f32> = q.iter().map(|&x| (two_s * x).exp()).collect();
+    let mut eq: Vec<f32> = q.iter().copied().collect();
+    exp_scaled_simd::<S>(&mut eq, two_s);
     let nr = panel_width(ctx.isa);
     let per_batch = tv.div_ceil(nr) * d * nr;
     let g = gemm::Gemm {
@@ -402,5 +451,5 @@ unsafe fn concat_scores<S: simd::Simd>(
         weight: p.concat_score_weight,
         d: d as f32,
     };
-    gemm::gemm::<S, _, 2>(&g, op, mr);
+    gemm::gemm::<S, _, NVS>(&g, op, mr);
 }

@@ -3,39 +3,70 @@
 
 use super::simd::Simd;
 
-/// Softmax of `row` in place: max, then `e^(x - max)` and its sum, then `× (1 / sum)`.
+/// Softmax of `row` in place: the max, then `e^(x - max)` and its sum. Returns `1 / sum`; with
+/// `normalize` the row is multiplied by it (the weights), else it is left as `e^(x - max)` for
+/// the caller to scale the combined output instead (one multiply per Dv, not per Tv).
 ///
-/// The last step multiplies by the rounded reciprocal where Keras divides: at most one more ulp
-/// per weight, for one division per row instead of one per weight. NaN anywhere makes the whole
-/// row NaN, as in NumPy.
+/// Multiplying by the rounded reciprocal where Keras divides costs at most one ulp per weight.
+/// Four accumulators hide the add latency; their fixed order keeps the bits deterministic. NaN
+/// anywhere makes the whole row NaN, as in NumPy.
 #[inline(always)]
-pub(crate) unsafe fn softmax_row<S: Simd>(row: &mut [f32]) {
+pub(crate) unsafe fn softmax_row<S: Simd>(row: &mut [f32], normalize: bool) -> f32 {
     let l = S::LANES;
     let (body, tail) = row.split_at_mut(row.len() - row.len() % l);
     // The tail is processed as a full vector padded with -inf (e^-inf = 0 adds nothing).
     let mut pad = [f32::NEG_INFINITY; 16];
     pad[..tail.len()].copy_from_slice(tail);
-    let mut mx = S::splat(f32::NEG_INFINITY);
-    for c in body.chunks_exact(l) {
-        mx = S::max(mx, S::load(c.as_ptr()));
+    let (quads, singles) = body.split_at_mut(body.len() - body.len() % (4 * l));
+    let p = quads.as_mut_ptr();
+    // (No closures here: they would not inherit the caller's target features and would not
+    // inline; plain loops do.)
+    // Four independent maxima (and sums below) hide the latency; all start from the padded tail.
+    let first = S::load(pad.as_ptr());
+    let (mut m0, mut m1, mut m2, mut m3) = (first, first, first, first);
+    for x in (0..quads.len()).step_by(4 * l) {
+        m0 = S::max(m0, S::load(p.add(x)));
+        m1 = S::max(m1, S::load(p.add(x + l)));
+        m2 = S::max(m2, S::load(p.add(x + 2 * l)));
+        m3 = S::max(m3, S::load(p.add(x + 3 * l)));
     }
-    mx = S::max(mx, S::load(pad.as_ptr()));
-    let max = S::splat(S::hmax(mx));
-    let mut sum = S::zero();
-    for c in body.chunks_exact_mut(l) {
-        let e = S::exp(S::sub(S::load(c.as_ptr()), max));
-        S::store(c.as_mut_ptr(), e);
-        sum = S::add(sum, e);
+    for c in singles.chunks_exact(l) {
+        m0 = S::max(m0, S::load(c.as_ptr()));
     }
-    let e = S::exp(S::sub(S::load(pad.as_ptr()), max));
-    S::store(pad.as_mut_ptr(), e);
-    sum = S::add(sum, e);
-    let inv = S::splat(1.0 / S::sum(sum));
-    for c in body.chunks_exact_mut(l) {
-        S::store(c.as_mut_ptr(), S::mul(S::load(c.as_ptr()), inv));
+    let max = S::splat(S::hmax(S::max(S::max(m0, m1), S::max(m2, m3))));
+    let (mut s0, mut s1, mut s2, mut s3) = (S::zero(), S::zero(), S::zero(), S::zero());
+    for x in (0..quads.len()).step_by(4 * l) {
+        s0 = S::add(s0, exp_in_place::<S>(p.add(x), max));
+        s1 = S::add(s1, exp_in_place::<S>(p.add(x + l), max));
+        s2 = S::add(s2, exp_in_place::<S>(p.add(x + 2 * l), max));
+        s3 = S::add(s3, exp_in_place::<S>(p.add(x + 3 * l), max));
     }
-    S::store(pad.as_mut_ptr(), S::mul(S::load(pad.as_ptr()), inv));
+    for c in singles
+        .chunks_exact_mut(l)
+        .chain(std::iter::once(&mut pad[..l]))
+    {
+        s0 = S::add(s0, exp_in_place::<S>(c.as_mut_ptr(), max));
+    }
+    let inv = 1.0 / S::sum(S::add(S::add(s0, s1), S::add(s2, s3)));
+    if normalize {
+        let v = S::splat(inv);
+        for c in body
+            .chunks_exact_mut(l)
+            .chain(std::iter::once(&mut pad[..l]))
+        {
+            S::store(c.as_mut_ptr(), S::mul(S::load(c.as_ptr()), v));
+        }
+    }
     tail.copy_from_slice(&pad[..tail.len()]);
+    inv
+}
+
+/// `p[..LANES] = e^(p[..LANES] - max)`, returning the new vector.
+#[inline(always)]
+unsafe fn exp_in_place<S: Simd>(p: *mut f32, max: S::V) -> S::V {
+    let e = S::exp(S::sub(S::load(p), max));
+    S::store(p, e);
+    e
 }
 
 /// `out[j] = (query · key_j) × scale` for key rows `key_j` (each `query.len()` contiguous floats,

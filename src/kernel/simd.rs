@@ -29,6 +29,8 @@ pub(crate) trait Simd: Copy {
     unsafe fn store_masked(p: *mut f32, m: Self::M, v: Self::V);
     /// `a · b + c`, one rounding.
     unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    /// `c - a · b`, one rounding.
+    unsafe fn fnma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
     unsafe fn mul(a: Self::V, b: Self::V) -> Self::V;
     unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
     unsafe fn sub(a: Self::V, b: Self::V) -> Self::V;
@@ -63,8 +65,9 @@ const P: [f32; 6] = [
 #[inline(always)]
 unsafe fn exp_poly<S: Simd>(x: S::V, round: impl Fn(S::V) -> S::V) -> (S::V, S::V) {
     let n = round(S::mul(x, S::splat(LOG2E)));
-    let r = S::sub(x, S::mul(n, S::splat(C1)));
-    let r = S::sub(r, S::mul(n, S::splat(C2)));
+    // n·C1 is exact (C1 has 9 significant bits), and each step rounds once.
+    let r = S::fnma(n, S::splat(C1), x);
+    let r = S::fnma(n, S::splat(C2), r);
     let z = S::mul(r, r);
     let mut y = S::splat(P[0]);
     for &c in &P[1..] {
@@ -114,6 +117,10 @@ impl Simd for Avx512 {
     #[inline(always)]
     unsafe fn fma(a: __m512, b: __m512, c: __m512) -> __m512 {
         _mm512_fmadd_ps(a, b, c)
+    }
+    #[inline(always)]
+    unsafe fn fnma(a: __m512, b: __m512, c: __m512) -> __m512 {
+        _mm512_fnmadd_ps(a, b, c)
     }
     #[inline(always)]
     unsafe fn mul(a: __m512, b: __m512) -> __m512 {
@@ -205,6 +212,10 @@ impl Simd for Avx2 {
     #[inline(always)]
     unsafe fn fma(a: __m256, b: __m256, c: __m256) -> __m256 {
         _mm256_fmadd_ps(a, b, c)
+    }
+    #[inline(always)]
+    unsafe fn fnma(a: __m256, b: __m256, c: __m256) -> __m256 {
+        _mm256_fnmadd_ps(a, b, c)
     }
     #[inline(always)]
     unsafe fn mul(a: __m256, b: __m256) -> __m256 {

@@ -1,0 +1,254 @@
+"""Side-by-side speed of luong against PyTorch, JAX, Keras and NumPy on this machine.
+
+    python benches/compare.py [--calls 30] [--chart benches/compare.png] [--quick]
+
+Every contender of a row runs in this one process, interleaved call by call (the order rotates
+each round), and the table quotes medians and ratios: this machine is shared and noisy, so only
+ratios measured together mean anything. Peers that are not installed are skipped and named.
+PyTorch runs on the CPU with `torch.set_num_threads(2)`; its SDPA gets its best layout (4-D
+`(B, 1, T, D)` inputs, `scale=1.0`, the same boolean mask). Keras runs on JAX, its fastest CPU
+backend, under `jax.jit`. FLOP counts are 4·B·Tq·Tv·D (two products).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+import numpy as np
+
+import luong
+from luong.reference import reference_attention
+
+THREADS = 2
+
+
+def optional(name: str) -> Any:
+    try:
+        return __import__(name)
+    except ImportError:
+        print(f"# {name} is not installed: its columns are skipped")
+        return None
+
+
+torch = optional("torch")
+jax = optional("jax")
+keras = optional("keras") if jax is not None else None
+if torch is not None:
+    torch.set_num_threads(THREADS)
+luong.set_num_threads(THREADS)
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], calls: int) -> dict[str, float]:
+    """Median seconds per contender, calls interleaved and the order rotated each round."""
+    names = list(fns)
+    for n in names:  # warm up: first-call costs (jit, allocation, thread start) are not measured
+        for _ in range(2):
+            fns[n]()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(calls):
+        for n in names[i % len(names):] + names[: i % len(names)]:
+            t = time.perf_counter()
+            fns[n]()
+            times[n].append(time.perf_counter() - t)
+    return {n: statistics.median(ts) for n, ts in times.items()}
+
+
+def inputs(b: int, tq: int, tv: int, d: int, seed: int = 0) -> tuple[np.ndarray, ...]:
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((b, tq, d), dtype=np.float32)
+    k = rng.standard_normal((b, tv, d), dtype=np.float32)
+    v = rng.standard_normal((b, tv, d), dtype=np.float32)
+    return q, k, v
+
+
+def torch_sdpa(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: Any = None) -> Callable[[], Any]:
+    tq, tk, tv = (torch.from_numpy(x)[:, None] for x in (q, k, v))  # (B, 1, T, D): its best layout
+    f = torch.nn.functional.scaled_dot_product_attention
+    return lambda: f(tq, tk, tv, attn_mask=mask, scale=1.0)
+
+
+def rows_dot(calls: int, quick: bool) -> list[dict[str, Any]]:
+    shapes = [(8, 512, 512, 64), (2, 2048, 2048, 64), (32, 128, 128, 64), (8, 1, 4096, 64)]
+    out = []
+    for shape in shapes[:2] if quick else shapes:
+        q, k, v = inputs(*shape)
+        fns: dict[str, Callable[[], Any]] = {"luong": lambda: luong.attention(q, v, k)}
+        if torch is not None:
+            fns["torch SDPA 4-D"] = torch_sdpa(q, k, v)
+            t3 = [torch.from_numpy(x) for x in (q, k, v)]
+            sdpa = torch.nn.functional.scaled_dot_product_attention
+            fns["torch SDPA 3-D"] = lambda: sdpa(t3[0], t3[1], t3[2], scale=1.0)
+        if jax is not None:
+            jq, jk, jv = (jax.numpy.asarray(x[:, :, None]) for x in (q, k, v))  # (B, T, N=1, H)
+            f = jax.jit(lambda a, b, c: jax.nn.dot_product_attention(a, b, c, scale=1.0))
+            fns["jax dot_product_attention"] = lambda: f(jq, jk, jv).block_until_ready()
+        if shape[0] * shape[1] * shape[2] <= 8 * 512 * 512:
+            fns["numpy"] = lambda: reference_attention(q, v, k)
+        out.append({"row": "dot", "shape": shape, "times": interleaved(fns, calls)})
+    return out
+
+
+def rows_masked(calls: int) -> list[dict[str, Any]]:
+    shape = (8, 512, 512, 64)
+    b, tq, tv, _ = shape
+    q, k, v = inputs(*shape)
+    vm = np.random.default_rng(1).random((b, tv)) < 0.8
+    fns: dict[str, Callable[[], Any]] = {
+        "luong": lambda: luong.attention(q, v, k, value_mask=vm, use_causal_mask=True)
+    }
+    if torch is not None:
+        causal = torch.ones(tq, tv, dtype=torch.bool).tril()
+        mask = torch.from_numpy(vm)[:, None, None, :] & causal  # (B, 1, Tq, Tv), bool
+        fns["torch SDPA 4-D"] = torch_sdpa(q, k, v, mask)
+    return [{"row": "value mask + causal", "shape": shape, "times": interleaved(fns, calls)}]
+
+
+def rows_scores(calls: int) -> list[dict[str, Any]]:
+    shape = (8, 512, 512, 64)
+    q, k, v = inputs(*shape)
+    fns: dict[str, Callable[[], Any]] = {
+        "luong": lambda: luong.attention(q, v, k, return_attention_scores=True)
+    }
+    if torch is not None:
+        tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))
+
+        def eager() -> Any:
+            w = torch.softmax(torch.bmm(tq, tk.transpose(1, 2)), dim=-1)
+            return torch.bmm(w, tv), w
+
+        fns["torch bmm-softmax-bmm"] = eager
+    return [{"row": "returned scores", "shape": shape, "times": interleaved(fns, calls)}]
+
+
+def rows_concat(calls: int) -> list[dict[str, Any]]:
+    shape = (8, 128, 128, 64)
+    q, k, v = inputs(*shape)
+    fns: dict[str, Callable[[], Any]] = {
+        "luong": lambda: luong.attention(q, v, k, score_mode="concat", scale=0.5)
+    }
+    if torch is not None:
+        tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))
+
+        def eager() -> Any:
+            s = torch.tanh(0.5 * (tq[:, :, None] + tk[:, None])).sum(-1)
+            return torch.bmm(torch.softmax(s, dim=-1), tv)
+
+        fns["torch eager formula"] = eager
+    if keras is not None:
+        layer = keras.layers.Attention(use_scale=True, score_mode="concat")
+        layer.build([q.shape, v.shape, k.shape])
+        layer.set_weights([np.float32(0.5), np.float32(1.0)])
+        f = jax.jit(lambda a, b, c: layer([a, b, c]))
+        jq, jk, jv = (jax.numpy.asarray(x) for x in (q, k, v))
+        fns["keras (jax, jit)"] = lambda: f(jq, jv, jk).block_until_ready()
+    fns["numpy"] = lambda: reference_attention(q, v, k, score_mode="concat", scale=0.5)
+    return [{"row": "concat", "shape": shape, "times": interleaved(fns, calls)}]
+
+
+def rows_small(calls: int) -> list[dict[str, Any]]:
+    shape = (1, 8, 8, 16)
+    q, k, v = inputs(*shape)
+    layer = luong.Attention()
+    fns: dict[str, Callable[[], Any]] = {"luong": lambda: layer([q, v, k])}
+    if keras is not None:
+        klayer = keras.layers.Attention()
+        fns["keras (jax, eager call)"] = lambda: np.asarray(klayer([q, v, k]))
+    fns["numpy"] = lambda: reference_attention(q, v, k)
+    return [{"row": "small call", "shape": shape, "times": interleaved(fns, calls * 10)}]
+
+
+def rows_threads(calls: int) -> list[dict[str, Any]]:
+    shape = (8, 512, 512, 64)
+    q, k, v = inputs(*shape)
+
+    def with_threads(n: int) -> Callable[[], Any]:
+        def run() -> Any:
+            luong.set_num_threads(n)
+            return luong.attention(q, v, k)
+
+        return run
+
+    times = interleaved({"luong": with_threads(2), "luong, 1 thread": with_threads(1)}, calls)
+    luong.set_num_threads(THREADS)
+    return [{"row": "threads", "shape": shape, "times": times}]
+
+
+def fmt_ms(s: float) -> str:
+    return f"{s * 1e3:.3f}" if s < 1e-3 else f"{s * 1e3:.2f}"
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| case | (B, Tq, Tv, D) | luong ms | GFLOP/s | peer | peer ms | peer / luong |",
+        "|---|---|---:|---:|---|---:|---:|",
+    ]
+    for r in rows:
+        b, tq, tv, d = r["shape"]
+        lu = r["times"]["luong"]
+        gf = 4 * b * tq * tv * d / lu / 1e9
+        peers = [(n, t) for n, t in r["times"].items() if n != "luong"]
+        for i, (n, t) in enumerate(peers or [("-", float("nan"))]):
+            head = f"| {r['row']} | {r['shape']} | {fmt_ms(lu)} | {gf:.0f} |" if i == 0 else "| | | | |"
+            lines.append(f"{head} {n} | {fmt_ms(t)} | {t / lu:.2f}x |")
+    return "\n".join(lines)
+
+
+def chart(rows: list[dict[str, Any]], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("# matplotlib is not installed: no chart")
+        return
+    labels, ratios = [], []
+    for r in rows:
+        lu = r["times"]["luong"]
+        for n, t in r["times"].items():
+            if n != "luong" and n != "numpy":
+                labels.append(f"{r['row']} {r['shape']}\nvs {n}")
+                ratios.append(t / lu)
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(labels) + 1.2))
+    ax.barh(range(len(labels)), ratios, color=["#2a7" if x >= 1 else "#c44" for x in ratios])
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("peer time / luong time (higher: luong faster), median, interleaved calls")
+    ax.set_title(f"luong vs peers, float32, {THREADS} threads, {platform.processor() or 'CPU'}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"# chart: {path}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--calls", type=int, default=30, help="interleaved rounds per row (median)")
+    ap.add_argument("--chart", default="benches/compare.png", help="PNG path ('' for none)")
+    ap.add_argument("--quick", action="store_true", help="fewer rows (for a smoke run)")
+    args = ap.parse_args()
+    print(f"# luong {luong.__version__}, python {sys.version.split()[0]}, "
+          f"torch {getattr(torch, '__version__', '-')}, jax {getattr(jax, '__version__', '-')}, "
+          f"keras {getattr(keras, '__version__', '-')}; {THREADS} threads; {args.calls} calls")
+    rows = rows_dot(args.calls, args.quick)
+    if not args.quick:
+        rows += rows_masked(args.calls) + rows_scores(args.calls) + rows_concat(args.calls)
+        rows += rows_small(args.calls) + rows_threads(args.calls)
+    print(table(rows))
+    if args.chart:
+        chart(rows, args.chart)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
