@@ -119,6 +119,7 @@ impl Attention {
             dims,
             packed: Vec::new(),
             concat_ok: Vec::new(),
+            finite: Vec::new(),
             isa: Isa::detect(),
             normalize: self.return_scores,
         };
@@ -134,6 +135,7 @@ impl Attention {
             output.view_mut(),
             scores.as_mut().map(|s| s.view_mut()),
         );
+        T::recycle(ctx.packed);
         Ok(Output { output, scores })
     }
 

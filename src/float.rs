@@ -36,6 +36,10 @@ pub trait Float:
     #[doc(hidden)]
     fn prepare_fast(_ctx: &mut Ctx<'_, '_, Self>, _pool: Option<&rayon::ThreadPool>) {}
 
+    /// Takes back a call's prepared buffers for reuse.
+    #[doc(hidden)]
+    fn recycle(_packed: Vec<Self>) {}
+
     /// Runs one work item: the fused fast path where there is one, else the stage functions.
     #[doc(hidden)]
     fn attend_block(ctx: &Ctx<'_, '_, Self>, item: Item, scores: &mut [Self], out: &mut [Self]) {
@@ -55,6 +59,9 @@ impl Float for f32 {
     }
     fn attend_block(ctx: &Ctx<'_, '_, f32>, item: Item, scores: &mut [f32], out: &mut [f32]) {
         kernel::block_f32(ctx, item, scores, out)
+    }
+    fn recycle(packed: Vec<f32>) {
+        kernel::recycle_f32(packed)
     }
 }
 

@@ -73,14 +73,22 @@ pub(crate) fn mask_row<T: Float>(
     causal_row: Option<usize>,
 ) {
     let visible_end = causal_row.map_or(row.len(), |i| (i + 1).min(row.len()));
+    let (visible, hidden) = row.split_at_mut(visible_end);
     if let Some(keys) = keys {
-        for (s, &keep) in row[..visible_end].iter_mut().zip(keys.iter()) {
-            if !keep {
-                *s = *s - T::MASK_BIAS;
-            }
+        let bias = |s: T, keep: bool| if keep { s } else { s - T::MASK_BIAS };
+        match keys.as_slice() {
+            // Branch-free over a contiguous mask, so the compiler vectorises it.
+            Some(k) => visible
+                .iter_mut()
+                .zip(k)
+                .for_each(|(s, &keep)| *s = bias(*s, keep)),
+            None => visible
+                .iter_mut()
+                .zip(keys.iter())
+                .for_each(|(s, &keep)| *s = bias(*s, keep)),
         }
     }
-    for s in &mut row[visible_end..] {
+    for s in hidden {
         *s = *s - T::MASK_BIAS;
     }
 }

@@ -93,6 +93,8 @@ pub struct Ctx<'a, 'm, T> {
     pub(crate) packed: Vec<T>,
     /// Concat: whether batch element b's keys allow the exponential form.
     pub(crate) concat_ok: Vec<bool>,
+    /// Causal: whether batch element b's keys and values are all finite (`causal_lengths`).
+    pub(crate) finite: Vec<bool>,
     pub(crate) isa: Isa,
     /// Whether the weights are returned (so each row of scores must hold normalised weights).
     pub(crate) normalize: bool,
@@ -155,8 +157,9 @@ fn masked(masks: &Masks<'_>) -> bool {
     masks.value.is_some() || masks.causal
 }
 
-/// Prepares the f32 fast path: packs Kᵀ (dot, Tq ≥ PACK_MIN_TQ) or `e^{2s·k}` (concat) per batch
-/// element, in parallel on `pool`.
+/// Prepares the f32 fast path, per batch element and in parallel on `pool`: packs Kᵀ (dot,
+/// Tq ≥ PACK_MIN_TQ) or `e^{2s·k}` (concat) into panels, and with the causal mask notes whether
+/// keys and values are finite (`causal_lengths`).
 pub(crate) fn prepare_f32(ctx: &mut Ctx<'_, '_, f32>, pool: Option<&rayon::ThreadPool>) {
     let Dims {
         batch,
@@ -170,15 +173,25 @@ pub(crate) fn prepare_f32(ctx: &mut Ctx<'_, '_, f32>, pool: Option<&rayon::Threa
         ctx.isa = Isa::Scalar;
         return;
     }
-    let nr = panel_width(ctx.isa);
-    let per_batch = tv.div_ceil(nr) * d * nr;
-    let (key, params, isa) = (ctx.key, ctx.params, ctx.isa);
+    let (key, value, params, isa) = (ctx.key, ctx.value, ctx.params, ctx.isa);
+    let causal = ctx.masks.causal;
+    let pack_keys = params.mode == ScoreMode::Concat || tq >= PACK_MIN_TQ;
+    let nr = panel_width(isa);
+    let per_batch = if pack_keys {
+        tv.div_ceil(nr) * d * nr
+    } else {
+        0
+    };
     let two_s = 2.0 * params.scale.unwrap_or(1.0);
-    let pack = |(b, out): (usize, &mut [f32])| -> bool {
+    // Per batch element: (concat may use exponentials, keys and values are finite).
+    let prep = |b: usize, out: &mut [f32]| -> (bool, bool) {
         let k = key.index_axis(Axis(0), b);
-        match params.mode {
+        let finite = causal && all_finite(k) && all_finite(value.index_axis(Axis(0), b));
+        let ok = match params.mode {
             ScoreMode::Dot => {
-                gemm::pack_panels(k, nr, out, |x| x);
+                if pack_keys {
+                    gemm::pack_panels(k, nr, out, |x| x);
+                }
                 true
             }
             ScoreMode::Concat => {
@@ -189,25 +202,69 @@ pub(crate) fn prepare_f32(ctx: &mut Ctx<'_, '_, f32>, pool: Option<&rayon::Threa
                 }
                 ok
             }
-        }
+        };
+        (ok, finite)
     };
-    if params.mode == ScoreMode::Dot && tq < PACK_MIN_TQ {
+    if !pack_keys && !causal {
         return;
     }
-    let mut packed = vec![0.0f32; batch * per_batch];
-    let ok: Vec<bool> = match pool {
-        Some(pool) => pool.install(|| {
-            use rayon::prelude::*;
-            packed
-                .par_chunks_mut(per_batch)
+    let mut packed = PACKED.with(|c| c.take());
+    packed.resize(batch * per_batch, 0.0); // every element is written by `pack_panels`
+    let flags: Vec<(bool, bool)> = {
+        use rayon::prelude::*;
+        let run = || -> Vec<(bool, bool)> {
+            if per_batch == 0 {
+                (0..batch)
+                    .into_par_iter()
+                    .map(|b| prep(b, &mut []))
+                    .collect()
+            } else {
+                packed
+                    .par_chunks_mut(per_batch)
+                    .enumerate()
+                    .map(|(b, o)| prep(b, o))
+                    .collect()
+            }
+        };
+        match pool {
+            Some(pool) => pool.install(run),
+            None if per_batch == 0 => (0..batch).map(|b| prep(b, &mut [])).collect(),
+            None => packed
+                .chunks_mut(per_batch)
                 .enumerate()
-                .map(pack)
-                .collect()
-        }),
-        None => packed.chunks_mut(per_batch).enumerate().map(pack).collect(),
+                .map(|(b, o)| prep(b, o))
+                .collect(),
+        }
     };
     ctx.packed = packed;
-    ctx.concat_ok = ok;
+    ctx.concat_ok = flags.iter().map(|f| f.0).collect();
+    ctx.finite = flags.iter().map(|f| f.1).collect();
+}
+
+thread_local! {
+    /// The last call's packed keys, kept for the next call on this thread: fresh pages for every
+    /// call cost more in page faults than packing itself.
+    static PACKED: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Keeps a call's packed buffer for the next call on this thread (up to 64 MiB).
+pub(crate) fn recycle_f32(packed: Vec<f32>) {
+    if packed.capacity() <= (64 << 20) / 4 {
+        PACKED.with(|c| c.set(packed));
+    }
+}
+
+/// Whether every element is finite; branch-free over contiguous rows so it vectorises.
+fn all_finite(a: ndarray::ArrayView2<'_, f32>) -> bool {
+    const EXP: u32 = 0x7f80_0000;
+    let nonfinite = |row: &[f32]| {
+        row.iter()
+            .fold(0u32, |acc, x| acc | ((x.to_bits() & EXP == EXP) as u32))
+    };
+    a.rows().into_iter().all(|r| match r.as_slice() {
+        Some(row) => nonfinite(row) == 0,
+        None => r.iter().all(|x| x.is_finite()),
+    })
 }
 
 /// `x = e^{c·x}` over a buffer, on the given ISA.
@@ -325,13 +382,15 @@ unsafe fn block_simd<S: simd::Simd, const NVS: usize>(
     let nr = panel_width(ctx.isa);
     let panel = d * nr;
     let per_batch = tv.div_ceil(nr) * panel;
+    let mut lens = [tv; MAX_ITEM_ROWS];
+    let cols = causal_lengths(ctx, item, &mut lens);
 
-    // 1. Scores.
+    // 1. Scores, for the first `cols` keys (the rest are hidden from every row of the block).
     match ctx.params.mode {
         ScoreMode::Dot if !ctx.packed.is_empty() => {
             let g = gemm::Gemm {
                 m: rows,
-                n: tv,
+                n: cols,
                 k: d,
                 a: q0,
                 lda: q_ld as usize,
@@ -353,7 +412,7 @@ unsafe fn block_simd<S: simd::Simd, const NVS: usize>(
             let k = ctx.key.index_axis(Axis(0), b);
             for r in 0..rows {
                 let qr = std::slice::from_raw_parts(q0.offset(r as isize * q_ld), d);
-                let s = &mut scores[r * tv..(r + 1) * tv];
+                let s = &mut scores[r * tv..r * tv + cols];
                 rows::dot_rows::<S>(
                     qr,
                     k.as_ptr(),
@@ -363,18 +422,24 @@ unsafe fn block_simd<S: simd::Simd, const NVS: usize>(
                 );
             }
         }
-        ScoreMode::Concat => concat_scores::<S, NVS>(ctx, item, scores, tiles.scores_mr),
+        ScoreMode::Concat => concat_scores::<S, NVS>(ctx, item, cols, scores, tiles.scores_mr),
     }
 
     // 2. Mask, softmax, dropout. Unless the weights are returned, rows stay unnormalised and
     //    the output rows are scaled by 1/sum after the combine.
+    //    Row r covers its first `lens[r]` keys; the rest of its first `cols` are zeroed for the
+    //    combine (and of all Tv when the weights are returned).
     let mut inv = [1.0f32; MAX_ITEM_ROWS];
-    let normalize = ctx.normalize || rows > MAX_ITEM_ROWS;
+    let normalize = ctx.normalize;
     for r in 0..rows {
         let i = i0 + r;
-        let s = &mut scores[r * tv..(r + 1) * tv];
+        let (row, len) = (&mut scores[r * tv..(r + 1) * tv], lens[r]);
+        let s = &mut row[..len];
         if masked(ctx.masks) {
-            let keys = ctx.masks.keys_of_row(b, i);
+            let keys = ctx
+                .masks
+                .keys_of_row(b, i)
+                .map(|k| k.slice_move(ndarray::s![..len]));
             mask_row(s, keys, ctx.masks.causal.then_some(i));
         }
         let scale = rows::softmax_row::<S>(s, normalize);
@@ -382,6 +447,7 @@ unsafe fn block_simd<S: simd::Simd, const NVS: usize>(
             inv[r] = scale;
         }
         apply_dropout_row(ctx, (b * tq + i) * tv, s);
+        row[len..if normalize { tv } else { cols }].fill(0.0);
     }
 
     // 3. Combine, then the query mask.
@@ -389,7 +455,7 @@ unsafe fn block_simd<S: simd::Simd, const NVS: usize>(
     let g = gemm::Gemm {
         m: rows,
         n: dv,
-        k: tv,
+        k: cols,
         a: scores.as_ptr(),
         lda: tv,
         b: v.as_ptr(),
@@ -409,11 +475,38 @@ unsafe fn block_simd<S: simd::Simd, const NVS: usize>(
     }
 }
 
+/// With the causal mask, each row's softmax and the combine only need the keys the row can see:
+/// row i covers keys `..=i` (`lens[r]`), and the block the first `i0 + rows` (returned). Hidden
+/// keys would get weight exactly 0, so skipping them changes no bit, except where Keras's
+/// arithmetic still reads them: a row whose visible keys are all masked (its weights come from
+/// all Tv scores minus 1e9) covers all Tv keys, and a batch element with a non-finite key or
+/// value (NaN · 0 is NaN in Keras's products) skips nothing. Lengths depend on the row alone,
+/// never on the block, so results stay the same for any split.
+fn causal_lengths(ctx: &Ctx<'_, '_, f32>, item: Item, lens: &mut [usize; MAX_ITEM_ROWS]) -> usize {
+    let tv = ctx.dims.tv;
+    let Item { b, i0, rows } = item;
+    debug_assert!(rows <= MAX_ITEM_ROWS);
+    if !ctx.masks.causal || !ctx.finite.get(b).copied().unwrap_or(false) {
+        return tv;
+    }
+    for (r, len) in lens[..rows].iter_mut().enumerate() {
+        let i = i0 + r;
+        let visible = (i + 1).min(tv);
+        let all_masked = ctx
+            .masks
+            .keys_of_row(b, i)
+            .is_some_and(|k| !k.slice(ndarray::s![..visible]).iter().any(|&x| x));
+        *len = if all_masked { tv } else { visible };
+    }
+    lens[..rows].iter().copied().max().unwrap_or(0)
+}
+
 /// Concat scores for one item: the exponential form where it is safe, else tanh row by row.
 #[inline(always)]
 unsafe fn concat_scores<S: simd::Simd, const NVS: usize>(
     ctx: &Ctx<'_, '_, f32>,
     item: Item,
+    cols: usize,
     scores: &mut [f32],
     mr: usize,
 ) {
@@ -437,7 +530,7 @@ unsafe fn concat_scores<S: simd::Simd, const NVS: usize>(
     let per_batch = tv.div_ceil(nr) * d * nr;
     let g = gemm::Gemm {
         m: rows,
-        n: tv,
+        n: cols,
         k: d,
         a: eq.as_ptr(),
         lda: d,

@@ -61,6 +61,11 @@ const P: [f32; 6] = [
     0.5,
 ];
 
+/// Below this, `exp` returns 0: e^-86.5 = 2.7e-38 is the smallest result that stays a normal
+/// float for every polynomial value (y ≥ 2^-0.5 times 2^-125). Zero instead of a denormal there
+/// changes a weight by less than 3e-38.
+const EXP_LO: f32 = -86.5;
+
 /// The polynomial part of exp, shared by both ISAs: returns (e^r, n).
 #[inline(always)]
 unsafe fn exp_poly<S: Simd>(x: S::V, round: impl Fn(S::V) -> S::V) -> (S::V, S::V) {
@@ -148,17 +153,18 @@ impl Simd for Avx512 {
     }
     #[inline(always)]
     unsafe fn exp(x: __m512) -> __m512 {
-        // Clamp to [-120, 89]: below, 2^n underflows to exactly 0 (as e^x rounds to 0 in f32);
-        // above, scalef overflows to inf. `max(c, x)` returns x when x is NaN, so NaN passes.
-        let x = _mm512_min_ps(
-            _mm512_set1_ps(89.0),
-            _mm512_max_ps(_mm512_set1_ps(-120.0), x),
-        );
-        let (y, n) = exp_poly::<Self>(x, |v| {
+        // Clamp to [EXP_LO, 89]; above, scalef overflows to inf as e^x does. Below EXP_LO the
+        // result is written as 0 instead of letting scalef underflow: an underflowing result
+        // costs a microcode assist of ~150 cycles per lane, and masked scores (s - 1e9) would
+        // hit it on every entry. `max(c, x)` returns x when x is NaN, so NaN passes through.
+        let lo = _mm512_set1_ps(EXP_LO);
+        let xc = _mm512_min_ps(_mm512_set1_ps(89.0), _mm512_max_ps(lo, x));
+        let (y, n) = exp_poly::<Self>(xc, |v| {
             _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v)
         });
-        // vscalefps: y · 2^n with correct overflow, gradual underflow and NaN propagation.
-        _mm512_scalef_ps(y, n)
+        // Lanes with x >= EXP_LO or NaN (not-less-than, unordered: true) keep the result.
+        let keep = _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(x, lo);
+        _mm512_maskz_mov_ps(keep, _mm512_scalef_ps(y, n))
     }
     #[inline(always)]
     unsafe fn recip(x: __m512) -> __m512 {
@@ -250,9 +256,9 @@ impl Simd for Avx2 {
     #[inline(always)]
     unsafe fn exp(x: __m256) -> __m256 {
         // No vscalefps: build 2^n from its exponent bits, valid for n in [-126, 127], so clamp to
-        // [-87.3, 88.7] and write 0 where x was below (e^x < 1.2e-38 there: denormals become 0,
-        // an absolute error under 1.2e-38). NaN lanes are restored at the end.
-        let lo = _mm256_set1_ps(-87.33);
+        // [EXP_LO, 88.7] and write 0 where x was below (as for AVX-512). NaN lanes are restored
+        // at the end.
+        let lo = _mm256_set1_ps(EXP_LO);
         let xc = _mm256_min_ps(_mm256_set1_ps(88.72), _mm256_max_ps(lo, x));
         let (y, n) = exp_poly::<Self>(xc, |v| {
             _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v)
