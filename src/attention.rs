@@ -20,7 +20,7 @@ use crate::config::Attention;
 use crate::dropout::DropoutMask;
 use crate::error::{AttentionError, Result};
 use crate::float::Float;
-use crate::kernel::{Ctx, Isa, Item};
+use crate::kernel::{Ctx, Item};
 use crate::mask::{Masks, ValueMask};
 use crate::score::ScoreParams;
 use crate::shape::{self, checked_len, fold, rows_contiguous, Dims, Shapes};
@@ -120,7 +120,7 @@ impl Attention {
             packed: Vec::new(),
             concat_ok: Vec::new(),
             finite: Vec::new(),
-            isa: Isa::detect(),
+            isa: self.effective_isa(),
             normalize: self.return_scores,
         };
         let flops = (dims.batch * dims.tq)

@@ -5,6 +5,7 @@
 //! start of each call, as Keras rounds its float32 weights.
 
 use crate::error::{AttentionError, Result};
+use crate::kernel::Isa;
 
 /// How query and key are combined into a score, as Keras's `score_mode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -62,6 +63,7 @@ pub struct Attention {
     pub(crate) concat_score_weight: f64,
     pub(crate) dropout: Option<Dropout>,
     pub(crate) return_scores: bool,
+    pub(crate) isa: Option<Isa>,
 }
 
 impl Attention {
@@ -74,6 +76,7 @@ impl Attention {
             concat_score_weight: 1.0,
             dropout: None,
             return_scores: false,
+            isa: None,
         }
     }
 
@@ -99,6 +102,24 @@ impl Attention {
     pub fn return_scores(mut self, yes: bool) -> Self {
         self.return_scores = yes;
         self
+    }
+
+    /// Runs on the given instruction set instead of the best one the CPU has (`LUONG_ISA`):
+    /// for tests and benchmarks that compare the paths. A set the CPU lacks falls back to the
+    /// best it has; [`Isa::Scalar`] is always available.
+    pub fn isa(mut self, isa: Isa) -> Self {
+        self.isa = Some(isa);
+        self
+    }
+
+    /// The instruction set calls run on.
+    pub fn effective_isa(&self) -> Isa {
+        let best = Isa::detect();
+        match self.isa {
+            Some(Isa::Scalar) => Isa::Scalar,
+            Some(Isa::Avx2) if best != Isa::Scalar => Isa::Avx2,
+            _ => best,
+        }
     }
 
     /// The score mode.

@@ -56,6 +56,7 @@ pub use config::{Attention, Dropout, ScoreMode};
 pub use dropout::apply_dropout;
 pub use error::{AttentionError, Result};
 pub use float::Float;
+pub use kernel::Isa;
 pub use mask::{apply_query_mask, apply_score_mask, Masks, ValueMask};
 pub use pool::{num_threads, set_num_threads};
 pub use score::scores;

@@ -1,0 +1,292 @@
+//! The fast kernels (AVX-512, AVX2 + FMA) against the portable path (the stage functions) and
+//! against a float64 run, over shapes that hit every tile tail, both score paths (packed Kᵀ and
+//! key rows in place), the concat fallback, causal skipping and its exceptions.
+
+mod common;
+
+use common::{assert_close, Rng};
+use luong::{Attention, Dropout, Isa, Masks, ScoreMode, ValueMask};
+use ndarray::{Array2, Array3};
+
+#[derive(Clone, Copy, Debug)]
+struct Shape {
+    b: usize,
+    tq: usize,
+    tv: usize,
+    d: usize,
+    dv: usize,
+}
+
+fn shapes() -> Vec<Shape> {
+    let mut rng = Rng(41);
+    let pick = |rng: &mut Rng, xs: &[usize]| xs[rng.below(xs.len())];
+    let mut out = vec![
+        Shape {
+            b: 2,
+            tq: 64,
+            tv: 64,
+            d: 64,
+            dv: 64,
+        },
+        Shape {
+            b: 1,
+            tq: 1,
+            tv: 100,
+            d: 16,
+            dv: 64,
+        },
+        Shape {
+            b: 3,
+            tq: 70,
+            tv: 33,
+            d: 17,
+            dv: 65,
+        },
+    ];
+    for _ in 0..40 {
+        out.push(Shape {
+            b: 1 + rng.below(3),
+            tq: pick(&mut rng, &[1, 3, 7, 8, 13, 64, 70]),
+            tv: pick(&mut rng, &[1, 5, 16, 31, 33, 64, 100]),
+            d: pick(&mut rng, &[1, 7, 16, 17, 64]),
+            dv: pick(&mut rng, &[1, 15, 16, 33, 64, 65]),
+        });
+    }
+    out
+}
+
+struct Case {
+    q: Array3<f32>,
+    k: Array3<f32>,
+    v: Array3<f32>,
+    keys: Array2<bool>,
+    full: Array3<bool>,
+    qm: Array2<bool>,
+}
+
+fn case(s: Shape, rng: &mut Rng, magnitude: f64) -> Case {
+    let f = |a: Array3<f64>| a.mapv(|x| x as f32);
+    let mut keys = rng.mask2((s.b, s.tv), 0.7);
+    keys.row_mut(0).fill(false); // fully masked rows, with and without causal
+    Case {
+        q: f(rng.array3((s.b, s.tq, s.d), magnitude)),
+        k: f(rng.array3((s.b, s.tv, s.d), magnitude)),
+        v: f(rng.array3((s.b, s.tv, s.dv), 1.0)),
+        keys,
+        full: rng.mask3((s.b, s.tq, s.tv), 0.7),
+        qm: rng.mask2((s.b, s.tq), 0.8),
+    }
+}
+
+/// Runs `attn` on every ISA the CPU has and compares with the portable path.
+fn compare_isas(label: &str, attn: &Attention, c: &Case, masks: &Masks<'_>, tol: f64) {
+    let portable = attn.clone().isa(Isa::Scalar);
+    let want = portable
+        .forward(c.q.view(), c.v.view(), Some(c.k.view()), masks)
+        .unwrap();
+    for isa in [Isa::Avx2, Isa::Avx512] {
+        let fast = attn.clone().isa(isa);
+        if fast.effective_isa() != isa {
+            continue; // this CPU lacks it
+        }
+        let got = fast
+            .forward(c.q.view(), c.v.view(), Some(c.k.view()), masks)
+            .unwrap();
+        let l = format!("{label} {isa:?}");
+        assert_close(
+            &format!("{l} output"),
+            got.output.view(),
+            want.output.view(),
+            tol,
+            tol,
+        );
+        if let (Some(g), Some(w)) = (&got.scores, &want.scores) {
+            assert_close(&format!("{l} weights"), g.view(), w.view(), tol, tol);
+        }
+    }
+}
+
+/// float32 rounding of a score is about eps·Σ|terms|; weights and outputs move by that
+/// (times |v| ≤ 1 here). 8× covers the different summation orders and the fast exp's ulps.
+fn tolerance(mode: ScoreMode, s: Shape, magnitude: f64, scale: f64) -> f64 {
+    let terms = match mode {
+        ScoreMode::Dot => s.d as f64 * magnitude * magnitude * scale,
+        ScoreMode::Concat => s.d as f64 * 1.3,
+    };
+    8.0 * f32::EPSILON as f64 * (1.0 + terms)
+}
+
+#[test]
+fn fast_paths_equal_portable_path() {
+    let mut rng = Rng(42);
+    for (n, s) in shapes().into_iter().enumerate() {
+        let magnitude = [0.5, 1.0, 3.0][n % 3];
+        let c = case(s, &mut rng, magnitude);
+        for mode in [ScoreMode::Dot, ScoreMode::Concat] {
+            for variant in 0..6 {
+                let mut attn = Attention::new(mode).scale(0.4).concat_score_weight(1.3);
+                attn = attn.return_scores(variant % 2 == 0);
+                if variant == 5 {
+                    attn = attn.dropout(Dropout {
+                        rate: 0.25,
+                        seed: 3,
+                        call: 1,
+                    });
+                }
+                let masks = Masks {
+                    query: (variant >= 2).then(|| c.qm.view()),
+                    value: match variant {
+                        2 | 5 => Some(ValueMask::Keys(c.keys.view())),
+                        3 => Some(ValueMask::Scores(c.full.view())),
+                        _ => None,
+                    },
+                    causal: variant == 1 || variant >= 4,
+                };
+                let label = format!("{s:?} {mode:?} variant {variant}");
+                compare_isas(
+                    &label,
+                    &attn,
+                    &c,
+                    &masks,
+                    tolerance(mode, s, magnitude, 0.4),
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn concat_falls_back_to_tanh_for_large_inputs() {
+    // |2·s·q| > 40: the exponential form would overflow; the fallback must give plain tanh.
+    let s = Shape {
+        b: 2,
+        tq: 9,
+        tv: 20,
+        d: 16,
+        dv: 8,
+    };
+    let mut rng = Rng(43);
+    let c = case(s, &mut rng, 50.0);
+    let attn = Attention::new(ScoreMode::Concat)
+        .scale(0.5)
+        .return_scores(true);
+    compare_isas(
+        "concat large",
+        &attn,
+        &c,
+        &Masks::default(),
+        tolerance(ScoreMode::Concat, s, 50.0, 0.5),
+    );
+}
+
+#[test]
+fn causal_skipping_keeps_keras_semantics() {
+    let s = Shape {
+        b: 2,
+        tq: 40,
+        tv: 40,
+        d: 16,
+        dv: 8,
+    };
+    let mut rng = Rng(44);
+    let mut c = case(s, &mut rng, 1.0);
+    // A NaN in the last key of batch 1: Keras's products make every row of that batch NaN,
+    // also rows that cannot see the key (NaN · 0 is NaN).
+    c.k[[1, 39, 0]] = f32::NAN;
+    let masks = Masks {
+        causal: true,
+        ..Masks::default()
+    };
+    for isa in [Isa::Scalar, Isa::Avx2, Isa::Avx512] {
+        let out = Attention::default()
+            .isa(isa)
+            .forward(c.q.view(), c.v.view(), Some(c.k.view()), &masks)
+            .unwrap();
+        assert!(
+            out.output
+                .index_axis(ndarray::Axis(0), 1)
+                .iter()
+                .all(|x| x.is_nan()),
+            "{isa:?}"
+        );
+        assert!(
+            out.output
+                .index_axis(ndarray::Axis(0), 0)
+                .iter()
+                .all(|x| x.is_finite()),
+            "{isa:?}"
+        );
+    }
+    // Rows whose visible keys are all masked take Keras's all-keys weights (the first key of
+    // batch 0 masked: row 0 sees only it).
+    let mut keys = Array2::from_elem((2, 40), true);
+    keys[[0, 0]] = false;
+    c.k[[1, 39, 0]] = 0.0;
+    let masks = Masks {
+        value: Some(ValueMask::Keys(keys.view())),
+        causal: true,
+        ..Masks::default()
+    };
+    let attn = Attention::default().return_scores(true);
+    compare_isas(
+        "all visible keys masked",
+        &attn,
+        &c,
+        &masks,
+        tolerance(ScoreMode::Dot, s, 1.0, 1.0),
+    );
+    let w = attn
+        .forward(c.q.view(), c.v.view(), Some(c.k.view()), &masks)
+        .unwrap()
+        .scores
+        .unwrap();
+    assert!(
+        w.slice(ndarray::s![0, 0, 1..]).iter().any(|&x| x > 0.0),
+        "row 0 spreads over hidden keys"
+    );
+}
+
+#[test]
+fn float32_within_1e_5_relative_of_float64() {
+    // Issue goal: the f32 fast path stays within 1e-5 of an f64 run, relative to the output scale.
+    let s = Shape {
+        b: 4,
+        tq: 128,
+        tv: 96,
+        d: 64,
+        dv: 64,
+    };
+    let mut rng = Rng(45);
+    let c = case(s, &mut rng, 1.0);
+    let d64 = |a: &Array3<f32>| a.mapv(f64::from);
+    let scale = 1.0 / (s.d as f64).sqrt();
+    for mode in [ScoreMode::Dot, ScoreMode::Concat] {
+        let attn = Attention::new(mode).scale(scale).return_scores(true);
+        let exact = attn
+            .forward(
+                d64(&c.q).view(),
+                d64(&c.v).view(),
+                Some(d64(&c.k).view()),
+                &Masks::default(),
+            )
+            .unwrap();
+        let fast = attn
+            .forward(c.q.view(), c.v.view(), Some(c.k.view()), &Masks::default())
+            .unwrap();
+        let vmax = c.v.iter().fold(0.0f64, |m, &x| m.max(f64::from(x).abs()));
+        assert_close(
+            &format!("{mode:?} output"),
+            fast.output.view(),
+            exact.output.view(),
+            1e-5,
+            1e-5 * vmax,
+        );
+        assert_close(
+            &format!("{mode:?} weights"),
+            fast.scores.unwrap().view(),
+            exact.scores.unwrap().view(),
+            1e-5,
+            1e-6,
+        );
+    }
+}
