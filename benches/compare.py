@@ -22,6 +22,13 @@ from collections.abc import Callable
 from typing import Any
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
+# PyTorch's OpenMP workers spin after each call by default and steal the cores from whichever
+# contender runs next in the interleaved loop (measured: luong 2.96 -> 4.11 ms right after an
+# SDPA call); passive waiting leaves torch's own time unchanged (2.4-2.7 ms either way).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# The same for NumPy's OpenBLAS workers (luong 2.5 -> 4.8 ms interleaved with the NumPy
+# reference); a short spin leaves NumPy's own time unchanged (12.0 vs 11.5 ms).
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 import numpy as np
 
@@ -62,6 +69,22 @@ def interleaved(fns: dict[str, Callable[[], Any]], calls: int) -> dict[str, floa
     return {n: statistics.median(ts) for n, ts in times.items()}
 
 
+def measure(
+    row: str, shape: tuple[int, int, int, int], ours: Callable[[], Any],
+    groups: list[dict[str, Callable[[], Any]]], calls: int,
+) -> dict[str, Any]:
+    """Interleaves luong with each group of peers; ratios come from within a group. JAX runs in
+    a group of its own: its worker pool spins after each call and slows whatever runs next
+    (luong 2.5 -> 4 ms at (8, 512, 512, 64)), which would bias every other column."""
+    peers: list[tuple[str, float, float]] = []
+    ours_time = None
+    for group in groups or [{}]:
+        times = interleaved({"luong": ours, **group}, calls)
+        ours_time = times["luong"] if ours_time is None else ours_time
+        peers += [(n, t, t / times["luong"]) for n, t in times.items() if n != "luong"]
+    return {"row": row, "shape": shape, "luong": ours_time, "peers": peers}
+
+
 def inputs(b: int, tq: int, tv: int, d: int, seed: int = 0) -> tuple[np.ndarray, ...]:
     rng = np.random.default_rng(seed)
     q = rng.standard_normal((b, tq, d), dtype=np.float32)
@@ -78,23 +101,26 @@ def torch_sdpa(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: Any = None) ->
 
 def rows_dot(calls: int, quick: bool) -> list[dict[str, Any]]:
     shapes = [(8, 512, 512, 64), (2, 2048, 2048, 64), (32, 128, 128, 64), (8, 1, 4096, 64)]
-    out = []
-    for shape in shapes[:2] if quick else shapes:
-        q, k, v = inputs(*shape)
-        fns: dict[str, Callable[[], Any]] = {"luong": lambda: luong.attention(q, v, k)}
-        if torch is not None:
-            fns["torch SDPA 4-D"] = torch_sdpa(q, k, v)
-            t3 = [torch.from_numpy(x) for x in (q, k, v)]
-            sdpa = torch.nn.functional.scaled_dot_product_attention
-            fns["torch SDPA 3-D"] = lambda: sdpa(t3[0], t3[1], t3[2], scale=1.0)
-        if jax is not None:
-            jq, jk, jv = (jax.numpy.asarray(x[:, :, None]) for x in (q, k, v))  # (B, T, N=1, H)
-            f = jax.jit(lambda a, b, c: jax.nn.dot_product_attention(a, b, c, scale=1.0))
-            fns["jax dot_product_attention"] = lambda: f(jq, jk, jv).block_until_ready()
-        if shape[0] * shape[1] * shape[2] <= 8 * 512 * 512:
-            fns["numpy"] = lambda: reference_attention(q, v, k)
-        out.append({"row": "dot", "shape": shape, "times": interleaved(fns, calls)})
-    return out
+    return [row_dot(shape, calls) for shape in (shapes[:2] if quick else shapes)]
+
+
+def row_dot(shape: tuple[int, int, int, int], calls: int) -> dict[str, Any]:
+    q, k, v = inputs(*shape)
+    main: dict[str, Callable[[], Any]] = {}
+    jax_group: dict[str, Callable[[], Any]] = {}
+    if torch is not None:
+        main["torch SDPA 4-D"] = torch_sdpa(q, k, v)
+        t3 = [torch.from_numpy(x) for x in (q, k, v)]
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        main["torch SDPA 3-D"] = lambda: sdpa(t3[0], t3[1], t3[2], scale=1.0)
+    if shape[0] * shape[1] * shape[2] <= 8 * 512 * 512:
+        main["numpy"] = lambda: reference_attention(q, v, k)
+    if jax is not None:
+        jq, jk, jv = (jax.numpy.asarray(x[:, :, None]) for x in (q, k, v))  # (B, T, N=1, H)
+        f = jax.jit(lambda a, b, c: jax.nn.dot_product_attention(a, b, c, scale=1.0))
+        jax_group["jax dot_product_attention"] = lambda: f(jq, jk, jv).block_until_ready()
+    groups = [g for g in (main, jax_group) if g]
+    return measure("dot", shape, lambda: luong.attention(q, v, k), groups, calls)
 
 
 def rows_masked(calls: int) -> list[dict[str, Any]]:
@@ -102,22 +128,22 @@ def rows_masked(calls: int) -> list[dict[str, Any]]:
     b, tq, tv, _ = shape
     q, k, v = inputs(*shape)
     vm = np.random.default_rng(1).random((b, tv)) < 0.8
-    fns: dict[str, Callable[[], Any]] = {
-        "luong": lambda: luong.attention(q, v, k, value_mask=vm, use_causal_mask=True)
-    }
+    fns: dict[str, Callable[[], Any]] = {}
     if torch is not None:
         causal = torch.ones(tq, tv, dtype=torch.bool).tril()
         mask = torch.from_numpy(vm)[:, None, None, :] & causal  # (B, 1, Tq, Tv), bool
         fns["torch SDPA 4-D"] = torch_sdpa(q, k, v, mask)
-    return [{"row": "value mask + causal", "shape": shape, "times": interleaved(fns, calls)}]
+
+    def ours() -> Any:
+        return luong.attention(q, v, k, value_mask=vm, use_causal_mask=True)
+
+    return [measure("value mask + causal", shape, ours, [fns], calls)]
 
 
 def rows_scores(calls: int) -> list[dict[str, Any]]:
     shape = (8, 512, 512, 64)
     q, k, v = inputs(*shape)
-    fns: dict[str, Callable[[], Any]] = {
-        "luong": lambda: luong.attention(q, v, k, return_attention_scores=True)
-    }
+    fns: dict[str, Callable[[], Any]] = {}
     if torch is not None:
         tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))
 
@@ -126,15 +152,18 @@ def rows_scores(calls: int) -> list[dict[str, Any]]:
             return torch.bmm(w, tv), w
 
         fns["torch bmm-softmax-bmm"] = eager
-    return [{"row": "returned scores", "shape": shape, "times": interleaved(fns, calls)}]
+
+    def ours() -> Any:
+        return luong.attention(q, v, k, return_attention_scores=True)
+
+    return [measure("returned scores", shape, ours, [fns], calls)]
 
 
 def rows_concat(calls: int) -> list[dict[str, Any]]:
     shape = (8, 128, 128, 64)
     q, k, v = inputs(*shape)
-    fns: dict[str, Callable[[], Any]] = {
-        "luong": lambda: luong.attention(q, v, k, score_mode="concat", scale=0.5)
-    }
+    fns: dict[str, Callable[[], Any]] = {}
+    jax_group: dict[str, Callable[[], Any]] = {}
     if torch is not None:
         tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))
 
@@ -149,37 +178,48 @@ def rows_concat(calls: int) -> list[dict[str, Any]]:
         layer.set_weights([np.float32(0.5), np.float32(1.0)])
         f = jax.jit(lambda a, b, c: layer([a, b, c]))
         jq, jk, jv = (jax.numpy.asarray(x) for x in (q, k, v))
-        fns["keras (jax, jit)"] = lambda: f(jq, jv, jk).block_until_ready()
+        jax_group["keras (jax, jit)"] = lambda: f(jq, jv, jk).block_until_ready()
     fns["numpy"] = lambda: reference_attention(q, v, k, score_mode="concat", scale=0.5)
-    return [{"row": "concat", "shape": shape, "times": interleaved(fns, calls)}]
+
+    def ours() -> Any:
+        return luong.attention(q, v, k, score_mode="concat", scale=0.5)
+
+    return [measure("concat", shape, ours, [g for g in (fns, jax_group) if g], calls)]
 
 
 def rows_small(calls: int) -> list[dict[str, Any]]:
     shape = (1, 8, 8, 16)
     q, k, v = inputs(*shape)
     layer = luong.Attention()
-    fns: dict[str, Callable[[], Any]] = {"luong": lambda: layer([q, v, k])}
+    main: dict[str, Callable[[], Any]] = {"numpy": lambda: reference_attention(q, v, k)}
+    jax_group: dict[str, Callable[[], Any]] = {}
     if keras is not None:
         klayer = keras.layers.Attention()
-        fns["keras (jax, eager call)"] = lambda: np.asarray(klayer([q, v, k]))
-    fns["numpy"] = lambda: reference_attention(q, v, k)
-    return [{"row": "small call", "shape": shape, "times": interleaved(fns, calls * 10)}]
+        jax_group["keras (jax, eager call)"] = lambda: np.asarray(klayer([q, v, k]))
+    groups = [g for g in (main, jax_group) if g]
+    return [measure("small call", shape, lambda: layer([q, v, k]), groups, calls * 10)]
 
 
 def rows_threads(calls: int) -> list[dict[str, Any]]:
     shape = (8, 512, 512, 64)
     q, k, v = inputs(*shape)
-
-    def with_threads(n: int) -> Callable[[], Any]:
-        def run() -> Any:
+    # Resizing the pool starts threads, and the first few calls on a new pool run slow (measured:
+    # 3-4.7 ms instead of 2.4 for about four calls), so alternate blocks of calls, each after
+    # six unmeasured ones.
+    times: dict[int, list[float]] = {2: [], 1: []}
+    for rnd in range(max(4, calls // 5)):
+        for n in (2, 1) if rnd % 2 == 0 else (1, 2):
             luong.set_num_threads(n)
-            return luong.attention(q, v, k)
-
-        return run
-
-    times = interleaved({"luong": with_threads(2), "luong, 1 thread": with_threads(1)}, calls)
+            for _ in range(6):
+                luong.attention(q, v, k)
+            for _ in range(5):
+                t = time.perf_counter()
+                luong.attention(q, v, k)
+                times[n].append(time.perf_counter() - t)
     luong.set_num_threads(THREADS)
-    return [{"row": "threads", "shape": shape, "times": times}]
+    two, one = statistics.median(times[2]), statistics.median(times[1])
+    return [{"row": "threads", "shape": shape, "luong": two,
+             "peers": [("luong, 1 thread", one, one / two)]}]
 
 
 def fmt_ms(s: float) -> str:
@@ -193,12 +233,12 @@ def table(rows: list[dict[str, Any]]) -> str:
     ]
     for r in rows:
         b, tq, tv, d = r["shape"]
-        lu = r["times"]["luong"]
+        lu = r["luong"]
         gf = 4 * b * tq * tv * d / lu / 1e9
-        peers = [(n, t) for n, t in r["times"].items() if n != "luong"]
-        for i, (n, t) in enumerate(peers or [("-", float("nan"))]):
-            head = f"| {r['row']} | {r['shape']} | {fmt_ms(lu)} | {gf:.0f} |" if i == 0 else "| | | | |"
-            lines.append(f"{head} {n} | {fmt_ms(t)} | {t / lu:.2f}x |")
+        for i, (n, t, ratio) in enumerate(r["peers"] or [("-", float("nan"), float("nan"))]):
+            first = f"| {r['row']} | {r['shape']} | {fmt_ms(lu)} | {gf:.0f} |"
+            head = first if i == 0 else "| | | | |"
+            lines.append(f"{head} {n} | {fmt_ms(t)} | {ratio:.2f}x |")
     return "\n".join(lines)
 
 
@@ -213,11 +253,10 @@ def chart(rows: list[dict[str, Any]], path: str) -> None:
         return
     labels, ratios = [], []
     for r in rows:
-        lu = r["times"]["luong"]
-        for n, t in r["times"].items():
-            if n != "luong" and n != "numpy":
+        for n, _, ratio in r["peers"]:
+            if n != "numpy":
                 labels.append(f"{r['row']} {r['shape']}\nvs {n}")
-                ratios.append(t / lu)
+                ratios.append(ratio)
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(labels) + 1.2))
     ax.barh(range(len(labels)), ratios, color=["#2a7" if x >= 1 else "#c44" for x in ratios])
     ax.axvline(1.0, color="k", lw=0.8)
