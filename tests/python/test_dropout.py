@@ -3,8 +3,9 @@ same for any thread count, and each training call of a layer drawing new masks."
 
 from __future__ import annotations
 
-import luong
 import numpy as np
+
+import luong
 
 
 def _uniform_weights_call(layer: luong.Attention, b: int = 4, tq: int = 64, tv: int = 256):

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import re
 
-import luong
 import numpy as np
 import pytest
 from attention_cases import assert_close, tolerance_for
 from golden_cases import GOLDEN, assert_golden
+
+import luong
 
 # Keras's `assertAllClose` defaults (keras/src/testing/test_case.py), for ports that use them.
 KERAS_ATOL = KERAS_RTOL = 1e-6

@@ -7,7 +7,6 @@ test_reference.py, which also shows reference.py equals Keras bit for bit on the
 
 from __future__ import annotations
 
-import luong
 import numpy as np
 import pytest
 from attention_cases import (
@@ -24,6 +23,8 @@ from attention_cases import (
     tolerance_for,
     tolerances,
 )
+
+import luong
 
 
 def _call_layer(layer: luong.Attention, case: Case, inputs: Inputs):
