@@ -17,6 +17,7 @@ pub trait Float:
     num_traits::Float
     + num_traits::FromPrimitive
     + ndarray::ScalarOperand
+    + ndarray::LinalgScalar
     + Default
     + Debug
     + Display

@@ -33,6 +33,7 @@
 //! [`combine`](mod@combine) (the stages, public and readable), `attention` (the orchestration),
 //! `pool` (the thread pool), and, with the `python` feature, the PyO3 bindings.
 
+pub mod backward;
 pub mod combine;
 pub mod config;
 pub mod dropout;
@@ -51,6 +52,7 @@ mod pool;
 mod python;
 
 pub use attention::{MasksNd, Output, OutputNd};
+pub use backward::Gradients;
 pub use combine::combine;
 pub use config::{Attention, Dropout, ScoreMode};
 pub use dropout::apply_dropout;

@@ -1,0 +1,357 @@
+//! Gradients of the layer: for an upstream gradient `d_output (B, Tq, Dv)`, the gradients of
+//! query, key, value, the scale and the concat score weight, with every option of the forward
+//! (value or full score mask, causal, query mask, dropout, scale, both score modes).
+//!
+//! With `p` the softmax weights, `w = p · drop / keep` the weights after dropout, and `o = w · v`:
+//! `dV = wᵀ · dO`; `dP = (dO · vᵀ) · drop / keep`; `dS = p ⊙ (dP - Δ)` with `Δ_i = Σ_j p_ij dP_ij`;
+//! dot: `dQ = dS · K · scale`, `dK = dSᵀ · Q · scale`, `d scale = Σ dS ⊙ (Q·Kᵀ)`;
+//! concat (`s = w · Σ_d tanh(a)`, `a = scale · (q_d + k_d)`): `∂s/∂q_d = ∂s/∂k_d = w · scale ·
+//! (1 - tanh²(a))`, `∂s/∂scale = w · Σ_d (1 - tanh²(a)) (q_d + k_d)`, `∂s/∂w = Σ_d tanh(a)`.
+//! The mask subtracts a constant (Keras's 1e9), so it passes gradients through unchanged; the
+//! query mask zeroes output rows, so their upstream gradient is dropped.
+//!
+//! Memory-efficient, as FlashAttention-2's backward: no `(Tq, Tv)` matrix is kept. Pass 1 runs
+//! over blocks of query rows: it recomputes each row's scores and softmax, and yields dQ, the
+//! row's log-sum-exp and Δ. Pass 2 runs over blocks of keys: it recomputes those keys' weights
+//! from the log-sum-exp and yields dK and dV. Dropout masks are recomputed from the counter-based
+//! generator, so they are exactly the forward's. Every gradient element is computed by one
+//! thread in a fixed order, and the scalar gradients are summed over fixed-size blocks in a fixed
+//! order: results are bitwise identical for any thread count.
+
+use ndarray::{s, Array1, Array2, Array3, ArrayView2, ArrayView3, Axis, Zip};
+use rayon::prelude::*;
+
+use crate::config::{Attention, ScoreMode};
+use crate::dropout::DropoutMask;
+use crate::error::{AttentionError, Result};
+use crate::float::Float;
+use crate::mask::{mask_cols, mask_row, Masks};
+use crate::score::ScoreParams;
+use crate::shape::{self, rows_contiguous, Dims};
+
+/// Query rows (pass 1) or keys (pass 2) per work item: fixed, so the block sums of the scalar
+/// gradients never depend on the thread count.
+const BLOCK: usize = 64;
+
+/// The gradients of one call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gradients<T> {
+    /// `(B, Tq, D)`.
+    pub query: Array3<T>,
+    /// `(B, Tv, D)` when a key was passed; otherwise the key's gradient is added into `value`.
+    pub key: Option<Array3<T>>,
+    /// `(B, Tv, Dv)`.
+    pub value: Array3<T>,
+    /// When a scale is set.
+    pub scale: Option<T>,
+    /// In concat mode.
+    pub concat_score_weight: Option<T>,
+}
+
+struct Ctx<'a, 'm, T> {
+    q: ArrayView3<'a, T>,
+    k: ArrayView3<'a, T>,
+    v: ArrayView3<'a, T>,
+    /// d_output with the query-masked rows zeroed.
+    dout: ArrayView3<'a, T>,
+    masks: &'a Masks<'m>,
+    p: ScoreParams<T>,
+    dropout: Option<(DropoutMask, T)>,
+    dims: Dims,
+}
+
+/// Pass 1's results for one block of query rows.
+struct RowBlock<T> {
+    dq: Array2<T>,
+    lse: Array1<T>,
+    delta: Array1<T>,
+    d_scale: T,
+    d_weight: T,
+}
+
+/// Pass 2's results for one block of keys.
+struct KeyBlock<T> {
+    dk: Array2<T>,
+    dv: Array2<T>,
+    d_scale: T,
+    d_weight: T,
+}
+
+impl<T: Float> Ctx<'_, '_, T> {
+    /// Raw scores of query rows `qs (r, D)` against keys `ks (c, D)`: `qs · ksᵀ` (dot) or
+    /// `Σ_d tanh(scale · (q_d + k_d))` (concat), before the scale (dot) or weight (concat).
+    fn raw_scores(&self, qs: ArrayView2<'_, T>, ks: ArrayView2<'_, T>) -> Array2<T> {
+        match self.p.mode {
+            ScoreMode::Dot => qs.dot(&ks.t()),
+            ScoreMode::Concat => {
+                let scale = self.p.scale;
+                Array2::from_shape_fn((qs.nrows(), ks.nrows()), |(i, j)| {
+                    let mut sum = T::zero();
+                    for (&a, &b) in qs.row(i).iter().zip(ks.row(j)) {
+                        let x = a + b;
+                        sum = sum + scale.map_or(x, |s| s * x).tanh();
+                    }
+                    sum
+                })
+            }
+        }
+    }
+
+    /// The finished score from a raw one: `raw · scale` or `weight · raw`.
+    fn finish(&self, raw: T) -> T {
+        match self.p.mode {
+            ScoreMode::Dot => self.p.scale.map_or(raw, |s| raw * s),
+            ScoreMode::Concat => self.p.concat_score_weight * raw,
+        }
+    }
+
+    /// `drop / keep` for weight `(b, i, j)`: 0 or `1 / keep` (1 without dropout).
+    fn drop_factor(&self, b: usize, i: usize, j: usize) -> T {
+        match &self.dropout {
+            None => T::one(),
+            Some((mask, keep)) => {
+                let Dims { tq, tv, .. } = self.dims;
+                if mask.keeps(((b * tq + i) * tv + j) as u64) {
+                    T::one() / *keep
+                } else {
+                    T::zero()
+                }
+            }
+        }
+    }
+
+    /// Concat's per-term gradients for scores `dS (r, c)` of query rows `qs` against keys `ks`:
+    /// adds `dS_ij · w · scale · (1 - t²)` into `dq` (rows of qs) and/or `dk` (rows of ks), and
+    /// returns (d scale, d weight) summed over the block.
+    fn concat_terms(
+        &self,
+        ds: ArrayView2<'_, T>,
+        qs: ArrayView2<'_, T>,
+        ks: ArrayView2<'_, T>,
+        mut dq: Option<&mut Array2<T>>,
+        mut dk: Option<&mut Array2<T>>,
+    ) -> (T, T) {
+        let (w, scale) = (self.p.concat_score_weight, self.p.scale);
+        let s = scale.unwrap_or(T::one());
+        let (mut d_scale, mut d_weight) = (T::zero(), T::zero());
+        for ((i, j), &g) in ds.indexed_iter() {
+            let (qi, kj) = (qs.row(i), ks.row(j));
+            let (mut sum_t, mut sum_scale) = (T::zero(), T::zero());
+            for d in 0..qi.len() {
+                let x = qi[d] + kj[d];
+                let t = (s * x).tanh();
+                let dt = T::one() - t * t;
+                let term = g * w * s * dt;
+                if let Some(dq) = dq.as_deref_mut() {
+                    dq[[i, d]] = dq[[i, d]] + term;
+                }
+                if let Some(dk) = dk.as_deref_mut() {
+                    dk[[j, d]] = dk[[j, d]] + term;
+                }
+                sum_t = sum_t + t;
+                sum_scale = sum_scale + dt * x;
+            }
+            d_weight = d_weight + g * sum_t;
+            d_scale = d_scale + g * w * sum_scale;
+        }
+        (d_scale, d_weight)
+    }
+
+    /// Pass 1: query rows `i0..i0 + r` of batch element `b`.
+    fn row_block(&self, b: usize, i0: usize, r: usize) -> RowBlock<T> {
+        let qs = self.q.slice(s![b, i0..i0 + r, ..]);
+        let ks = self.k.index_axis(Axis(0), b);
+        let raw = self.raw_scores(qs, ks);
+        // Weights p, as the forward computes them.
+        let mut p = raw.mapv(|x| self.finish(x));
+        let mut lse = Array1::zeros(r);
+        for (ri, mut row) in p.axis_iter_mut(Axis(0)).enumerate() {
+            let i = i0 + ri;
+            let row = row.as_slice_mut().expect("fresh arrays are contiguous");
+            mask_row(row, self.masks.keys_of_row(b, i), self.masks.causal.then_some(i));
+            lse[ri] = softmax_lse(row);
+        }
+        // dP = (dO · vᵀ) ⊙ drop / keep, Δ_i = Σ_j p_ij dP_ij, dS = p ⊙ (dP - Δ).
+        let dos = self.dout.slice(s![b, i0..i0 + r, ..]);
+        let mut ds = dos.dot(&self.v.index_axis(Axis(0), b).t());
+        let mut delta = Array1::zeros(r);
+        for ((ri, j), x) in ds.indexed_iter_mut() {
+            *x = *x * self.drop_factor(b, i0 + ri, j);
+        }
+        for (ri, (dp, prow)) in ds.axis_iter_mut(Axis(0)).zip(p.axis_iter(Axis(0))).enumerate() {
+            let d = dp.iter().zip(prow).fold(T::zero(), |acc, (&a, &b)| acc + a * b);
+            delta[ri] = d;
+            Zip::from(dp).and(prow).for_each(|g, &pj| *g = pj * (*g - d));
+        }
+        let (dq, d_scale, d_weight) = match self.p.mode {
+            ScoreMode::Dot => {
+                let mut dq = ds.dot(&ks);
+                if let Some(s) = self.p.scale {
+                    dq.mapv_inplace(|x| x * s);
+                }
+                let d_scale = Zip::from(&ds).and(&raw).fold(T::zero(), |acc, &g, &x| acc + g * x);
+                (dq, d_scale, T::zero())
+            }
+            ScoreMode::Concat => {
+                let mut dq = Array2::zeros(qs.raw_dim());
+                let (sc, w) = self.concat_terms(ds.view(), qs, ks, Some(&mut dq), None);
+                (dq, sc, w)
+            }
+        };
+        RowBlock { dq, lse, delta, d_scale, d_weight }
+    }
+
+    /// Pass 2: keys `j0..j0 + c` of batch element `b`, given every row's log-sum-exp and Δ.
+    fn key_block(&self, b: usize, j0: usize, c: usize, lse: ArrayView2<'_, T>, delta: ArrayView2<'_, T>) -> KeyBlock<T> {
+        let qs = self.q.index_axis(Axis(0), b);
+        let ks = self.k.slice(s![b, j0..j0 + c, ..]);
+        let vs = self.v.slice(s![b, j0..j0 + c, ..]);
+        let dos = self.dout.index_axis(Axis(0), b);
+        let raw = self.raw_scores(qs, ks); // (Tq, c)
+        // Weights of these keys for every row: p = e^(m - lse_i); the mask as the forward's.
+        let mut p = raw.mapv(|x| self.finish(x));
+        for (i, mut row) in p.axis_iter_mut(Axis(0)).enumerate() {
+            let row = row.as_slice_mut().expect("fresh arrays are contiguous");
+            mask_cols(row, j0, self.masks.keys_of_row(b, i), self.masks.causal.then_some(i));
+            let l = lse[[b, i]];
+            row.iter_mut().for_each(|x| *x = (*x - l).exp());
+        }
+        // dW = dO · vᵀ (Tq, c); w = p · drop/keep; dP = dW · drop/keep; dS = p ⊙ (dP - Δ).
+        let mut dw = dos.dot(&vs.t());
+        let mut w = p.clone();
+        for ((i, jj), g) in dw.indexed_iter_mut() {
+            let f = self.drop_factor(b, i, j0 + jj);
+            w[[i, jj]] = w[[i, jj]] * f;
+            *g = p[[i, jj]] * (*g * f - delta[[b, i]]);
+        }
+        let ds = dw;
+        let dv = w.t().dot(&dos);
+        let (dk, d_scale, d_weight) = match self.p.mode {
+            ScoreMode::Dot => {
+                let mut dk = ds.t().dot(&qs);
+                if let Some(s) = self.p.scale {
+                    dk.mapv_inplace(|x| x * s);
+                }
+                (dk, T::zero(), T::zero())
+            }
+            ScoreMode::Concat => {
+                let mut dk = Array2::zeros(ks.raw_dim());
+                self.concat_terms(ds.view(), qs, ks, None, Some(&mut dk));
+                (dk, T::zero(), T::zero())
+            }
+        };
+        KeyBlock { dk, dv, d_scale, d_weight }
+    }
+}
+
+/// Softmax of a row in place (Keras's arithmetic: `e^(x - max) / Σ`); returns the log-sum-exp
+/// `max + ln Σ e^(x - max)`, with which `e^(x - lse)` gives the weights again.
+fn softmax_lse<T: Float>(row: &mut [T]) -> T {
+    let max = row.iter().fold(T::neg_infinity(), |m, &x| if x > m { x } else { m });
+    let mut sum = T::zero();
+    for x in row.iter_mut() {
+        *x = (*x - max).exp();
+        sum = sum + *x;
+    }
+    for x in row.iter_mut() {
+        *x = *x / sum;
+    }
+    max + sum.ln()
+}
+
+impl Attention {
+    /// The gradients of [`forward`](Attention::forward) for the upstream gradient `d_output
+    /// (B, Tq, Dv)`, with the same inputs, masks and settings (dropout included: the masks are
+    /// recomputed, exactly the forward's for the same seed and call).
+    ///
+    /// # Errors
+    /// As `forward`, plus [`AttentionError::Mismatch`] when `d_output` is not `(B, Tq, Dv)`.
+    pub fn backward<T: Float>(
+        &self,
+        query: ArrayView3<'_, T>,
+        value: ArrayView3<'_, T>,
+        key: Option<ArrayView3<'_, T>>,
+        masks: &Masks<'_>,
+        d_output: ArrayView3<'_, T>,
+    ) -> Result<Gradients<T>> {
+        self.validate()?;
+        let dims = shape::check_qkv(query.shape(), value.shape(), key.as_ref().map(|k| k.shape()))?;
+        let (qm, vm) = masks.shapes();
+        shape::check_masks(&dims, qm, vm)?;
+        let Dims { batch, tq, tv, d, dv } = dims;
+        if d_output.shape() != [batch, tq, dv] {
+            return Err(AttentionError::Mismatch {
+                arg: "d_output",
+                shape: d_output.shape().to_vec(),
+                other: "output",
+                other_shape: vec![batch, tq, dv],
+                rule: "the upstream gradient must have the output's shape (B, Tq, Dv)",
+            });
+        }
+        let (q, v) = (rows_contiguous(query), rows_contiguous(value));
+        let k = key.map(rows_contiguous);
+        // Rows the query mask zeroes pass no gradient.
+        let mut dout = d_output.to_owned();
+        for ((b, i, _), x) in dout.indexed_iter_mut() {
+            if !masks.query_keeps(b, i) {
+                *x = T::zero();
+            }
+        }
+        let ctx = Ctx {
+            q: q.view(),
+            k: k.as_ref().map_or(v.view(), |k| k.view()),
+            v: v.view(),
+            dout: dout.view(),
+            masks,
+            p: ScoreParams::of(self),
+            dropout: self
+                .active_dropout()
+                .map(|dr| (DropoutMask::new(&dr), T::of(1.0 - dr.rate))),
+            dims,
+        };
+        let blocks = |n: usize| -> Vec<(usize, usize, usize)> {
+            (0..batch)
+                .flat_map(|b| (0..n).step_by(BLOCK).map(move |x| (b, x, BLOCK.min(n - x))))
+                .collect()
+        };
+        let pool = crate::pool::pool()?;
+        let rows: Vec<RowBlock<T>> =
+            pool.install(|| blocks(tq).into_par_iter().map(|(b, i0, r)| ctx.row_block(b, i0, r)).collect());
+        let mut dq = Array3::zeros((batch, tq, d));
+        let mut lse = Array2::zeros((batch, tq));
+        let mut delta = Array2::zeros((batch, tq));
+        for ((b, i0, r), blk) in blocks(tq).into_iter().zip(&rows) {
+            dq.slice_mut(s![b, i0..i0 + r, ..]).assign(&blk.dq);
+            lse.slice_mut(s![b, i0..i0 + r]).assign(&blk.lse);
+            delta.slice_mut(s![b, i0..i0 + r]).assign(&blk.delta);
+        }
+        let keys: Vec<KeyBlock<T>> = pool.install(|| {
+            blocks(tv)
+                .into_par_iter()
+                .map(|(b, j0, c)| ctx.key_block(b, j0, c, lse.view(), delta.view()))
+                .collect()
+        });
+        let mut dk = Array3::zeros((batch, tv, d));
+        let mut dvv = Array3::zeros((batch, tv, dv));
+        for ((b, j0, c), blk) in blocks(tv).into_iter().zip(&keys) {
+            dk.slice_mut(s![b, j0..j0 + c, ..]).assign(&blk.dk);
+            dvv.slice_mut(s![b, j0..j0 + c, ..]).assign(&blk.dv);
+        }
+        // Scalar gradients: block partial sums, added in block order.
+        let d_scale = rows.iter().map(|r| r.d_scale).chain(keys.iter().map(|k| k.d_scale)).fold(T::zero(), |a, x| a + x);
+        let d_weight = rows.iter().map(|r| r.d_weight).chain(keys.iter().map(|k| k.d_weight)).fold(T::zero(), |a, x| a + x);
+        let key_grad = if key.is_some() {
+            Some(dk)
+        } else {
+            dvv = dvv + &dk; // the value doubled as the key
+            None
+        };
+        Ok(Gradients {
+            query: dq,
+            key: key_grad,
+            value: dvv,
+            scale: self.scale.map(|_| d_scale),
+            concat_score_weight: (self.mode == ScoreMode::Concat).then_some(d_weight),
+        })
+    }
+}

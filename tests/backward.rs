@@ -1,0 +1,147 @@
+//! `Attention::backward` against central finite differences in f64, with every option, and
+//! bitwise identical across thread counts.
+
+mod common;
+
+use common::Rng;
+use luong::{set_num_threads, Attention, Dropout, Masks, ScoreMode, ValueMask};
+use ndarray::{Array2, Array3};
+
+struct Inputs {
+    q: Array3<f64>,
+    k: Array3<f64>,
+    v: Array3<f64>,
+    dout: Array3<f64>,
+}
+
+/// L = Σ dout ⊙ output: its gradient is what `backward(dout)` returns.
+fn loss(attn: &Attention, x: &Inputs, key: bool, masks: &Masks<'_>) -> f64 {
+    let k = key.then(|| x.k.view());
+    let out = attn.forward(x.q.view(), x.v.view(), k, masks).unwrap().output;
+    (&out * &x.dout).sum()
+}
+
+fn check(label: &str, attn: &Attention, x: &mut Inputs, key: bool, masks: &Masks<'_>) {
+    let k = key.then(|| x.k.view());
+    let g = attn.backward(x.q.view(), x.v.view(), k, masks, x.dout.view()).unwrap();
+    let h = 1e-6;
+    let mut worst: f64 = 0.0;
+    let mut compare = |name: &str, analytic: f64, numeric: f64| {
+        let err = (analytic - numeric).abs() / (1e-6 + numeric.abs().max(analytic.abs()));
+        worst = worst.max(err);
+        assert!(err < 1e-5 || (analytic - numeric).abs() < 1e-8, "{label} {name}: analytic {analytic:e}, numeric {numeric:e}");
+    };
+    macro_rules! each {
+        ($arr:ident, $grad:expr, $name:literal) => {
+            for idx in 0..x.$arr.len() {
+                let orig = x.$arr.as_slice().unwrap()[idx];
+                x.$arr.as_slice_mut().unwrap()[idx] = orig + h;
+                let up = loss(attn, x, key, masks);
+                x.$arr.as_slice_mut().unwrap()[idx] = orig - h;
+                let down = loss(attn, x, key, masks);
+                x.$arr.as_slice_mut().unwrap()[idx] = orig;
+                compare($name, $grad.as_slice().unwrap()[idx], (up - down) / (2.0 * h));
+            }
+        };
+    }
+    each!(q, g.query, "query");
+    each!(v, g.value, "value");
+    if key {
+        each!(k, g.key.as_ref().unwrap(), "key");
+    }
+    if let (Some(s), Some(gs)) = (attn_scale(attn), g.scale) {
+        let up = loss(&with_scale(attn, s + h), x, key, masks);
+        let down = loss(&with_scale(attn, s - h), x, key, masks);
+        compare("scale", gs, (up - down) / (2.0 * h));
+    }
+    if let Some(gw) = g.concat_score_weight {
+        let up = loss(&attn.clone().concat_score_weight(1.3 + h), x, key, masks);
+        let down = loss(&attn.clone().concat_score_weight(1.3 - h), x, key, masks);
+        compare("concat_score_weight", gw, (up - down) / (2.0 * h));
+    }
+}
+
+const SCALE: f64 = 0.6;
+
+fn attn_scale(_a: &Attention) -> Option<f64> {
+    Some(SCALE)
+}
+
+fn with_scale(a: &Attention, s: f64) -> Attention {
+    a.clone().scale(s)
+}
+
+#[test]
+fn gradients_match_finite_differences() {
+    let mut rng = Rng(51);
+    let (b, tq, tv, d, dv) = (2, 5, 6, 3, 4);
+    // No fully masked rows here: their scores are s - 1e9, which float64 holds to only 1.2e-7,
+    // too coarse for a finite difference of step 1e-6 (the JAX comparison in
+    // tests/python/test_vjp.py covers them analytically).
+    let keys = {
+        let mut m = rng.mask2((b, tv), 0.6);
+        m.column_mut(0).fill(true);
+        m
+    };
+    let mut full = rng.mask3((b, tq, tv), 0.6);
+    full.slice_mut(ndarray::s![.., .., 0]).fill(true);
+    let qm = Array2::from_shape_fn((b, tq), |(_, i)| i != 2);
+    for mode in [ScoreMode::Dot, ScoreMode::Concat] {
+        for variant in 0..5 {
+            let key = variant % 2 == 0;
+            let mut x = Inputs {
+                q: rng.array3((b, tq, d), 1.0),
+                k: rng.array3((b, tv, d), 1.0),
+                v: rng.array3((b, tv, if key { dv } else { d }), 1.0),
+                dout: rng.array3((b, tq, if key { dv } else { d }), 1.0),
+            };
+            let mut attn = Attention::new(mode).scale(SCALE).concat_score_weight(1.3);
+            if variant == 4 {
+                attn = attn.dropout(Dropout { rate: 0.3, seed: 9, call: 2 });
+            }
+            let masks = Masks {
+                query: (variant >= 1).then(|| qm.view()),
+                value: match variant {
+                    1 | 4 => Some(ValueMask::Keys(keys.view())),
+                    2 => Some(ValueMask::Scores(full.view())),
+                    _ => None,
+                },
+                causal: variant == 3 || variant == 4,
+            };
+            check(&format!("{mode:?} variant {variant}"), &attn, &mut x, key, &masks);
+        }
+    }
+}
+
+#[test]
+fn backward_bitwise_identical_across_thread_counts() {
+    let mut rng = Rng(52);
+    // More than one block of query rows and of keys (64), odd sizes.
+    let q = rng.array3((2, 150, 24), 1.0).mapv(|x| x as f32);
+    let k = rng.array3((2, 131, 24), 1.0).mapv(|x| x as f32);
+    let v = rng.array3((2, 131, 16), 1.0).mapv(|x| x as f32);
+    let dout = rng.array3((2, 150, 16), 1.0).mapv(|x| x as f32);
+    let vm = rng.mask2((2, 131), 0.8);
+    for mode in [ScoreMode::Dot, ScoreMode::Concat] {
+        let attn = Attention::new(mode).scale(0.5).dropout(Dropout { rate: 0.2, seed: 1, call: 0 });
+        let masks = Masks { value: Some(ValueMask::Keys(vm.view())), causal: true, ..Masks::default() };
+        let mut results = Vec::new();
+        for threads in [1, 2, 3] {
+            set_num_threads(threads).unwrap();
+            results.push(attn.backward(q.view(), v.view(), Some(k.view()), &masks, dout.view()).unwrap());
+        }
+        set_num_threads(2).unwrap();
+        for r in &results[1..] {
+            assert_eq!(r, &results[0], "{mode:?}");
+        }
+    }
+}
+
+#[test]
+fn d_output_shape_is_checked() {
+    let q = Array3::<f32>::zeros((1, 2, 3));
+    let bad = Array3::<f32>::zeros((1, 3, 3));
+    let e = Attention::default().backward(q.view(), q.view(), None, &Masks::default(), bad.view()).unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.contains("`d_output`") && msg.contains("(1, 3, 3)") && msg.contains("(1, 2, 3)"), "{msg}");
+}
