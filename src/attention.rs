@@ -153,49 +153,82 @@ impl Attention {
         key: Option<ArrayViewD<'_, T>>,
         masks: &MasksNd<'_>,
     ) -> Result<OutputNd<T>> {
-        let plan = shape::plan(Shapes {
-            query: query.shape(),
-            value: value.shape(),
-            key: key.as_ref().map(|k| k.shape()),
-            query_mask: masks.query.as_ref().map(|m| m.shape()),
-            value_mask: masks.value.as_ref().map(|m| m.shape()),
-        })?;
-        let batch = &plan.batch_shape;
-        let q: CowArray<'_, T, Ix3> = fold(&query, batch, 2);
-        let v: CowArray<'_, T, Ix3> = fold(&value, batch, 2);
-        let k: Option<CowArray<'_, T, Ix3>> = key.as_ref().map(|k| fold(k, batch, 2));
-        let qm: Option<CowArray<'_, bool, Ix2>> = masks.query.as_ref().map(|m| fold(m, batch, 1));
-        let full = plan.full_score_mask;
-        let keys_mask: Option<CowArray<'_, bool, Ix2>> = masks
-            .value
-            .as_ref()
-            .filter(|_| !full)
-            .map(|m| fold(m, batch, 1));
-        let score_mask: Option<CowArray<'_, bool, Ix3>> = masks
-            .value
-            .as_ref()
-            .filter(|_| full)
-            .map(|m| fold(m, batch, 2));
-        let value_mask = match (&keys_mask, &score_mask) {
-            (Some(m), _) => Some(ValueMask::Keys(m.view())),
-            (_, Some(m)) => Some(ValueMask::Scores(m.view())),
-            _ => None,
-        };
-        let folded = Masks {
-            query: qm.as_ref().map(|m| m.view()),
-            value: value_mask,
-            causal: masks.causal,
-        };
-        let out = self.forward(q.view(), v.view(), k.as_ref().map(|k| k.view()), &folded)?;
-        let reshape = |a: Array3<T>, shape: Vec<usize>| {
-            a.into_shape_with_order(IxDyn(&shape))
-                .expect("fresh arrays are in standard layout")
-        };
-        Ok(OutputNd {
-            output: reshape(out.output, plan.output_shape()),
-            scores: out.scores.map(|s| reshape(s, plan.scores_shape())),
+        with_folded(query, value, key, masks, |plan, call| {
+            let out = self.forward(call.query, call.value, call.key, call.masks)?;
+            Ok(OutputNd {
+                output: unfold(out.output, plan.output_shape()),
+                scores: out.scores.map(|s| unfold(s, plan.scores_shape())),
+            })
         })
     }
+}
+
+/// A 3-D call, folded from an N-D one.
+pub(crate) struct Folded<'v, 'm, T> {
+    pub query: ArrayView3<'v, T>,
+    pub value: ArrayView3<'v, T>,
+    pub key: Option<ArrayView3<'v, T>>,
+    pub masks: &'v Masks<'m>,
+}
+
+/// Plans an N-D call (`shape::plan`), folds its leading dims into one batch axis (views where
+/// the strides allow, copies otherwise) and runs `f` on the 3-D call.
+pub(crate) fn with_folded<T: Float, R>(
+    query: ArrayViewD<'_, T>,
+    value: ArrayViewD<'_, T>,
+    key: Option<ArrayViewD<'_, T>>,
+    masks: &MasksNd<'_>,
+    f: impl FnOnce(&shape::Plan, Folded<'_, '_, T>) -> Result<R>,
+) -> Result<R> {
+    let plan = shape::plan(Shapes {
+        query: query.shape(),
+        value: value.shape(),
+        key: key.as_ref().map(|k| k.shape()),
+        query_mask: masks.query.as_ref().map(|m| m.shape()),
+        value_mask: masks.value.as_ref().map(|m| m.shape()),
+    })?;
+    let batch = &plan.batch_shape;
+    let q: CowArray<'_, T, Ix3> = fold(&query, batch, 2);
+    let v: CowArray<'_, T, Ix3> = fold(&value, batch, 2);
+    let k: Option<CowArray<'_, T, Ix3>> = key.as_ref().map(|k| fold(k, batch, 2));
+    let qm: Option<CowArray<'_, bool, Ix2>> = masks.query.as_ref().map(|m| fold(m, batch, 1));
+    let full = plan.full_score_mask;
+    let keys_mask: Option<CowArray<'_, bool, Ix2>> = masks
+        .value
+        .as_ref()
+        .filter(|_| !full)
+        .map(|m| fold(m, batch, 1));
+    let score_mask: Option<CowArray<'_, bool, Ix3>> = masks
+        .value
+        .as_ref()
+        .filter(|_| full)
+        .map(|m| fold(m, batch, 2));
+    let value_mask = match (&keys_mask, &score_mask) {
+        (Some(m), _) => Some(ValueMask::Keys(m.view())),
+        (_, Some(m)) => Some(ValueMask::Scores(m.view())),
+        _ => None,
+    };
+    let folded = Masks {
+        query: qm.as_ref().map(|m| m.view()),
+        value: value_mask,
+        causal: masks.causal,
+    };
+    let call = Folded {
+        query: q.view(),
+        value: v.view(),
+        key: k.as_ref().map(|k| k.view()),
+        masks: &folded,
+    };
+    f(&plan, call)
+}
+
+/// A fresh `(B, ...)` result reshaped to its N-D shape (no copy: fresh arrays are standard).
+pub(crate) fn unfold<T, D: ndarray::Dimension>(
+    a: ndarray::Array<T, D>,
+    shape: Vec<usize>,
+) -> ArrayD<T> {
+    a.into_shape_with_order(IxDyn(&shape))
+        .expect("fresh arrays are in standard layout")
 }
 
 /// Splits the rows into work items (blocks of query rows of one batch element) and runs them,

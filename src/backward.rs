@@ -18,9 +18,12 @@
 //! thread in a fixed order, and the scalar gradients are summed over fixed-size blocks in a fixed
 //! order: results are bitwise identical for any thread count.
 
-use ndarray::{s, Array1, Array2, Array3, ArrayView2, ArrayView3, Axis, Zip};
+use ndarray::{
+    s, Array1, Array2, Array3, ArrayD, ArrayView2, ArrayView3, ArrayViewD, Axis, CowArray, Ix3, Zip,
+};
 use rayon::prelude::*;
 
+use crate::attention::{unfold, with_folded, MasksNd};
 use crate::config::{Attention, ScoreMode};
 use crate::dropout::DropoutMask;
 use crate::error::{AttentionError, Result};
@@ -168,7 +171,11 @@ impl<T: Float> Ctx<'_, '_, T> {
         for (ri, mut row) in p.axis_iter_mut(Axis(0)).enumerate() {
             let i = i0 + ri;
             let row = row.as_slice_mut().expect("fresh arrays are contiguous");
-            mask_row(row, self.masks.keys_of_row(b, i), self.masks.causal.then_some(i));
+            mask_row(
+                row,
+                self.masks.keys_of_row(b, i),
+                self.masks.causal.then_some(i),
+            );
             lse[ri] = softmax_lse(row);
         }
         // dP = (dO · vᵀ) ⊙ drop / keep, Δ_i = Σ_j p_ij dP_ij, dS = p ⊙ (dP - Δ).
@@ -178,10 +185,19 @@ impl<T: Float> Ctx<'_, '_, T> {
         for ((ri, j), x) in ds.indexed_iter_mut() {
             *x = *x * self.drop_factor(b, i0 + ri, j);
         }
-        for (ri, (dp, prow)) in ds.axis_iter_mut(Axis(0)).zip(p.axis_iter(Axis(0))).enumerate() {
-            let d = dp.iter().zip(prow).fold(T::zero(), |acc, (&a, &b)| acc + a * b);
+        for (ri, (dp, prow)) in ds
+            .axis_iter_mut(Axis(0))
+            .zip(p.axis_iter(Axis(0)))
+            .enumerate()
+        {
+            let d = dp
+                .iter()
+                .zip(prow)
+                .fold(T::zero(), |acc, (&a, &b)| acc + a * b);
             delta[ri] = d;
-            Zip::from(dp).and(prow).for_each(|g, &pj| *g = pj * (*g - d));
+            Zip::from(dp)
+                .and(prow)
+                .for_each(|g, &pj| *g = pj * (*g - d));
         }
         let (dq, d_scale, d_weight) = match self.p.mode {
             ScoreMode::Dot => {
@@ -189,7 +205,9 @@ impl<T: Float> Ctx<'_, '_, T> {
                 if let Some(s) = self.p.scale {
                     dq.mapv_inplace(|x| x * s);
                 }
-                let d_scale = Zip::from(&ds).and(&raw).fold(T::zero(), |acc, &g, &x| acc + g * x);
+                let d_scale = Zip::from(&ds)
+                    .and(&raw)
+                    .fold(T::zero(), |acc, &g, &x| acc + g * x);
                 (dq, d_scale, T::zero())
             }
             ScoreMode::Concat => {
@@ -198,21 +216,39 @@ impl<T: Float> Ctx<'_, '_, T> {
                 (dq, sc, w)
             }
         };
-        RowBlock { dq, lse, delta, d_scale, d_weight }
+        RowBlock {
+            dq,
+            lse,
+            delta,
+            d_scale,
+            d_weight,
+        }
     }
 
     /// Pass 2: keys `j0..j0 + c` of batch element `b`, given every row's log-sum-exp and Δ.
-    fn key_block(&self, b: usize, j0: usize, c: usize, lse: ArrayView2<'_, T>, delta: ArrayView2<'_, T>) -> KeyBlock<T> {
+    fn key_block(
+        &self,
+        b: usize,
+        j0: usize,
+        c: usize,
+        lse: ArrayView2<'_, T>,
+        delta: ArrayView2<'_, T>,
+    ) -> KeyBlock<T> {
         let qs = self.q.index_axis(Axis(0), b);
         let ks = self.k.slice(s![b, j0..j0 + c, ..]);
         let vs = self.v.slice(s![b, j0..j0 + c, ..]);
         let dos = self.dout.index_axis(Axis(0), b);
         let raw = self.raw_scores(qs, ks); // (Tq, c)
-        // Weights of these keys for every row: p = e^(m - lse_i); the mask as the forward's.
+                                           // Weights of these keys for every row: p = e^(m - lse_i); the mask as the forward's.
         let mut p = raw.mapv(|x| self.finish(x));
         for (i, mut row) in p.axis_iter_mut(Axis(0)).enumerate() {
             let row = row.as_slice_mut().expect("fresh arrays are contiguous");
-            mask_cols(row, j0, self.masks.keys_of_row(b, i), self.masks.causal.then_some(i));
+            mask_cols(
+                row,
+                j0,
+                self.masks.keys_of_row(b, i),
+                self.masks.causal.then_some(i),
+            );
             let l = lse[[b, i]];
             row.iter_mut().for_each(|x| *x = (*x - l).exp());
         }
@@ -240,14 +276,21 @@ impl<T: Float> Ctx<'_, '_, T> {
                 (dk, T::zero(), T::zero())
             }
         };
-        KeyBlock { dk, dv, d_scale, d_weight }
+        KeyBlock {
+            dk,
+            dv,
+            d_scale,
+            d_weight,
+        }
     }
 }
 
 /// Softmax of a row in place (Keras's arithmetic: `e^(x - max) / Σ`); returns the log-sum-exp
 /// `max + ln Σ e^(x - max)`, with which `e^(x - lse)` gives the weights again.
 fn softmax_lse<T: Float>(row: &mut [T]) -> T {
-    let max = row.iter().fold(T::neg_infinity(), |m, &x| if x > m { x } else { m });
+    let max = row
+        .iter()
+        .fold(T::neg_infinity(), |m, &x| if x > m { x } else { m });
     let mut sum = T::zero();
     for x in row.iter_mut() {
         *x = (*x - max).exp();
@@ -275,10 +318,20 @@ impl Attention {
         d_output: ArrayView3<'_, T>,
     ) -> Result<Gradients<T>> {
         self.validate()?;
-        let dims = shape::check_qkv(query.shape(), value.shape(), key.as_ref().map(|k| k.shape()))?;
+        let dims = shape::check_qkv(
+            query.shape(),
+            value.shape(),
+            key.as_ref().map(|k| k.shape()),
+        )?;
         let (qm, vm) = masks.shapes();
         shape::check_masks(&dims, qm, vm)?;
-        let Dims { batch, tq, tv, d, dv } = dims;
+        let Dims {
+            batch,
+            tq,
+            tv,
+            d,
+            dv,
+        } = dims;
         if d_output.shape() != [batch, tq, dv] {
             return Err(AttentionError::Mismatch {
                 arg: "d_output",
@@ -315,8 +368,12 @@ impl Attention {
                 .collect()
         };
         let pool = crate::pool::pool()?;
-        let rows: Vec<RowBlock<T>> =
-            pool.install(|| blocks(tq).into_par_iter().map(|(b, i0, r)| ctx.row_block(b, i0, r)).collect());
+        let rows: Vec<RowBlock<T>> = pool.install(|| {
+            blocks(tq)
+                .into_par_iter()
+                .map(|(b, i0, r)| ctx.row_block(b, i0, r))
+                .collect()
+        });
         let mut dq = Array3::zeros((batch, tq, d));
         let mut lse = Array2::zeros((batch, tq));
         let mut delta = Array2::zeros((batch, tq));
@@ -338,8 +395,16 @@ impl Attention {
             dvv.slice_mut(s![b, j0..j0 + c, ..]).assign(&blk.dv);
         }
         // Scalar gradients: block partial sums, added in block order.
-        let d_scale = rows.iter().map(|r| r.d_scale).chain(keys.iter().map(|k| k.d_scale)).fold(T::zero(), |a, x| a + x);
-        let d_weight = rows.iter().map(|r| r.d_weight).chain(keys.iter().map(|k| k.d_weight)).fold(T::zero(), |a, x| a + x);
+        let d_scale = rows
+            .iter()
+            .map(|r| r.d_scale)
+            .chain(keys.iter().map(|k| k.d_scale))
+            .fold(T::zero(), |a, x| a + x);
+        let d_weight = rows
+            .iter()
+            .map(|r| r.d_weight)
+            .chain(keys.iter().map(|k| k.d_weight))
+            .fold(T::zero(), |a, x| a + x);
         let key_grad = if key.is_some() {
             Some(dk)
         } else {
@@ -354,4 +419,84 @@ impl Attention {
             concat_score_weight: (self.mode == ScoreMode::Concat).then_some(d_weight),
         })
     }
+}
+
+/// The gradients of an N-D call, shaped like the inputs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GradientsNd<T> {
+    /// Shaped like `query`.
+    pub query: ArrayD<T>,
+    /// Shaped like `key`, when a key was passed (else added into `value`).
+    pub key: Option<ArrayD<T>>,
+    /// Shaped like `value`.
+    pub value: ArrayD<T>,
+    /// When a scale is set.
+    pub scale: Option<T>,
+    /// In concat mode.
+    pub concat_score_weight: Option<T>,
+}
+
+impl Attention {
+    /// [`backward`](Attention::backward) for N-D inputs as
+    /// [`forward_nd`](Attention::forward_nd) takes them; `d_output` has the output's shape
+    /// `(..., Tq, Dv)`. Gradients of inputs that were broadcast over leading dims are summed
+    /// back to the inputs' shapes.
+    ///
+    /// # Errors
+    /// As `forward_nd`, plus [`AttentionError::Mismatch`] when `d_output` is not the output's
+    /// shape.
+    pub fn backward_nd<T: Float>(
+        &self,
+        query: ArrayViewD<'_, T>,
+        value: ArrayViewD<'_, T>,
+        key: Option<ArrayViewD<'_, T>>,
+        masks: &MasksNd<'_>,
+        d_output: ArrayViewD<'_, T>,
+    ) -> Result<GradientsNd<T>> {
+        let shapes = (
+            query.shape().to_vec(),
+            value.shape().to_vec(),
+            key.as_ref().map(|k| k.shape().to_vec()),
+        );
+        with_folded(query, value, key, masks, |plan, call| {
+            let out_shape = plan.output_shape();
+            if d_output.shape() != out_shape.as_slice() {
+                return Err(AttentionError::Mismatch {
+                    arg: "d_output",
+                    shape: d_output.shape().to_vec(),
+                    other: "output",
+                    other_shape: out_shape,
+                    rule: "the upstream gradient must have the output's shape (..., Tq, Dv)",
+                });
+            }
+            let dout: CowArray<'_, T, Ix3> = shape::fold(&d_output, &plan.batch_shape, 2);
+            let g = self.backward(call.query, call.value, call.key, call.masks, dout.view())?;
+            let batch = &plan.batch_shape;
+            let back = |a: Array3<T>, target: &[usize]| {
+                let (_, t, f) = a.dim();
+                unbroadcast(unfold(a, [&batch[..], &[t, f]].concat()), target)
+            };
+            Ok(GradientsNd {
+                query: back(g.query, &shapes.0),
+                key: g.key.zip(shapes.2.as_deref()).map(|(k, s)| back(k, s)),
+                value: back(g.value, &shapes.1),
+                scale: g.scale,
+                concat_score_weight: g.concat_score_weight,
+            })
+        })
+    }
+}
+
+/// Sums a gradient over the dims its input was broadcast along (NumPy's rules), giving the
+/// input's shape.
+fn unbroadcast<T: Float>(mut g: ArrayD<T>, target: &[usize]) -> ArrayD<T> {
+    while g.ndim() > target.len() {
+        g = g.sum_axis(Axis(0));
+    }
+    for (ax, &n) in target.iter().enumerate() {
+        if n == 1 && g.shape()[ax] != 1 {
+            g = g.sum_axis(Axis(ax)).insert_axis(Axis(ax));
+        }
+    }
+    g
 }

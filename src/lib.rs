@@ -52,7 +52,7 @@ mod pool;
 mod python;
 
 pub use attention::{MasksNd, Output, OutputNd};
-pub use backward::Gradients;
+pub use backward::{Gradients, GradientsNd};
 pub use combine::combine;
 pub use config::{Attention, Dropout, ScoreMode};
 pub use dropout::apply_dropout;

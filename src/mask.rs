@@ -67,13 +67,22 @@ impl<'a> Masks<'a> {
 /// Masks one row of scores in place: `s - 1e9` where the key is masked out by `keys` or, when
 /// `causal_row` is `Some(i)`, where `j > i`.
 #[inline]
-pub(crate) fn mask_row<T: Float>(row: &mut [T], keys: Option<ArrayView1<'_, bool>>, causal_row: Option<usize>) {
+pub(crate) fn mask_row<T: Float>(
+    row: &mut [T],
+    keys: Option<ArrayView1<'_, bool>>,
+    causal_row: Option<usize>,
+) {
     mask_cols(row, 0, keys, causal_row)
 }
 
 /// As [`mask_row`] for the columns `j0 .. j0 + part.len()` of a row, held in `part`.
 #[inline]
-pub(crate) fn mask_cols<T: Float>(part: &mut [T], j0: usize, keys: Option<ArrayView1<'_, bool>>, causal_row: Option<usize>) {
+pub(crate) fn mask_cols<T: Float>(
+    part: &mut [T],
+    j0: usize,
+    keys: Option<ArrayView1<'_, bool>>,
+    causal_row: Option<usize>,
+) {
     let end = j0 + part.len();
     let visible_end = causal_row.map_or(end, |i| (i + 1).clamp(j0, end));
     let (visible, hidden) = part.split_at_mut(visible_end - j0);
@@ -82,8 +91,14 @@ pub(crate) fn mask_cols<T: Float>(part: &mut [T], j0: usize, keys: Option<ArrayV
         let bias = |s: T, keep: bool| if keep { s } else { s - T::MASK_BIAS };
         match keys.as_slice() {
             // Branch-free over a contiguous mask, so the compiler vectorises it.
-            Some(k) => visible.iter_mut().zip(k).for_each(|(s, &keep)| *s = bias(*s, keep)),
-            None => visible.iter_mut().zip(keys.iter()).for_each(|(s, &keep)| *s = bias(*s, keep)),
+            Some(k) => visible
+                .iter_mut()
+                .zip(k)
+                .for_each(|(s, &keep)| *s = bias(*s, keep)),
+            None => visible
+                .iter_mut()
+                .zip(keys.iter())
+                .for_each(|(s, &keep)| *s = bias(*s, keep)),
         }
     }
     for s in hidden {

@@ -52,33 +52,48 @@ impl Options {
 }
 
 type Arrays<'py> = (Bound<'py, PyAny>, Option<Bound<'py, PyAny>>);
+type Inputs<'a, 'py> = (
+    &'a Bound<'py, PyAny>,
+    &'a Bound<'py, PyAny>,
+    Option<&'a Bound<'py, PyAny>>,
+);
+type MaskArrays<'py> = (
+    Option<PyReadonlyArrayDyn<'py, bool>>,
+    Option<PyReadonlyArrayDyn<'py, bool>>,
+);
+/// (d query, d key, d value, d scale, d concat weight)
+type Grads<'py> = (
+    Bound<'py, PyAny>,
+    Option<Bound<'py, PyAny>>,
+    Bound<'py, PyAny>,
+    Option<f64>,
+    Option<f64>,
+);
 
-/// Runs the call in the compute type `T`, with the GIL released.
+/// Borrows `a` as an array of `T`, or a TypeError naming the argument.
+fn read<'py, T: Float + numpy::Element>(
+    arg: &str,
+    a: &Bound<'py, PyAny>,
+) -> PyResult<PyReadonlyArrayDyn<'py, T>> {
+    a.extract().map_err(|_| {
+        PyTypeError::new_err(format!(
+            "`{arg}` must be a {} NumPy array like `query`, got {}",
+            T::NAME,
+            describe(a)
+        ))
+    })
+}
+
+/// Runs the forward in the compute type `T`, with the GIL released.
 fn run<'py, T: Float + numpy::Element>(
     py: Python<'py>,
     attn: &Attention,
-    (query, value, key): (
-        &Bound<'py, PyAny>,
-        &Bound<'py, PyAny>,
-        Option<&Bound<'py, PyAny>>,
-    ),
-    (query_mask, value_mask): (
-        Option<PyReadonlyArrayDyn<'py, bool>>,
-        Option<PyReadonlyArrayDyn<'py, bool>>,
-    ),
+    (query, value, key): Inputs<'_, 'py>,
+    (query_mask, value_mask): MaskArrays<'py>,
     causal: bool,
 ) -> PyResult<Arrays<'py>> {
-    let read = |arg: &str, a: &Bound<'py, PyAny>| -> PyResult<PyReadonlyArrayDyn<'py, T>> {
-        a.extract().map_err(|_| {
-            PyTypeError::new_err(format!(
-                "`{arg}` must be a {} NumPy array like `query`, got {}",
-                T::NAME,
-                describe(a)
-            ))
-        })
-    };
-    let (q, v) = (read("query", query)?, read("value", value)?);
-    let k = key.map(|k| read("key", k)).transpose()?;
+    let (q, v) = (read::<T>("query", query)?, read::<T>("value", value)?);
+    let k = key.map(|k| read::<T>("key", k)).transpose()?;
     let (qv, vv, kv) = (q.as_array(), v.as_array(), k.as_ref().map(|k| k.as_array()));
     let masks = MasksNd {
         query: query_mask.as_ref().map(|m| m.as_array()),
@@ -91,6 +106,38 @@ fn run<'py, T: Float + numpy::Element>(
     Ok((
         out.output.into_pyarray(py).into_any(),
         out.scores.map(|s| s.into_pyarray(py).into_any()),
+    ))
+}
+
+/// Runs the backward in the compute type `T`, with the GIL released.
+fn run_backward<'py, T: Float + numpy::Element>(
+    py: Python<'py>,
+    attn: &Attention,
+    (query, value, key): Inputs<'_, 'py>,
+    (query_mask, value_mask): MaskArrays<'py>,
+    causal: bool,
+    d_output: &Bound<'py, PyAny>,
+) -> PyResult<Grads<'py>> {
+    let (q, v) = (read::<T>("query", query)?, read::<T>("value", value)?);
+    let k = key.map(|k| read::<T>("key", k)).transpose()?;
+    let dout = read::<T>("d_output", d_output)?;
+    let (qv, vv, kv) = (q.as_array(), v.as_array(), k.as_ref().map(|k| k.as_array()));
+    let masks = MasksNd {
+        query: query_mask.as_ref().map(|m| m.as_array()),
+        value: value_mask.as_ref().map(|m| m.as_array()),
+        causal,
+    };
+    let dv = dout.as_array();
+    let g = py
+        .detach(|| attn.backward_nd(qv, vv, kv, &masks, dv))
+        .map_err(to_py)?;
+    let f = |x: Option<T>| x.and_then(|x| x.to_f64());
+    Ok((
+        g.query.into_pyarray(py).into_any(),
+        g.key.map(|k| k.into_pyarray(py).into_any()),
+        g.value.into_pyarray(py).into_any(),
+        f(g.scale),
+        f(g.concat_score_weight),
     ))
 }
 
@@ -132,6 +179,33 @@ fn attention<'py>(
     }
 }
 
+/// backward(query, value, key, query_mask, value_mask, d_output, options)
+///     -> (d_query, d_key | None, d_value, d_scale | None, d_concat_score_weight | None)
+///
+/// The gradients of `attention` with the same arguments for the upstream gradient `d_output`.
+#[pyfunction]
+#[pyo3(signature = (query, value, key, query_mask, value_mask, d_output, options))]
+#[allow(clippy::too_many_arguments)] // the Python signature: arrays in, one options dict
+fn backward<'py>(
+    py: Python<'py>,
+    query: &Bound<'py, PyAny>,
+    value: &Bound<'py, PyAny>,
+    key: Option<&Bound<'py, PyAny>>,
+    query_mask: Option<PyReadonlyArrayDyn<'py, bool>>,
+    value_mask: Option<PyReadonlyArrayDyn<'py, bool>>,
+    d_output: &Bound<'py, PyAny>,
+    options: Options,
+) -> PyResult<Grads<'py>> {
+    let attn = options.attention()?;
+    let inputs = (query, value, key);
+    let masks = (query_mask, value_mask);
+    if query.cast::<PyArrayDyn<f64>>().is_ok() {
+        run_backward::<f64>(py, &attn, inputs, masks, options.causal, d_output)
+    } else {
+        run_backward::<f32>(py, &attn, inputs, masks, options.causal, d_output)
+    }
+}
+
 /// Sets the number of worker threads.
 #[pyfunction]
 fn set_num_threads(threads: usize) -> PyResult<()> {
@@ -148,6 +222,7 @@ fn get_num_threads() -> usize {
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(attention, m)?)?;
+    m.add_function(wrap_pyfunction!(backward, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     Ok(())

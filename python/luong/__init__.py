@@ -9,11 +9,18 @@
 from __future__ import annotations
 
 from . import _core
-from .layer import Attention, attention
+from .layer import Attention, attention, attention_vjp
 
 __version__: str = _core.__version__
 
-__all__ = ["Attention", "attention", "set_num_threads", "get_num_threads", "__version__"]
+__all__ = [
+    "Attention",
+    "attention",
+    "attention_vjp",
+    "set_num_threads",
+    "get_num_threads",
+    "__version__",
+]
 
 
 def set_num_threads(threads: int) -> None:

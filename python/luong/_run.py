@@ -4,7 +4,7 @@ hand them to the Rust kernel. Shared by the `Attention` layer and the functional
 from __future__ import annotations
 
 import secrets
-from typing import Any
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -88,6 +88,26 @@ def check_seed(seed: Any) -> int:
 
 
 
+# (query, value, key, query_mask, value_mask) as the kernel takes them.
+Arrays = tuple[
+    np.ndarray, np.ndarray, Optional[np.ndarray], Optional[np.ndarray], Optional[np.ndarray]
+]
+
+
+def convert(
+    query: Any, value: Any, key: Any, query_mask: Any, value_mask: Any, dtype: np.dtype
+) -> Arrays:
+    """The inputs as the kernel takes them: compute-dtype arrays (no copy when they already
+    are) and bool masks."""
+    return (
+        as_input(query, "query", dtype),
+        as_input(value, "value", dtype),
+        None if key is None else as_input(key, "key", dtype),
+        as_mask(query_mask, "query_mask"),
+        as_mask(value_mask, "value_mask"),
+    )
+
+
 def run(
     query: Any,
     value: Any,
@@ -99,9 +119,35 @@ def run(
     options: dict[str, Any],
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Converts the arrays and runs the kernel; returns (output, scores or None)."""
-    q = as_input(query, "query", dtype)
-    v = as_input(value, "value", dtype)
-    k = None if key is None else as_input(key, "key", dtype)
-    qm = as_mask(query_mask, "query_mask")
-    vm = as_mask(value_mask, "value_mask")
-    return _core.attention(q, v, k, qm, vm, options)
+    return _core.attention(*convert(query, value, key, query_mask, value_mask, dtype), options)
+
+
+Backward = Callable[[Any], dict[str, np.ndarray]]
+
+
+def vjp(
+    arrays: Arrays, *, dtype: np.dtype, options: dict[str, Any]
+) -> tuple[np.ndarray, Backward]:
+    """The forward output and a function from the upstream gradient to the gradients.
+
+    The backward reuses the converted inputs and the same options (so the same dropout masks);
+    gradient keys: query, value, key (when a key was passed), scale (when set),
+    concat_score_weight (concat mode).
+    """
+    options = {**options, "return_scores": False}
+    output, _ = _core.attention(*arrays, options)
+    has_key = arrays[2] is not None
+
+    def backward(d_output: Any) -> dict[str, np.ndarray]:
+        d = as_input(d_output, "d_output", dtype)
+        dq, dk, dv, d_scale, d_weight = _core.backward(*arrays, d, options)
+        grads = {"query": dq, "value": dv}
+        if has_key and dk is not None:
+            grads["key"] = dk
+        if d_scale is not None:
+            grads["scale"] = np.asarray(d_scale, dtype=dtype)
+        if d_weight is not None:
+            grads["concat_score_weight"] = np.asarray(d_weight, dtype=dtype)
+        return grads
+
+    return output, backward

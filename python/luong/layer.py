@@ -165,11 +165,47 @@ class Attention:
         key = inputs[2] if len(inputs) > 2 else None
         q_mask = mask[0] if mask else None
         v_mask = mask[1] if mask else None
+        options = self._options(training, use_causal_mask, return_attention_scores)
+        out, scores = _run.run(
+            inputs[0], inputs[1], key, q_mask, v_mask, dtype=self._dtype, options=options
+        )
+        if return_attention_scores:
+            assert scores is not None  # the kernel returns scores when asked
+            return out, scores
+        return out
+
+    def vjp(
+        self,
+        inputs: list[Any],
+        mask: list[Any] | None = None,
+        training: bool | None = False,
+        use_causal_mask: bool = False,
+    ) -> tuple[Array, _run.Backward]:
+        """The output and its vector-Jacobian product, for training.
+
+        Returns `(output, backward)`; `backward(d_output)` gives a dict of gradients of
+        `sum(d_output * output)`: "query", "value", "key" (only when a key was passed; otherwise
+        the key path is added into "value"), "scale" (when `use_scale`) and
+        "concat_score_weight" (when `score_mode="concat"`). With `training=True` and dropout,
+        the backward uses exactly the forward's dropout masks.
+        """
+        self._validate_inputs(inputs, mask)
+        key = inputs[2] if len(inputs) > 2 else None
+        q_mask = mask[0] if mask else None
+        v_mask = mask[1] if mask else None
+        arrays = _run.convert(inputs[0], inputs[1], key, q_mask, v_mask, self._dtype)
+        options = self._options(training, use_causal_mask, False)
+        return _run.vjp(arrays, dtype=self._dtype, options=options)
+
+    def _options(
+        self, training: bool | None, use_causal_mask: bool, return_scores: bool
+    ) -> dict[str, Any]:
+        """The kernel's settings for one call; advances the dropout counter when it applies."""
         dropout = self.dropout if training else 0.0
         call = self._calls
         if dropout > 0:
             self._calls += 1  # each training call draws new masks, as Keras's SeedGenerator
-        options = {
+        return {
             "score_mode": self.score_mode,
             "scale": None if self.scale is None else float(self.scale),
             "concat_score_weight": (
@@ -179,15 +215,8 @@ class Attention:
             "seed": self._seed_key,
             "call": call,
             "causal": bool(use_causal_mask),
-            "return_scores": bool(return_attention_scores),
+            "return_scores": bool(return_scores),
         }
-        out, scores = _run.run(
-            inputs[0], inputs[1], key, q_mask, v_mask, dtype=self._dtype, options=options
-        )
-        if return_attention_scores:
-            assert scores is not None  # the kernel returns scores when asked
-            return out, scores
-        return out
 
     def compute_output_shape(
         self, input_shape: Sequence[Sequence[int | None]]
@@ -237,6 +266,34 @@ class Attention:
         )
 
 
+def _functional_options(
+    score_mode: str,
+    scale: float | None,
+    concat_score_weight: float,
+    dropout: float,
+    seed: int | None,
+    training: bool,
+    use_causal_mask: bool,
+    return_attention_scores: bool,
+) -> dict[str, Any]:
+    if score_mode not in ("dot", "concat"):
+        raise ValueError(
+            "Invalid value for argument score_mode. Expected one of {'dot', 'concat'}. "
+            f"Received: score_mode={score_mode}"
+        )
+    rate = _run.check_dropout(dropout) if training else 0.0
+    return {
+        "score_mode": score_mode,
+        "scale": None if scale is None else float(scale),
+        "concat_score_weight": float(concat_score_weight),
+        "dropout": rate,
+        "seed": _run.check_seed(seed) if rate > 0 else 0,
+        "call": 0,
+        "causal": bool(use_causal_mask),
+        "return_scores": bool(return_attention_scores),
+    }
+
+
 def attention(
     query: Any,
     value: Any,
@@ -261,22 +318,10 @@ def attention(
     applies when `training` and `dropout > 0`, with masks drawn from `seed` (None: a fresh one).
     Shapes, masks, returns and errors as `Attention.__call__`.
     """
-    if score_mode not in ("dot", "concat"):
-        raise ValueError(
-            "Invalid value for argument score_mode. Expected one of {'dot', 'concat'}. "
-            f"Received: score_mode={score_mode}"
-        )
-    rate = _run.check_dropout(dropout) if training else 0.0
-    options = {
-        "score_mode": score_mode,
-        "scale": None if scale is None else float(scale),
-        "concat_score_weight": float(concat_score_weight),
-        "dropout": rate,
-        "seed": _run.check_seed(seed) if rate > 0 else 0,
-        "call": 0,
-        "causal": bool(use_causal_mask),
-        "return_scores": bool(return_attention_scores),
-    }
+    options = _functional_options(
+        score_mode, scale, concat_score_weight, dropout, seed, training, use_causal_mask,
+        return_attention_scores,
+    )
     out, scores = _run.run(
         query, value, key, query_mask, value_mask,
         dtype=_run.compute_dtype(dtype), options=options,
@@ -285,3 +330,32 @@ def attention(
         assert scores is not None  # the kernel returns scores when asked
         return out, scores
     return out
+
+
+def attention_vjp(
+    query: Any,
+    value: Any,
+    key: Any = None,
+    *,
+    query_mask: Any = None,
+    value_mask: Any = None,
+    score_mode: str = "dot",
+    scale: float | None = None,
+    concat_score_weight: float = 1.0,
+    dropout: float = 0.0,
+    seed: int | None = None,
+    training: bool = False,
+    use_causal_mask: bool = False,
+    dtype: Any = None,
+) -> tuple[Array, _run.Backward]:
+    """`attention` and its vector-Jacobian product: `(output, backward)`, as `Attention.vjp`.
+
+    Gradient keys: "query", "value", "key" (when a key is passed), "scale" (when `scale` is
+    not None), "concat_score_weight" (concat mode).
+    """
+    options = _functional_options(
+        score_mode, scale, concat_score_weight, dropout, seed, training, use_causal_mask, False
+    )
+    compute = _run.compute_dtype(dtype)
+    arrays = _run.convert(query, value, key, query_mask, value_mask, compute)
+    return _run.vjp(arrays, dtype=compute, options=options)
