@@ -17,19 +17,27 @@ struct Inputs {
 /// L = Σ dout ⊙ output: its gradient is what `backward(dout)` returns.
 fn loss(attn: &Attention, x: &Inputs, key: bool, masks: &Masks<'_>) -> f64 {
     let k = key.then(|| x.k.view());
-    let out = attn.forward(x.q.view(), x.v.view(), k, masks).unwrap().output;
+    let out = attn
+        .forward(x.q.view(), x.v.view(), k, masks)
+        .unwrap()
+        .output;
     (&out * &x.dout).sum()
 }
 
 fn check(label: &str, attn: &Attention, x: &mut Inputs, key: bool, masks: &Masks<'_>) {
     let k = key.then(|| x.k.view());
-    let g = attn.backward(x.q.view(), x.v.view(), k, masks, x.dout.view()).unwrap();
+    let g = attn
+        .backward(x.q.view(), x.v.view(), k, masks, x.dout.view())
+        .unwrap();
     let h = 1e-6;
     let mut worst: f64 = 0.0;
     let mut compare = |name: &str, analytic: f64, numeric: f64| {
         let err = (analytic - numeric).abs() / (1e-6 + numeric.abs().max(analytic.abs()));
         worst = worst.max(err);
-        assert!(err < 1e-5 || (analytic - numeric).abs() < 1e-8, "{label} {name}: analytic {analytic:e}, numeric {numeric:e}");
+        assert!(
+            err < 1e-5 || (analytic - numeric).abs() < 1e-8,
+            "{label} {name}: analytic {analytic:e}, numeric {numeric:e}"
+        );
     };
     macro_rules! each {
         ($arr:ident, $grad:expr, $name:literal) => {
@@ -40,7 +48,11 @@ fn check(label: &str, attn: &Attention, x: &mut Inputs, key: bool, masks: &Masks
                 x.$arr.as_slice_mut().unwrap()[idx] = orig - h;
                 let down = loss(attn, x, key, masks);
                 x.$arr.as_slice_mut().unwrap()[idx] = orig;
-                compare($name, $grad.as_slice().unwrap()[idx], (up - down) / (2.0 * h));
+                compare(
+                    $name,
+                    $grad.as_slice().unwrap()[idx],
+                    (up - down) / (2.0 * h),
+                );
             }
         };
     }
@@ -97,7 +109,11 @@ fn gradients_match_finite_differences() {
             };
             let mut attn = Attention::new(mode).scale(SCALE).concat_score_weight(1.3);
             if variant == 4 {
-                attn = attn.dropout(Dropout { rate: 0.3, seed: 9, call: 2 });
+                attn = attn.dropout(Dropout {
+                    rate: 0.3,
+                    seed: 9,
+                    call: 2,
+                });
             }
             let masks = Masks {
                 query: (variant >= 1).then(|| qm.view()),
@@ -108,7 +124,13 @@ fn gradients_match_finite_differences() {
                 },
                 causal: variant == 3 || variant == 4,
             };
-            check(&format!("{mode:?} variant {variant}"), &attn, &mut x, key, &masks);
+            check(
+                &format!("{mode:?} variant {variant}"),
+                &attn,
+                &mut x,
+                key,
+                &masks,
+            );
         }
     }
 }
@@ -123,12 +145,23 @@ fn backward_bitwise_identical_across_thread_counts() {
     let dout = rng.array3((2, 150, 16), 1.0).mapv(|x| x as f32);
     let vm = rng.mask2((2, 131), 0.8);
     for mode in [ScoreMode::Dot, ScoreMode::Concat] {
-        let attn = Attention::new(mode).scale(0.5).dropout(Dropout { rate: 0.2, seed: 1, call: 0 });
-        let masks = Masks { value: Some(ValueMask::Keys(vm.view())), causal: true, ..Masks::default() };
+        let attn = Attention::new(mode).scale(0.5).dropout(Dropout {
+            rate: 0.2,
+            seed: 1,
+            call: 0,
+        });
+        let masks = Masks {
+            value: Some(ValueMask::Keys(vm.view())),
+            causal: true,
+            ..Masks::default()
+        };
         let mut results = Vec::new();
         for threads in [1, 2, 3] {
             set_num_threads(threads).unwrap();
-            results.push(attn.backward(q.view(), v.view(), Some(k.view()), &masks, dout.view()).unwrap());
+            results.push(
+                attn.backward(q.view(), v.view(), Some(k.view()), &masks, dout.view())
+                    .unwrap(),
+            );
         }
         set_num_threads(2).unwrap();
         for r in &results[1..] {
@@ -141,7 +174,12 @@ fn backward_bitwise_identical_across_thread_counts() {
 fn d_output_shape_is_checked() {
     let q = Array3::<f32>::zeros((1, 2, 3));
     let bad = Array3::<f32>::zeros((1, 3, 3));
-    let e = Attention::default().backward(q.view(), q.view(), None, &Masks::default(), bad.view()).unwrap_err();
+    let e = Attention::default()
+        .backward(q.view(), q.view(), None, &Masks::default(), bad.view())
+        .unwrap_err();
     let msg = e.to_string();
-    assert!(msg.contains("`d_output`") && msg.contains("(1, 3, 3)") && msg.contains("(1, 2, 3)"), "{msg}");
+    assert!(
+        msg.contains("`d_output`") && msg.contains("(1, 3, 3)") && msg.contains("(1, 2, 3)"),
+        "{msg}"
+    );
 }
