@@ -182,22 +182,26 @@ impl<T: Float> Ctx<'_, '_, T> {
         let dos = self.dout.slice(s![b, i0..i0 + r, ..]);
         let mut ds = dos.dot(&self.v.index_axis(Axis(0), b).t());
         let mut delta = Array1::zeros(r);
-        for ((ri, j), x) in ds.indexed_iter_mut() {
-            *x = *x * self.drop_factor(b, i0 + ri, j);
-        }
-        for (ri, (dp, prow)) in ds
+        for (ri, (mut dp, prow)) in ds
             .axis_iter_mut(Axis(0))
             .zip(p.axis_iter(Axis(0)))
             .enumerate()
         {
+            let dp = contiguous_mut(&mut dp);
+            let prow = prow.to_slice().expect("fresh arrays are contiguous");
+            if self.dropout.is_some() {
+                for (j, x) in dp.iter_mut().enumerate() {
+                    *x = *x * self.drop_factor(b, i0 + ri, j);
+                }
+            }
             let d = dp
                 .iter()
                 .zip(prow)
                 .fold(T::zero(), |acc, (&a, &b)| acc + a * b);
             delta[ri] = d;
-            Zip::from(dp)
-                .and(prow)
-                .for_each(|g, &pj| *g = pj * (*g - d));
+            dp.iter_mut()
+                .zip(prow)
+                .for_each(|(g, &pj)| *g = pj * (*g - d));
         }
         let (dq, d_scale, d_weight) = match self.p.mode {
             ScoreMode::Dot => {
@@ -242,7 +246,7 @@ impl<T: Float> Ctx<'_, '_, T> {
                                            // Weights of these keys for every row: p = e^(m - lse_i); the mask as the forward's.
         let mut p = raw.mapv(|x| self.finish(x));
         for (i, mut row) in p.axis_iter_mut(Axis(0)).enumerate() {
-            let row = row.as_slice_mut().expect("fresh arrays are contiguous");
+            let row = contiguous_mut(&mut row);
             mask_cols(
                 row,
                 j0,
@@ -250,17 +254,31 @@ impl<T: Float> Ctx<'_, '_, T> {
                 self.masks.causal.then_some(i),
             );
             let l = lse[[b, i]];
-            row.iter_mut().for_each(|x| *x = (*x - l).exp());
+            row.iter_mut().for_each(|x| *x = *x - l);
+            T::exp_in_place(row);
         }
         // dW = dO · vᵀ (Tq, c); w = p · drop/keep; dP = dW · drop/keep; dS = p ⊙ (dP - Δ).
-        let mut dw = dos.dot(&vs.t());
+        let mut ds = dos.dot(&vs.t());
         let mut w = p.clone();
-        for ((i, jj), g) in dw.indexed_iter_mut() {
-            let f = self.drop_factor(b, i, j0 + jj);
-            w[[i, jj]] = w[[i, jj]] * f;
-            *g = p[[i, jj]] * (*g * f - delta[[b, i]]);
+        let rows = ds
+            .axis_iter_mut(Axis(0))
+            .zip(w.axis_iter_mut(Axis(0)))
+            .zip(p.axis_iter(Axis(0)));
+        for (i, ((mut g, mut wr), pr)) in rows.enumerate() {
+            let (g, wr) = (contiguous_mut(&mut g), contiguous_mut(&mut wr));
+            let pr = pr.to_slice().expect("fresh arrays are contiguous");
+            if self.dropout.is_some() {
+                for (jj, (gx, wx)) in g.iter_mut().zip(wr.iter_mut()).enumerate() {
+                    let f = self.drop_factor(b, i, j0 + jj);
+                    *wx = *wx * f;
+                    *gx = *gx * f;
+                }
+            }
+            let d = delta[[b, i]];
+            g.iter_mut()
+                .zip(pr)
+                .for_each(|(gx, &px)| *gx = px * (*gx - d));
         }
-        let ds = dw;
         let dv = w.t().dot(&dos);
         let (dk, d_scale, d_weight) = match self.p.mode {
             ScoreMode::Dot => {
@@ -283,6 +301,11 @@ impl<T: Float> Ctx<'_, '_, T> {
             d_weight,
         }
     }
+}
+
+/// A fresh (standard-layout) array's row as a slice.
+fn contiguous_mut<'r, T>(row: &'r mut ndarray::ArrayViewMut1<'_, T>) -> &'r mut [T] {
+    row.as_slice_mut().expect("fresh arrays are contiguous")
 }
 
 /// Softmax of a row in place (Keras's arithmetic: `e^(x - max) / Σ`); returns the log-sum-exp

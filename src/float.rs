@@ -37,6 +37,12 @@ pub trait Float:
     #[doc(hidden)]
     fn prepare_fast(_ctx: &mut Ctx<'_, '_, Self>, _pool: Option<&rayon::ThreadPool>) {}
 
+    /// `x = e^x` over a slice (SIMD for f32 where the CPU has it).
+    #[doc(hidden)]
+    fn exp_in_place(xs: &mut [Self]) {
+        xs.iter_mut().for_each(|x| *x = x.exp());
+    }
+
     /// Takes back a call's prepared buffers for reuse.
     #[doc(hidden)]
     fn recycle(_packed: Vec<Self>) {}
@@ -60,6 +66,9 @@ impl Float for f32 {
     }
     fn attend_block(ctx: &Ctx<'_, '_, f32>, item: Item, scores: &mut [f32], out: &mut [f32]) {
         kernel::block_f32(ctx, item, scores, out)
+    }
+    fn exp_in_place(xs: &mut [f32]) {
+        kernel::exp_scaled(kernel::Isa::detect(), xs, 1.0)
     }
     fn recycle(packed: Vec<f32>) {
         kernel::recycle_f32(packed)

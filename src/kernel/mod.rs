@@ -268,7 +268,7 @@ fn all_finite(a: ndarray::ArrayView2<'_, f32>) -> bool {
 }
 
 /// `x = e^{c·x}` over a buffer, on the given ISA.
-fn exp_scaled(isa: Isa, xs: &mut [f32], c: f32) {
+pub(crate) fn exp_scaled(isa: Isa, xs: &mut [f32], c: f32) {
     #[cfg(target_arch = "x86_64")]
     {
         #[target_feature(enable = "avx512f")]
