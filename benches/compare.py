@@ -187,6 +187,31 @@ def rows_concat(calls: int) -> list[dict[str, Any]]:
     return [measure("concat", shape, ours, [g for g in (fns, jax_group) if g], calls)]
 
 
+def rows_training(calls: int) -> list[dict[str, Any]]:
+    """Forward + backward: luong's vjp against torch autograd through SDPA (4-D layout)."""
+    shape = (8, 512, 512, 64)
+    q, k, v = inputs(*shape)
+    d_out = np.random.default_rng(2).standard_normal(q.shape[:2] + (v.shape[-1],), np.float32)
+    layer = luong.Attention()
+
+    def ours() -> Any:
+        _, backward = layer.vjp([q, v, k])
+        return backward(d_out)
+
+    fns: dict[str, Callable[[], Any]] = {}
+    if torch is not None:
+        tq, tk, tv = (torch.from_numpy(x)[:, None].clone().requires_grad_() for x in (q, k, v))
+        td = torch.from_numpy(d_out)[:, None]
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+
+        def torch_fb() -> Any:
+            out = sdpa(tq, tk, tv, scale=1.0)
+            return torch.autograd.grad(out, (tq, tk, tv), td)
+
+        fns["torch SDPA autograd"] = torch_fb
+    return [measure("forward + backward", shape, ours, [fns], calls)]
+
+
 def rows_small(calls: int) -> list[dict[str, Any]]:
     shape = (1, 8, 8, 16)
     q, k, v = inputs(*shape)
@@ -282,7 +307,7 @@ def main() -> int:
     rows = rows_dot(args.calls, args.quick)
     if not args.quick:
         rows += rows_masked(args.calls) + rows_scores(args.calls) + rows_concat(args.calls)
-        rows += rows_small(args.calls) + rows_threads(args.calls)
+        rows += rows_training(args.calls) + rows_small(args.calls) + rows_threads(args.calls)
     print(table(rows))
     if args.chart:
         chart(rows, args.chart)
