@@ -11,8 +11,11 @@ use rayon::{ThreadPool, ThreadPoolBuilder};
 
 use crate::error::{AttentionError, Result};
 
-fn slot() -> &'static RwLock<Option<Arc<ThreadPool>>> {
-    static POOL: OnceLock<RwLock<Option<Arc<ThreadPool>>>> = OnceLock::new();
+/// The pool and the process that built it.
+type Slot = RwLock<Option<(u32, Arc<ThreadPool>)>>;
+
+fn slot() -> &'static Slot {
+    static POOL: OnceLock<Slot> = OnceLock::new();
     POOL.get_or_init(|| RwLock::new(None))
 }
 
@@ -36,16 +39,27 @@ fn build(threads: usize) -> Result<Arc<ThreadPool>> {
         })
 }
 
-/// The pool, built on first use.
+/// The pool, built on first use, and built again in a child process after `fork`: the child
+/// has none of the parent's worker threads, so handing work to the inherited pool would wait
+/// forever. (The inherited pool is leaked, not dropped: its threads do not exist to be joined.)
 pub(crate) fn pool() -> Result<Arc<ThreadPool>> {
-    if let Some(p) = slot().read().unwrap_or_else(|e| e.into_inner()).as_ref() {
-        return Ok(Arc::clone(p));
+    let pid = std::process::id();
+    if let Some((owner, p)) = slot().read().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        if *owner == pid {
+            return Ok(Arc::clone(p));
+        }
     }
     let mut w = slot().write().unwrap_or_else(|e| e.into_inner());
-    if w.is_none() {
-        *w = Some(build(default_threads())?);
+    match w.take() {
+        Some((owner, p)) if owner == pid => *w = Some((owner, p)),
+        Some((_, inherited)) => {
+            let threads = inherited.current_num_threads();
+            std::mem::forget(inherited);
+            *w = Some((pid, build(threads)?));
+        }
+        None => *w = Some((pid, build(default_threads())?)),
     }
-    Ok(Arc::clone(w.as_ref().expect("just set")))
+    Ok(Arc::clone(&w.as_ref().expect("just set").1))
 }
 
 /// Sets the number of worker threads (a new pool; calls already running finish on the old one).
@@ -60,7 +74,7 @@ pub fn set_num_threads(threads: usize) -> Result<()> {
         });
     }
     let pool = build(threads)?;
-    *slot().write().unwrap_or_else(|e| e.into_inner()) = Some(pool);
+    *slot().write().unwrap_or_else(|e| e.into_inner()) = Some((std::process::id(), pool));
     Ok(())
 }
 
