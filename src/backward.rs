@@ -12,8 +12,8 @@
 //!
 //! Memory-efficient, as FlashAttention-2's backward: no `(Tq, Tv)` matrix is kept. Pass 1 runs
 //! over blocks of query rows: it recomputes each row's scores and softmax, and yields dQ, the
-//! row's log-sum-exp and Δ. Pass 2 runs over blocks of keys: it recomputes those keys' weights
-//! from the log-sum-exp and yields dK and dV. Dropout masks are recomputed from the counter-based
+//! row's max and log-sum (its log-sum-exp, kept in two parts) and Δ. Pass 2 runs over blocks of
+//! keys: it recomputes those keys' weights from them and yields dK and dV. Dropout masks are recomputed from the counter-based
 //! generator, so they are exactly the forward's. Every gradient element is computed by one
 //! thread in a fixed order, and the scalar gradients are summed over fixed-size blocks in a fixed
 //! order: results are bitwise identical for any thread count.
@@ -66,7 +66,9 @@ struct Ctx<'a, 'm, T> {
 /// Pass 1's results for one block of query rows.
 struct RowBlock<T> {
     dq: Array2<T>,
-    lse: Array1<T>,
+    /// Each row's max and ln Σ e^(x - max) (see `softmax_stats`).
+    max: Array1<T>,
+    ln_sum: Array1<T>,
     delta: Array1<T>,
     d_scale: T,
     d_weight: T,
@@ -167,7 +169,7 @@ impl<T: Float> Ctx<'_, '_, T> {
         let raw = self.raw_scores(qs, ks);
         // Weights p, as the forward computes them.
         let mut p = raw.mapv(|x| self.finish(x));
-        let mut lse = Array1::zeros(r);
+        let (mut max, mut ln_sum) = (Array1::zeros(r), Array1::zeros(r));
         for (ri, mut row) in p.axis_iter_mut(Axis(0)).enumerate() {
             let i = i0 + ri;
             let row = row.as_slice_mut().expect("fresh arrays are contiguous");
@@ -176,7 +178,7 @@ impl<T: Float> Ctx<'_, '_, T> {
                 self.masks.keys_of_row(b, i),
                 self.masks.causal.then_some(i),
             );
-            lse[ri] = softmax_lse(row);
+            (max[ri], ln_sum[ri]) = softmax_stats(row);
         }
         // dP = (dO · vᵀ) ⊙ drop / keep, Δ_i = Σ_j p_ij dP_ij, dS = p ⊙ (dP - Δ).
         let dos = self.dout.slice(s![b, i0..i0 + r, ..]);
@@ -222,7 +224,8 @@ impl<T: Float> Ctx<'_, '_, T> {
         };
         RowBlock {
             dq,
-            lse,
+            max,
+            ln_sum,
             delta,
             d_scale,
             d_weight,
@@ -235,7 +238,7 @@ impl<T: Float> Ctx<'_, '_, T> {
         b: usize,
         j0: usize,
         c: usize,
-        lse: ArrayView2<'_, T>,
+        stats: (ArrayView2<'_, T>, ArrayView2<'_, T>),
         delta: ArrayView2<'_, T>,
     ) -> KeyBlock<T> {
         let qs = self.q.index_axis(Axis(0), b);
@@ -243,7 +246,7 @@ impl<T: Float> Ctx<'_, '_, T> {
         let vs = self.v.slice(s![b, j0..j0 + c, ..]);
         let dos = self.dout.index_axis(Axis(0), b);
         let raw = self.raw_scores(qs, ks); // (Tq, c)
-                                           // Weights of these keys for every row: p = e^(m - lse_i); the mask as the forward's.
+                                           // Weights of these keys for every row, p = e^((m - max_i) - ln Σ_i), masked as forward.
         let mut p = raw.mapv(|x| self.finish(x));
         for (i, mut row) in p.axis_iter_mut(Axis(0)).enumerate() {
             let row = contiguous_mut(&mut row);
@@ -253,8 +256,8 @@ impl<T: Float> Ctx<'_, '_, T> {
                 self.masks.keys_of_row(b, i),
                 self.masks.causal.then_some(i),
             );
-            let l = lse[[b, i]];
-            row.iter_mut().for_each(|x| *x = *x - l);
+            let (mx, ls) = (stats.0[[b, i]], stats.1[[b, i]]);
+            row.iter_mut().for_each(|x| *x = (*x - mx) - ls);
             T::exp_in_place(row);
         }
         // dW = dO · vᵀ (Tq, c); w = p · drop/keep; dP = dW · drop/keep; dS = p ⊙ (dP - Δ).
@@ -308,21 +311,19 @@ fn contiguous_mut<'r, T>(row: &'r mut ndarray::ArrayViewMut1<'_, T>) -> &'r mut 
     row.as_slice_mut().expect("fresh arrays are contiguous")
 }
 
-/// Softmax of a row in place (Keras's arithmetic: `e^(x - max) / Σ`); returns the log-sum-exp
-/// `max + ln Σ e^(x - max)`, with which `e^(x - lse)` gives the weights again.
-fn softmax_lse<T: Float>(row: &mut [T]) -> T {
+/// Softmax of a row in place (Keras's arithmetic: `e^(x - max) / Σ`); returns `(max, ln Σ)`,
+/// with which `e^((x - max) - ln Σ)` gives the weights again. The two are kept apart, not added
+/// into one log-sum-exp: in a fully masked row `max` is about -1e9, and `max + ln Σ` would lose
+/// `ln Σ` to rounding (all of it in f32).
+fn softmax_stats<T: Float>(row: &mut [T]) -> (T, T) {
     let max = row
         .iter()
         .fold(T::neg_infinity(), |m, &x| if x > m { x } else { m });
-    let mut sum = T::zero();
-    for x in row.iter_mut() {
-        *x = (*x - max).exp();
-        sum = sum + *x;
-    }
-    for x in row.iter_mut() {
-        *x = *x / sum;
-    }
-    max + sum.ln()
+    row.iter_mut().for_each(|x| *x = *x - max);
+    T::exp_in_place(row);
+    let sum = row.iter().fold(T::zero(), |a, &x| a + x);
+    row.iter_mut().for_each(|x| *x = *x / sum);
+    (max, sum.ln())
 }
 
 impl Attention {
@@ -398,17 +399,21 @@ impl Attention {
                 .collect()
         });
         let mut dq = Array3::zeros((batch, tq, d));
-        let mut lse = Array2::zeros((batch, tq));
+        let mut row_max = Array2::zeros((batch, tq));
+        let mut ln_sum = Array2::zeros((batch, tq));
         let mut delta = Array2::zeros((batch, tq));
         for ((b, i0, r), blk) in blocks(tq).into_iter().zip(&rows) {
             dq.slice_mut(s![b, i0..i0 + r, ..]).assign(&blk.dq);
-            lse.slice_mut(s![b, i0..i0 + r]).assign(&blk.lse);
+            row_max.slice_mut(s![b, i0..i0 + r]).assign(&blk.max);
+            ln_sum.slice_mut(s![b, i0..i0 + r]).assign(&blk.ln_sum);
             delta.slice_mut(s![b, i0..i0 + r]).assign(&blk.delta);
         }
         let keys: Vec<KeyBlock<T>> = pool.install(|| {
             blocks(tv)
                 .into_par_iter()
-                .map(|(b, j0, c)| ctx.key_block(b, j0, c, lse.view(), delta.view()))
+                .map(|(b, j0, c)| {
+                    ctx.key_block(b, j0, c, (row_max.view(), ln_sum.view()), delta.view())
+                })
                 .collect()
         });
         let mut dk = Array3::zeros((batch, tv, d));

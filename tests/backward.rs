@@ -183,3 +183,38 @@ fn d_output_shape_is_checked() {
         "{msg}"
     );
 }
+
+#[test]
+fn fully_masked_rows_get_the_forwards_weights() {
+    // All keys masked: the forward's weights are uniform (1/3); dV = wᵀ · dO must be 1/3 too.
+    // (Rebuilding weights from max + ln Σ as one number loses ln Σ next to -1e9 in f32.)
+    let q = Array3::from_shape_vec((1, 1, 2), vec![0.1f32, 0.2]).unwrap();
+    let k = Array3::from_shape_vec((1, 3, 2), vec![0.3f32, -0.1, 0.2, 0.2, -0.5, 0.4]).unwrap();
+    let v = Array3::from_shape_fn((1, 3, 3), |(_, i, j)| if i == j { 1.0f32 } else { 0.0 });
+    let dout = Array3::from_elem((1, 1, 3), 1.0f32);
+    let none = Array2::from_elem((1, 3), false);
+    let masks = Masks {
+        value: Some(ValueMask::Keys(none.view())),
+        ..Masks::default()
+    };
+    let attn = Attention::default().return_scores(true);
+    let w = attn
+        .forward(q.view(), v.view(), Some(k.view()), &masks)
+        .unwrap()
+        .scores
+        .unwrap();
+    let g = attn
+        .backward(q.view(), v.view(), Some(k.view()), &masks, dout.view())
+        .unwrap();
+    for j in 0..3 {
+        let want = w[[0, 0, j]];
+        assert!((want - 1.0 / 3.0).abs() < 1e-6, "forward weight {want}");
+        for x in 0..3 {
+            assert!(
+                (g.value[[0, j, x]] - want).abs() < 1e-6,
+                "dV[{j},{x}] = {}",
+                g.value[[0, j, x]]
+            );
+        }
+    }
+}
