@@ -14,7 +14,7 @@
 
 use ndarray::{ArrayViewD, Axis, CowArray, Dimension, IxDyn};
 
-use crate::error::{AttentionError, Result};
+use crate::error::{fmt_shape, AttentionError, Result};
 
 /// The sizes of one attention call, after folding the leading dims into `batch`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -256,7 +256,7 @@ pub fn plan(s: Shapes<'_>) -> Result<Plan> {
                 arg,
                 shape: shape.to_vec(),
                 batch: lead(s.query).to_vec(),
-                detail: " of `query`".into(),
+                detail: format!(" of `query` shape {}", fmt_shape(s.query)),
             }
         })?;
     }
