@@ -87,7 +87,7 @@ impl<T: Float> Ctx<'_, '_, T> {
     /// `Σ_d tanh(scale · (q_d + k_d))` (concat), before the scale (dot) or weight (concat).
     fn raw_scores(&self, qs: ArrayView2<'_, T>, ks: ArrayView2<'_, T>) -> Array2<T> {
         match self.p.mode {
-            ScoreMode::Dot => qs.dot(&ks.t()),
+            ScoreMode::Dot => standard(qs.dot(&ks.t())),
             ScoreMode::Concat => {
                 let scale = self.p.scale;
                 Array2::from_shape_fn((qs.nrows(), ks.nrows()), |(i, j)| {
@@ -182,7 +182,7 @@ impl<T: Float> Ctx<'_, '_, T> {
         }
         // dP = (dO · vᵀ) ⊙ drop / keep, Δ_i = Σ_j p_ij dP_ij, dS = p ⊙ (dP - Δ).
         let dos = self.dout.slice(s![b, i0..i0 + r, ..]);
-        let mut ds = dos.dot(&self.v.index_axis(Axis(0), b).t());
+        let mut ds = standard(dos.dot(&self.v.index_axis(Axis(0), b).t()));
         let mut delta = Array1::zeros(r);
         for (ri, (mut dp, prow)) in ds
             .axis_iter_mut(Axis(0))
@@ -261,7 +261,7 @@ impl<T: Float> Ctx<'_, '_, T> {
             T::exp_in_place(row);
         }
         // dW = dO · vᵀ (Tq, c); w = p · drop/keep; dP = dW · drop/keep; dS = p ⊙ (dP - Δ).
-        let mut ds = dos.dot(&vs.t());
+        let mut ds = standard(dos.dot(&vs.t()));
         let mut w = p.clone();
         let rows = ds
             .axis_iter_mut(Axis(0))
@@ -303,6 +303,16 @@ impl<T: Float> Ctx<'_, '_, T> {
             d_scale,
             d_weight,
         }
+    }
+}
+
+/// `a` in standard (row-major) layout: `dot` may return column-major results (for example when
+/// one side has a single row), and the row loops need contiguous rows.
+fn standard<T: Clone>(a: Array2<T>) -> Array2<T> {
+    if a.is_standard_layout() {
+        a
+    } else {
+        a.as_standard_layout().into_owned()
     }
 }
 

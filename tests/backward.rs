@@ -218,3 +218,19 @@ fn fully_masked_rows_get_the_forwards_weights() {
         }
     }
 }
+
+#[test]
+fn single_row_and_single_key_shapes() {
+    // One query row or one key makes `dot` return column-major blocks (found by fuzzing).
+    let mut rng = Rng(53);
+    for (tq, tv) in [(1, 5), (5, 1), (1, 1)] {
+        let q = rng.array3((2, tq, 3), 1.0);
+        let v = rng.array3((2, tv, 3), 1.0);
+        let dout = rng.array3((2, tq, 3), 1.0);
+        let g = Attention::default()
+            .backward(q.view(), v.view(), None, &Masks::default(), dout.view())
+            .unwrap();
+        assert_eq!(g.query.dim(), (2, tq, 3));
+        assert!(g.value.iter().all(|x| x.is_finite()));
+    }
+}
