@@ -139,6 +139,11 @@ struct Tile {
     cols: usize,
 }
 
+/// One `R × NV·LANES` tile of C.
+///
+/// # Safety
+/// As [`gemm`]: rows `0..R` of A have `k` readable floats, B has `k` readable rows of at least
+/// `cols` floats (whole panels when `cols == NV·LANES`), C has `R` writable rows of `cols`.
 #[inline(always)]
 unsafe fn tile<S: Simd, O: Op<S>, const R: usize, const NV: usize>(t: &Tile, op: O) {
     let l = S::LANES;

@@ -290,6 +290,11 @@ pub(crate) fn exp_scaled(isa: Isa, xs: &mut [f32], c: f32) {
     xs.iter_mut().for_each(|x| *x = (c * *x).exp());
 }
 
+/// `x = e^{c·x}` over a slice on ISA `S`.
+///
+/// # Safety
+/// `S`'s instructions must be available. Whole vectors come from `chunks_exact_mut`; the tail is
+/// read and written with masked loads and stores of exactly its length.
 #[inline(always)]
 unsafe fn exp_scaled_simd<S: simd::Simd>(xs: &mut [f32], c: f32) {
     let (l, cv) = (S::LANES, S::splat(c));
@@ -365,6 +370,16 @@ struct Tiles {
 ///
 /// # Safety
 /// `S`'s instructions must be available; `ctx` was prepared by `prepare_f32` for this ISA.
+///
+/// Why the raw pointers stay in bounds: the views in `ctx` have non-negative strides and
+/// contiguous rows (`shape::rows_contiguous`), and `shape::check_qkv` / `check_masks` checked
+/// every size against `ctx.dims`. The query block starts at row `i0 < Tq` and spans `rows`
+/// rows with `i0 + rows <= Tq` (`run_items`); packed panels are `per_batch` floats per batch
+/// element (`prepare_f32` allocated `batch · per_batch`), zero-padded to whole panels, so the
+/// full-width loads of a panel stay inside; value rows are read with full-width loads only for
+/// whole panels of `Dv` columns and with masked loads (which touch no masked-off lane) for the
+/// tail; `scores` holds `rows · Tv` and `out` `rows · Dv` floats (asserted below), and the
+/// products write only `rows × cols` and `rows × Dv` of them.
 #[inline(always)]
 unsafe fn block_simd<S: simd::Simd, const NVS: usize>(
     ctx: &Ctx<'_, '_, f32>,
@@ -502,6 +517,9 @@ fn causal_lengths(ctx: &Ctx<'_, '_, f32>, item: Item, lens: &mut [usize; MAX_ITE
 }
 
 /// Concat scores for one item: the exponential form where it is safe, else tanh row by row.
+///
+/// # Safety
+/// As [`block_simd`]: the `e^{2s·q}` table is `rows × D` (`lda = D`), the packed keys as there.
 #[inline(always)]
 unsafe fn concat_scores<S: simd::Simd, const NVS: usize>(
     ctx: &Ctx<'_, '_, f32>,

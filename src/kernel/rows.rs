@@ -10,6 +10,10 @@ use super::simd::Simd;
 /// Multiplying by the rounded reciprocal where Keras divides costs at most one ulp per weight.
 /// Four accumulators hide the add latency; their fixed order keeps the bits deterministic. NaN
 /// anywhere makes the whole row NaN, as in NumPy.
+///
+/// # Safety
+/// `S`'s instructions must be available. All loads and stores are within `row` (whole vectors
+/// of the body) or the 16-float `pad` (the tail), so no pointer leaves its slice.
 #[inline(always)]
 pub(crate) unsafe fn softmax_row<S: Simd>(row: &mut [f32], normalize: bool) -> f32 {
     let l = S::LANES;
@@ -62,6 +66,9 @@ pub(crate) unsafe fn softmax_row<S: Simd>(row: &mut [f32], normalize: bool) -> f
 }
 
 /// `p[..LANES] = e^(p[..LANES] - max)`, returning the new vector.
+///
+/// # Safety
+/// `p` must point to `LANES` readable and writable floats.
 #[inline(always)]
 unsafe fn exp_in_place<S: Simd>(p: *mut f32, max: S::V) -> S::V {
     let e = S::exp(S::sub(S::load(p), max));
@@ -72,6 +79,10 @@ unsafe fn exp_in_place<S: Simd>(p: *mut f32, max: S::V) -> S::V {
 /// `out[j] = (query · key_j) × scale` for key rows `key_j` (each `query.len()` contiguous floats,
 /// row j at `key + j·ld`). Lane partial sums, then a fixed-order
 /// horizontal sum.
+///
+/// # Safety
+/// `S`'s instructions must be available; key rows `0..out.len()` at `key + j·ld` must each have
+/// `query.len()` readable floats. The tail of each row is read with masked loads only.
 #[inline(always)]
 pub(crate) unsafe fn dot_rows<S: Simd>(
     query: &[f32],
