@@ -74,7 +74,40 @@ pub(crate) fn zeros<T: Float>(shape: [usize; 3], what: &'static str) -> Result<A
     Ok(Array3::from_shape_vec(shape, data).expect("length matches shape"))
 }
 
+/// A 3-D call's inputs after the checks: rows contiguous, strides non-negative.
+pub(crate) type Checked<'a, T> = (
+    Dims,
+    CowArray<'a, T, Ix3>,
+    CowArray<'a, T, Ix3>,
+    Option<CowArray<'a, T, Ix3>>,
+);
+
 impl Attention {
+    /// Validates the settings and every shape of a 3-D call (one place for `forward` and
+    /// `backward`), and lays the inputs out as the kernels read them.
+    pub(crate) fn checked<'a, T: Float>(
+        &self,
+        query: ArrayView3<'a, T>,
+        value: ArrayView3<'a, T>,
+        key: Option<ArrayView3<'a, T>>,
+        masks: &Masks<'_>,
+    ) -> Result<Checked<'a, T>> {
+        self.validate()?;
+        let dims = shape::check_qkv(
+            query.shape(),
+            value.shape(),
+            key.as_ref().map(|k| k.shape()),
+        )?;
+        let (qm, vm) = masks.shapes();
+        shape::check_masks(&dims, qm, vm)?;
+        Ok((
+            dims,
+            rows_contiguous(query),
+            rows_contiguous(value),
+            key.map(rows_contiguous),
+        ))
+    }
+
     /// Runs attention on 3-D views: query `(B, Tq, D)`, value `(B, Tv, Dv)`, key `(B, Tv, D)`
     /// (`None`: the value is the key). Views may have any strides.
     ///
@@ -92,16 +125,7 @@ impl Attention {
         key: Option<ArrayView3<'_, T>>,
         masks: &Masks<'_>,
     ) -> Result<Output<T>> {
-        self.validate()?;
-        let dims = shape::check_qkv(
-            query.shape(),
-            value.shape(),
-            key.as_ref().map(|k| k.shape()),
-        )?;
-        let (qm, vm) = masks.shapes();
-        shape::check_masks(&dims, qm, vm)?;
-        let (query, value) = (rows_contiguous(query), rows_contiguous(value));
-        let key = key.map(rows_contiguous);
+        let (dims, query, value, key) = self.checked(query, value, key, masks)?;
         let mut output = zeros::<T>([dims.batch, dims.tq, dims.dv], "output")?;
         let mut scores = match self.return_scores {
             true => Some(zeros::<T>([dims.batch, dims.tq, dims.tv], "scores")?),

@@ -30,7 +30,7 @@ use crate::error::{AttentionError, Result};
 use crate::float::Float;
 use crate::mask::{mask_cols, mask_row, Masks};
 use crate::score::ScoreParams;
-use crate::shape::{self, rows_contiguous, Dims};
+use crate::shape::{self, Dims};
 
 /// Query rows (pass 1) or keys (pass 2) per work item: fixed, so the block sums of the scalar
 /// gradients never depend on the thread count. 128 rather than 64: each block's products repack
@@ -353,14 +353,8 @@ impl Attention {
         masks: &Masks<'_>,
         d_output: ArrayView3<'_, T>,
     ) -> Result<Gradients<T>> {
-        self.validate()?;
-        let dims = shape::check_qkv(
-            query.shape(),
-            value.shape(),
-            key.as_ref().map(|k| k.shape()),
-        )?;
-        let (qm, vm) = masks.shapes();
-        shape::check_masks(&dims, qm, vm)?;
+        let has_key = key.is_some();
+        let (dims, q, v, k) = self.checked(query, value, key, masks)?;
         let Dims {
             batch,
             tq,
@@ -377,8 +371,6 @@ impl Attention {
                 rule: "the upstream gradient must have the output's shape (B, Tq, Dv)",
             });
         }
-        let (q, v) = (rows_contiguous(query), rows_contiguous(value));
-        let k = key.map(rows_contiguous);
         // Rows the query mask zeroes pass no gradient.
         let mut dout = d_output.to_owned();
         for ((b, i, _), x) in dout.indexed_iter_mut() {
@@ -445,7 +437,7 @@ impl Attention {
             .map(|r| r.d_weight)
             .chain(keys.iter().map(|k| k.d_weight))
             .fold(T::zero(), |a, x| a + x);
-        let key_grad = if key.is_some() {
+        let key_grad = if has_key {
             Some(dk)
         } else {
             dvv = dvv + &dk; // the value doubled as the key

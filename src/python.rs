@@ -84,24 +84,50 @@ fn read<'py, T: Float + numpy::Element>(
     })
 }
 
+/// The call's inputs borrowed as arrays of `T` (TypeError naming the argument otherwise).
+struct Borrowed<'py, T: numpy::Element> {
+    query: PyReadonlyArrayDyn<'py, T>,
+    value: PyReadonlyArrayDyn<'py, T>,
+    key: Option<PyReadonlyArrayDyn<'py, T>>,
+    masks: MaskArrays<'py>,
+}
+
+impl<'py, T: Float + numpy::Element> Borrowed<'py, T> {
+    fn new((query, value, key): Inputs<'_, 'py>, masks: MaskArrays<'py>) -> PyResult<Self> {
+        Ok(Borrowed {
+            query: read::<T>("query", query)?,
+            value: read::<T>("value", value)?,
+            key: key.map(|k| read::<T>("key", k)).transpose()?,
+            masks,
+        })
+    }
+
+    fn masks(&self, causal: bool) -> MasksNd<'_> {
+        MasksNd {
+            query: self.masks.0.as_ref().map(|m| m.as_array()),
+            value: self.masks.1.as_ref().map(|m| m.as_array()),
+            causal,
+        }
+    }
+}
+
 /// Runs the forward in the compute type `T`, with the GIL released.
 fn run<'py, T: Float + numpy::Element>(
     py: Python<'py>,
     attn: &Attention,
-    (query, value, key): Inputs<'_, 'py>,
-    (query_mask, value_mask): MaskArrays<'py>,
+    inputs: Inputs<'_, 'py>,
+    masks: MaskArrays<'py>,
     causal: bool,
 ) -> PyResult<Arrays<'py>> {
-    let (q, v) = (read::<T>("query", query)?, read::<T>("value", value)?);
-    let k = key.map(|k| read::<T>("key", k)).transpose()?;
-    let (qv, vv, kv) = (q.as_array(), v.as_array(), k.as_ref().map(|k| k.as_array()));
-    let masks = MasksNd {
-        query: query_mask.as_ref().map(|m| m.as_array()),
-        value: value_mask.as_ref().map(|m| m.as_array()),
-        causal,
-    };
+    let a = Borrowed::<T>::new(inputs, masks)?;
+    let (q, v, k) = (
+        a.query.as_array(),
+        a.value.as_array(),
+        a.key.as_ref().map(|k| k.as_array()),
+    );
+    let masks = a.masks(causal);
     let out = py
-        .detach(|| attn.forward_nd(qv, vv, kv, &masks))
+        .detach(|| attn.forward_nd(q, v, k, &masks))
         .map_err(to_py)?;
     Ok((
         out.output.into_pyarray(py).into_any(),
@@ -113,23 +139,21 @@ fn run<'py, T: Float + numpy::Element>(
 fn run_backward<'py, T: Float + numpy::Element>(
     py: Python<'py>,
     attn: &Attention,
-    (query, value, key): Inputs<'_, 'py>,
-    (query_mask, value_mask): MaskArrays<'py>,
+    inputs: Inputs<'_, 'py>,
+    masks: MaskArrays<'py>,
     causal: bool,
     d_output: &Bound<'py, PyAny>,
 ) -> PyResult<Grads<'py>> {
-    let (q, v) = (read::<T>("query", query)?, read::<T>("value", value)?);
-    let k = key.map(|k| read::<T>("key", k)).transpose()?;
+    let a = Borrowed::<T>::new(inputs, masks)?;
     let dout = read::<T>("d_output", d_output)?;
-    let (qv, vv, kv) = (q.as_array(), v.as_array(), k.as_ref().map(|k| k.as_array()));
-    let masks = MasksNd {
-        query: query_mask.as_ref().map(|m| m.as_array()),
-        value: value_mask.as_ref().map(|m| m.as_array()),
-        causal,
-    };
-    let dv = dout.as_array();
+    let (q, v, k) = (
+        a.query.as_array(),
+        a.value.as_array(),
+        a.key.as_ref().map(|k| k.as_array()),
+    );
+    let (masks, d) = (a.masks(causal), dout.as_array());
     let g = py
-        .detach(|| attn.backward_nd(qv, vv, kv, &masks, dv))
+        .detach(|| attn.backward_nd(q, v, k, &masks, d))
         .map_err(to_py)?;
     let f = |x: Option<T>| x.and_then(|x| x.to_f64());
     Ok((
