@@ -137,3 +137,17 @@ GOLDEN_RTOL = 4 * EPS[np.dtype(np.float32)]
 def assert_golden(what: str, actual, expected) -> None:
     expected = np.asarray(expected, dtype=np.float64)
     assert_close(what, actual, expected, GOLDEN_RTOL * np.abs(expected))
+
+
+def check_golden_layer(layer, golden) -> None:
+    """Calls an Attention layer (luong's or Keras's, weights already set) on a golden case and
+    checks its weights and output against the hand-computed numbers."""
+    a = golden.arrays()
+    inputs = [a["query"], a["value"]] + ([] if a["key"] is None else [a["key"]])
+    no_masks = a["query_mask"] is None and a["value_mask"] is None
+    masks = None if no_masks else [a["query_mask"], a["value_mask"]]
+    output, weights = layer(
+        inputs, mask=masks, return_attention_scores=True, use_causal_mask=golden.causal
+    )
+    assert_golden(golden.name + " weights", weights, golden.expected_weights)
+    assert_golden(golden.name + " output", output, golden.expected_output)

@@ -15,7 +15,7 @@ import re
 import numpy as np
 import pytest
 from attention_cases import assert_close, tolerance_for
-from golden_cases import GOLDEN, assert_golden
+from golden_cases import GOLDEN, check_golden_layer
 
 import luong
 
@@ -440,23 +440,12 @@ def test_third_mask_entry_is_ignored(make_keras_attention) -> None:
 
 @pytest.mark.parametrize("golden", GOLDEN, ids=lambda g: g.name)
 def test_golden_luong(golden) -> None:
-    a = golden.arrays()
     layer = luong.Attention(use_scale=golden.scale is not None, score_mode=golden.score_mode)
     weights = ([] if golden.scale is None else [golden.scale]) + (
         [golden.concat_score_weight] if golden.score_mode == "concat" else []
     )
     layer.set_weights([np.asarray(w, np.float32) for w in weights])
-    inputs = [a["query"], a["value"]] + ([] if a["key"] is None else [a["key"]])
-    masks = (
-        None
-        if a["query_mask"] is None and a["value_mask"] is None
-        else [a["query_mask"], a["value_mask"]]
-    )
-    output, scores = layer(
-        inputs, mask=masks, return_attention_scores=True, use_causal_mask=golden.causal
-    )
-    assert_golden(golden.name + " weights", scores, golden.expected_weights)
-    assert_golden(golden.name + " output", output, golden.expected_output)
+    check_golden_layer(layer, golden)
 
 
 # ---------------------------------------------------------------------------------------------

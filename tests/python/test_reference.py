@@ -26,7 +26,7 @@ from attention_cases import (
     reference,
     tolerances,
 )
-from golden_cases import GOLDEN, assert_golden
+from golden_cases import GOLDEN, assert_golden, check_golden_layer
 
 reference_attention = reference.reference_attention
 
@@ -185,24 +185,13 @@ def test_golden_reference(golden) -> None:
 @pytest.mark.parametrize("golden", GOLDEN, ids=lambda g: g.name)
 def test_golden_keras(golden) -> None:
     # The hand-computed numbers are Keras's numbers too.
-    a = golden.arrays()
     layer = keras_attention_layer(
         use_scale=golden.scale is not None,
         score_mode=golden.score_mode,
         scale=golden.scale,
         concat_score_weight=golden.concat_score_weight,
     )
-    inputs = [a["query"], a["value"]] + ([] if a["key"] is None else [a["key"]])
-    masks = (
-        None
-        if a["query_mask"] is None and a["value_mask"] is None
-        else [a["query_mask"], a["value_mask"]]
-    )
-    output, weights = layer(
-        inputs, mask=masks, return_attention_scores=True, use_causal_mask=golden.causal
-    )
-    assert_golden(golden.name + " weights", weights, golden.expected_weights)
-    assert_golden(golden.name + " output", output, golden.expected_output)
+    check_golden_layer(layer, golden)
 
 
 def test_reference_float64_is_float64() -> None:

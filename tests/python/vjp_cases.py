@@ -326,3 +326,23 @@ def assert_matches_finite_differences(
         scale = float(np.max(np.abs(expected), initial=0.0))
         assert scale > 0, f"{what} {name}: the finite differences are all 0; a useless check"
         assert_close(f"{what} {name}", grads[name], expected, rtol * scale)
+
+
+# Small float64 cases for finite differences, with no fully masked rows: there the float64
+# rounding of `s - 1e9` (steps of 2^-23 ≈ 1.2e-7) would swamp a 1e-6 step; the comparison with
+# JAX covers those rows. Shared by test_jax_reference.py (JAX's gradients) and test_vjp.py
+# (luong's).
+FD_CASES = [
+    Case("dot", True, 1, False, "bool", "bool", True, False, 1.0, (3, 5, 4, 2), "float64",
+         False, 0.0, 11),
+    Case("concat", True, 0, True, "none", "none", False, False, 1.0, (4, 4, 3, 3), "float64",
+         False, 0.0, 12),
+    Case("concat", True, 2, False, "full", "int", True, False, 1.0, (2, 3, 2, 3), "float64",
+         True, 0.0, 14),
+    Case("concat", False, 2, False, "full", "int", True, False, 1.0, (2, 3, 2, 3), "float64",
+         True, 0.0, 14),
+    Case("dot", False, 0, True, "float", "none", False, False, 1.0, (5, 3, 2, 2), "float64",
+         False, 0.0, 13),
+    Case("dot", True, 2, False, "int", "float", False, False, 0.5, (2, 4, 3, 3), "float64",
+         True, 0.0, 10),
+]  # fmt: skip
