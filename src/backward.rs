@@ -264,16 +264,18 @@ impl<T: Float> Ctx<'_, '_, T> {
         }
         // dW = dO · vᵀ (Tq, c); w = p · drop/keep; dP = dW · drop/keep; dS = p ⊙ (dP - Δ).
         let mut ds = standard(dos.dot(&vs.t()));
-        let mut w = p.clone();
-        let rows = ds
+        // The weights after dropout: a copy of p only when dropout is on.
+        let mut dropped = self.dropout.as_ref().map(|_| p.clone());
+        for (i, (mut g, pr)) in ds
             .axis_iter_mut(Axis(0))
-            .zip(w.axis_iter_mut(Axis(0)))
-            .zip(p.axis_iter(Axis(0)));
-        for (i, ((mut g, mut wr), pr)) in rows.enumerate() {
-            let (g, wr) = (contiguous_mut(&mut g), contiguous_mut(&mut wr));
+            .zip(p.axis_iter(Axis(0)))
+            .enumerate()
+        {
+            let g = contiguous_mut(&mut g);
             let pr = pr.to_slice().expect("fresh arrays are contiguous");
-            if self.dropout.is_some() {
-                for (jj, (gx, wx)) in g.iter_mut().zip(wr.iter_mut()).enumerate() {
+            if let Some(w) = dropped.as_mut() {
+                let mut wr = w.row_mut(i);
+                for (jj, (gx, wx)) in g.iter_mut().zip(contiguous_mut(&mut wr)).enumerate() {
                     let f = self.drop_factor(b, i, j0 + jj);
                     *wx = *wx * f;
                     *gx = *gx * f;
@@ -284,7 +286,7 @@ impl<T: Float> Ctx<'_, '_, T> {
                 .zip(pr)
                 .for_each(|(gx, &px)| *gx = px * (*gx - d));
         }
-        let dv = w.t().dot(&dos);
+        let dv = dropped.as_ref().unwrap_or(&p).t().dot(&dos);
         let (dk, d_scale, d_weight) = match self.p.mode {
             ScoreMode::Dot => {
                 let mut dk = ds.t().dot(&qs);
