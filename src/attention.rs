@@ -40,6 +40,15 @@ pub struct Output<T> {
     pub scores: Option<Array3<T>>,
 }
 
+/// What [`Attention::forward_saved`] returns: the output and what the backward needs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Saved<T> {
+    /// `(B, Tq, Dv)`, as `forward` returns it.
+    pub output: Array3<T>,
+    /// `(B, Tq, 2)`: each row's max and `ln Σ e^(x - max)` over its masked scores `x`.
+    pub stats: Array3<T>,
+}
+
 /// What an N-D call returns.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OutputNd<T> {
@@ -125,10 +134,48 @@ impl Attention {
         key: Option<ArrayView3<'_, T>>,
         masks: &Masks<'_>,
     ) -> Result<Output<T>> {
+        Ok(self.run(query, value, key, masks, false)?.0)
+    }
+
+    /// [`forward`](Attention::forward) that also keeps what the backward needs: each row's
+    /// softmax statistics `(B, Tq, 2)` (the max and `ln Σ e^(x - max)` of its masked scores). The
+    /// weights are not returned (`return_scores` is ignored): pass the result to
+    /// [`backward_saved`](Attention::backward_saved), which recomputes them block by block.
+    ///
+    /// # Errors
+    /// As [`forward`](Attention::forward).
+    pub fn forward_saved<T: Float>(
+        &self,
+        query: ArrayView3<'_, T>,
+        value: ArrayView3<'_, T>,
+        key: Option<ArrayView3<'_, T>>,
+        masks: &Masks<'_>,
+    ) -> Result<Saved<T>> {
+        let attn = self.clone().return_scores(false);
+        let (out, stats) = attn.run(query, value, key, masks, true)?;
+        Ok(Saved {
+            output: out.output,
+            stats: stats.expect("asked for"),
+        })
+    }
+
+    /// The forward, with the row statistics when `want_stats`.
+    fn run<T: Float>(
+        &self,
+        query: ArrayView3<'_, T>,
+        value: ArrayView3<'_, T>,
+        key: Option<ArrayView3<'_, T>>,
+        masks: &Masks<'_>,
+        want_stats: bool,
+    ) -> Result<(Output<T>, Option<Array3<T>>)> {
         let (dims, query, value, key) = self.checked(query, value, key, masks)?;
         let mut output = zeros::<T>([dims.batch, dims.tq, dims.dv], "output")?;
         let mut scores = match self.return_scores {
             true => Some(zeros::<T>([dims.batch, dims.tq, dims.tv], "scores")?),
+            false => None,
+        };
+        let mut stats = match want_stats {
+            true => Some(zeros::<T>([dims.batch, dims.tq, 2], "row statistics")?),
             false => None,
         };
         let mut ctx = Ctx {
@@ -156,11 +203,14 @@ impl Attention {
         run_items(
             &ctx,
             parallel.then_some(&*pool),
-            output.view_mut(),
-            scores.as_mut().map(|s| s.view_mut()),
+            Outputs {
+                output: output.view_mut(),
+                scores: scores.as_mut().map(|s| s.view_mut()),
+                stats: stats.as_mut().map(|s| s.view_mut()),
+            },
         );
         T::recycle(ctx.packed);
-        Ok(Output { output, scores })
+        Ok((Output { output, scores }, stats))
     }
 
     /// Runs attention on N-D views: query `(..., Tq, D)`, value `(..., Tv, Dv)`, key
@@ -257,11 +307,29 @@ pub(crate) fn unfold<T, D: ndarray::Dimension>(
 
 /// Splits the rows into work items (blocks of query rows of one batch element) and runs them,
 /// on the pool when given, else on the calling thread. The split never changes the results.
+/// The arrays a forward writes: output, and optionally the weights and the row statistics.
+struct Outputs<'a, T> {
+    output: ArrayViewMut3<'a, T>,
+    scores: Option<ArrayViewMut3<'a, T>>,
+    stats: Option<ArrayViewMut3<'a, T>>,
+}
+
+/// Splits `rest` (rows of a 2-D array, when present) after its first `rows` rows.
+fn take_rows<'a, T>(
+    rest: &mut Option<ArrayViewMut2<'a, T>>,
+    rows: usize,
+) -> Option<ArrayViewMut2<'a, T>> {
+    rest.take().map(|s| {
+        let (head, tail) = s.split_at(Axis(0), rows);
+        *rest = Some(tail);
+        head
+    })
+}
+
 fn run_items<T: Float>(
     ctx: &Ctx<'_, '_, T>,
     pool: Option<&rayon::ThreadPool>,
-    output: ArrayViewMut3<'_, T>,
-    scores: Option<ArrayViewMut3<'_, T>>,
+    outs: Outputs<'_, T>,
 ) {
     let Dims {
         batch, tq, tv, dv, ..
@@ -273,58 +341,52 @@ fn run_items<T: Float>(
         .div_ceil(8 * threads)
         .clamp(1, crate::kernel::MAX_ITEM_ROWS)
         .min((SCRATCH_BYTES / std::mem::size_of::<T>() / tv.max(1)).max(1));
-    let mut items = Vec::new();
-    let mut outs = Vec::new();
-    let mut scs = Vec::new();
-    let mut out_rest = output
-        .into_shape_with_order((batch * tq, dv))
-        .expect("standard layout");
-    let mut sc_rest = scores.map(|s| {
-        s.into_shape_with_order((batch * tq, tv))
+    let mut jobs = Vec::new();
+    fn rows_of<T>(a: ArrayViewMut3<'_, T>, rows: usize, cols: usize) -> ArrayViewMut2<'_, T> {
+        a.into_shape_with_order((rows, cols))
             .expect("standard layout")
-    });
+    }
+    let mut out_rest = Some(rows_of(outs.output, batch * tq, dv));
+    let mut sc_rest = outs.scores.map(|s| rows_of(s, batch * tq, tv));
+    let mut st_rest = outs.stats.map(|s| rows_of(s, batch * tq, 2));
     for b in 0..batch {
         let mut i0 = 0;
         while i0 < tq {
             let rows = per_item.min(tq - i0);
-            items.push(Item { b, i0, rows });
-            let (head, tail) = out_rest.split_at(Axis(0), rows);
-            outs.push(head);
-            out_rest = tail;
-            scs.push(sc_rest.take().map(|s| {
-                let (head, tail) = s.split_at(Axis(0), rows);
-                sc_rest = Some(tail);
-                head
-            }));
+            let out = take_rows(&mut out_rest, rows).expect("the output is always there");
+            let sc = take_rows(&mut sc_rest, rows);
+            let st = take_rows(&mut st_rest, rows);
+            jobs.push((Item { b, i0, rows }, out, sc, st));
             i0 += rows;
         }
     }
-    let work = |scratch: &mut Vec<T>,
-                ((item, mut out), sc): (
-        (Item, ArrayViewMut2<'_, T>),
-        Option<ArrayViewMut2<'_, T>>,
-    )| {
+    type Job<'a, T> = (
+        Item,
+        ArrayViewMut2<'a, T>,
+        Option<ArrayViewMut2<'a, T>>,
+        Option<ArrayViewMut2<'a, T>>,
+    );
+    let work = |scratch: &mut Vec<T>, (item, mut out, sc, mut st): Job<'_, T>| {
         let out = out.as_slice_mut().expect("standard layout");
+        let st = st
+            .as_mut()
+            .map(|s| s.as_slice_mut().expect("standard layout"));
         match sc {
             Some(mut sc) => {
-                T::attend_block(ctx, item, sc.as_slice_mut().expect("standard layout"), out)
+                let sc = sc.as_slice_mut().expect("standard layout");
+                T::attend_block(ctx, item, sc, out, st)
             }
             None => {
                 scratch.resize(item.rows * tv, T::zero());
-                T::attend_block(ctx, item, &mut scratch[..item.rows * tv], out)
+                T::attend_block(ctx, item, &mut scratch[..item.rows * tv], out, st)
             }
         }
     };
-    let jobs = items.into_iter().zip(outs).zip(scs);
     match pool {
-        Some(pool) => pool.install(|| {
-            jobs.collect::<Vec<_>>()
-                .into_par_iter()
-                .for_each_init(Vec::new, work)
-        }),
+        Some(pool) => pool.install(|| jobs.into_par_iter().for_each_init(Vec::new, work)),
         None => {
             let mut scratch = Vec::new();
-            jobs.for_each(|job| work(&mut scratch, job));
+            jobs.into_iter().for_each(|job| work(&mut scratch, job));
         }
     }
 }

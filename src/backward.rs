@@ -10,33 +10,54 @@
 //! The mask subtracts a constant (Keras's 1e9), so it passes gradients through unchanged; the
 //! query mask zeroes output rows, so their upstream gradient is dropped.
 //!
-//! Memory-efficient, as FlashAttention-2's backward: no `(Tq, Tv)` matrix is kept. Pass 1 runs
-//! over blocks of query rows: it recomputes each row's scores and softmax, and yields dQ, the
-//! row's max and log-sum (its log-sum-exp, kept in two parts) and Δ. Pass 2 runs over blocks of
-//! keys: it recomputes those keys' weights from them and yields dK and dV. Dropout masks are recomputed from the counter-based
-//! generator, so they are exactly the forward's. Every gradient element is computed by one
-//! thread in a fixed order, and the scalar gradients are summed over fixed-size blocks in a fixed
-//! order: results are bitwise identical for any thread count.
+//! Memory-efficient, as FlashAttention-2's backward: no `(Tq, Tv)` matrix is kept. The forward
+//! saves each row's softmax statistics ([`Attention::forward_saved`]: the max and `ln Σ`), and
+//! `Δ_i = dO_i · O_i` comes from the saved output. Work items are (batch element, range of keys);
+//! each walks its keys in blocks of 64 and, per block, the query rows in chunks: it
+//! recomputes the chunk's scores and weights, then five products give dP, dV, dK and the block's
+//! share of dQ (dot mode; concat mode computes its score terms elementwise instead of dK and dQ).
+//! Dropout masks are recomputed from the counter-based generator, so they are exactly the
+//! forward's. How many key ranges a batch element is split into depends on the shapes alone; a
+//! split element's dQ shares are summed in a fixed order, each dK and dV row is one sequential
+//! chain, and the scalar gradients are summed per item and then in item order: the results are
+//! bitwise identical for any thread count.
+//!
+//! For f32 dot mode the products run on the SIMD micro-kernels of the forward (`kernel/`); the
+//! portable item below (ndarray products) is the readable reference, used for f64, concat mode
+//! and CPUs without AVX2, and tests hold the two equal.
+
+use std::ops::Range;
 
 use ndarray::{
-    s, Array1, Array2, Array3, ArrayD, ArrayView2, ArrayView3, ArrayViewD, Axis, CowArray, Ix3, Zip,
+    s, Array2, Array3, ArrayD, ArrayView2, ArrayView3, ArrayViewD, ArrayViewMut2, Axis, CowArray,
+    Ix3, Zip,
 };
 use rayon::prelude::*;
 
-use crate::attention::{unfold, with_folded, MasksNd};
+use crate::attention::{unfold, with_folded, zeros, MasksNd, Saved};
 use crate::config::{Attention, ScoreMode};
 use crate::dropout::DropoutMask;
 use crate::error::{AttentionError, Result};
 use crate::float::Float;
-use crate::mask::{mask_cols, mask_row, Masks};
+use crate::kernel::Isa;
+use crate::mask::{mask_cols, Masks};
 use crate::score::ScoreParams;
-use crate::shape::{self, Dims};
+use crate::shape::{self, rows_contiguous, Dims};
 
-/// Query rows (pass 1) or keys (pass 2) per work item: fixed, so the block sums of the scalar
-/// gradients never depend on the thread count. 128 rather than 64: each block's products repack
-/// the whole other operand, and at (8, 512, 512, 64) one thread went 31.9 -> 28-30 ms (256 gave
-/// no more, for twice the memory per block).
-const BLOCK: usize = 128;
+/// Keys per block: a block's dK and dV accumulators (`64 × D` each) and the chunk's weights stay
+/// in L1/L2 while every query row passes over them.
+pub(crate) const KEY_BLOCK: usize = 64;
+
+/// Query rows per chunk: the chunk's scores, weights and dS (`128 × 64` each, 32 KiB in f32).
+pub(crate) const ROW_CHUNK: usize = 512;
+
+/// Aim for at least this many work items per call: batch elements with fewer are split into
+/// key ranges (which costs one `(Tq, D)` dQ buffer per extra range). A constant, never the
+/// thread count, so the split (and every bit of the result) is the same on any machine.
+const TARGET_ITEMS: usize = 8;
+
+/// Below this many floating-point operations the backward runs on the calling thread.
+const SERIAL_FLOPS: usize = 1 << 20;
 
 /// The gradients of one call.
 #[derive(Debug, Clone, PartialEq)]
@@ -53,38 +74,60 @@ pub struct Gradients<T> {
     pub concat_score_weight: Option<T>,
 }
 
-struct Ctx<'a, 'm, T> {
-    q: ArrayView3<'a, T>,
-    k: ArrayView3<'a, T>,
-    v: ArrayView3<'a, T>,
+/// Everything a backward work item reads, shared by all items of one call.
+#[doc(hidden)]
+pub struct BackCtx<'a, 'm, T> {
+    // Views have contiguous rows and no negative strides (`shape::rows_contiguous`).
+    pub(crate) q: ArrayView3<'a, T>,
+    pub(crate) k: ArrayView3<'a, T>,
+    pub(crate) v: ArrayView3<'a, T>,
     /// d_output with the query-masked rows zeroed.
-    dout: ArrayView3<'a, T>,
-    masks: &'a Masks<'m>,
-    p: ScoreParams<T>,
-    dropout: Option<(DropoutMask, T)>,
-    dims: Dims,
+    pub(crate) dout: ArrayView3<'a, T>,
+    /// `(B, Tq, 2)`: each row's max and `ln Σ` from the forward.
+    pub(crate) stats: ArrayView3<'a, T>,
+    /// `(B, Tq)`: `Δ_i = dO_i · O_i`.
+    pub(crate) delta: ArrayView2<'a, T>,
+    pub(crate) masks: &'a Masks<'m>,
+    pub(crate) p: ScoreParams<T>,
+    pub(crate) dropout: Option<(DropoutMask, T)>,
+    pub(crate) dims: Dims,
+    pub(crate) isa: Isa,
+    /// Per batch element: whether rows above a key block may be skipped under the causal mask
+    /// (see `causal_skip`).
+    pub(crate) skip: Vec<bool>,
 }
 
-/// Pass 1's results for one block of query rows.
-struct RowBlock<T> {
-    dq: Array2<T>,
-    /// Each row's max and ln Σ e^(x - max) (see `softmax_stats`).
-    max: Array1<T>,
-    ln_sum: Array1<T>,
-    delta: Array1<T>,
-    d_scale: T,
-    d_weight: T,
+/// One work item's share of the gradients: `dq` `(Tq, D)` (accumulated into, starts at zero),
+/// and the rows of `dk` `(keys, D)` and `dv` `(keys, Dv)` of the item's keys.
+#[doc(hidden)]
+pub struct ItemGrads<'o, T> {
+    pub(crate) dq: &'o mut [T],
+    pub(crate) dk: &'o mut [T],
+    pub(crate) dv: &'o mut [T],
 }
 
-/// Pass 2's results for one block of keys.
-struct KeyBlock<T> {
-    dk: Array2<T>,
-    dv: Array2<T>,
-    d_scale: T,
-    d_weight: T,
-}
+/// A work item's partial sums of the scalar gradients: (d scale, d concat weight), in f64.
+pub(crate) type Partials = (f64, f64);
 
-impl<T: Float> Ctx<'_, '_, T> {
+impl<T: Float> BackCtx<'_, '_, T> {
+    /// The first query row that can see key `j0` or a later one: with the causal mask (and
+    /// `skip`), rows before `j0` give those keys weight exactly 0 and are skipped.
+    pub(crate) fn first_row(&self, b: usize, j0: usize) -> usize {
+        if self.skip[b] {
+            j0.min(self.dims.tq)
+        } else {
+            0
+        }
+    }
+
+    /// `1 / keep` or 0 for weight `(b, i, j)` when dropout is on.
+    fn dropped(&self, b: usize, i: usize, j: usize) -> Option<bool> {
+        self.dropout.as_ref().map(|(mask, _)| {
+            let Dims { tq, tv, .. } = self.dims;
+            !mask.keeps(((b * tq + i) * tv + j) as u64)
+        })
+    }
+
     /// Raw scores of query rows `qs (r, D)` against keys `ks (c, D)`: `qs · ksᵀ` (dot) or
     /// `Σ_d tanh(scale · (q_d + k_d))` (concat), before the scale (dot) or weight (concat).
     fn raw_scores(&self, qs: ArrayView2<'_, T>, ks: ArrayView2<'_, T>) -> Array2<T> {
@@ -112,32 +155,17 @@ impl<T: Float> Ctx<'_, '_, T> {
         }
     }
 
-    /// `drop / keep` for weight `(b, i, j)`: 0 or `1 / keep` (1 without dropout).
-    fn drop_factor(&self, b: usize, i: usize, j: usize) -> T {
-        match &self.dropout {
-            None => T::one(),
-            Some((mask, keep)) => {
-                let Dims { tq, tv, .. } = self.dims;
-                if mask.keeps(((b * tq + i) * tv + j) as u64) {
-                    T::one() / *keep
-                } else {
-                    T::zero()
-                }
-            }
-        }
-    }
-
-    /// Concat's per-term gradients for scores `dS (r, c)` of query rows `qs` against keys `ks`:
-    /// adds `dS_ij · w · scale · (1 - t²)` into `dq` (rows of qs) and/or `dk` (rows of ks), and
-    /// returns (d scale, d weight) summed over the block.
+    /// Concat's per-term gradients for `dS (r, c)` of query rows `qs` against keys `ks`: adds
+    /// `dS_ij · w · scale · (1 - t²)` into `dq` (rows of qs) and `dk` (rows of ks), and returns
+    /// (d scale, d weight) summed over the block.
     fn concat_terms(
         &self,
         ds: ArrayView2<'_, T>,
         qs: ArrayView2<'_, T>,
         ks: ArrayView2<'_, T>,
-        mut dq: Option<&mut Array2<T>>,
-        mut dk: Option<&mut Array2<T>>,
-    ) -> (T, T) {
+        mut dq: ArrayViewMut2<'_, T>,
+        mut dk: ArrayViewMut2<'_, T>,
+    ) -> Partials {
         let (w, scale) = (self.p.concat_score_weight, self.p.scale);
         let s = scale.unwrap_or(T::one());
         let (mut d_scale, mut d_weight) = (T::zero(), T::zero());
@@ -149,165 +177,111 @@ impl<T: Float> Ctx<'_, '_, T> {
                 let t = (s * x).tanh();
                 let dt = T::one() - t * t;
                 let term = g * w * s * dt;
-                if let Some(dq) = dq.as_deref_mut() {
-                    dq[[i, d]] = dq[[i, d]] + term;
-                }
-                if let Some(dk) = dk.as_deref_mut() {
-                    dk[[j, d]] = dk[[j, d]] + term;
-                }
+                dq[[i, d]] = dq[[i, d]] + term;
+                dk[[j, d]] = dk[[j, d]] + term;
                 sum_t = sum_t + t;
                 sum_scale = sum_scale + dt * x;
             }
             d_weight = d_weight + g * sum_t;
             d_scale = d_scale + g * w * sum_scale;
         }
-        (d_scale, d_weight)
+        (to_f64(d_scale), to_f64(d_weight))
     }
 
-    /// Pass 1: query rows `i0..i0 + r` of batch element `b`.
-    fn row_block(&self, b: usize, i0: usize, r: usize) -> RowBlock<T> {
-        let qs = self.q.slice(s![b, i0..i0 + r, ..]);
-        let ks = self.k.index_axis(Axis(0), b);
-        let raw = self.raw_scores(qs, ks);
-        // Weights p, as the forward computes them.
-        let mut p = raw.mapv(|x| self.finish(x));
-        let (mut max, mut ln_sum) = (Array1::zeros(r), Array1::zeros(r));
-        for (ri, mut row) in p.axis_iter_mut(Axis(0)).enumerate() {
-            let i = i0 + ri;
-            let row = row.as_slice_mut().expect("fresh arrays are contiguous");
-            mask_row(
-                row,
-                self.masks.keys_of_row(b, i),
-                self.masks.causal.then_some(i),
-            );
-            (max[ri], ln_sum[ri]) = softmax_stats(row);
-        }
-        // dP = (dO · vᵀ) ⊙ drop / keep, Δ_i = Σ_j p_ij dP_ij, dS = p ⊙ (dP - Δ).
-        let dos = self.dout.slice(s![b, i0..i0 + r, ..]);
-        let mut ds = standard(dos.dot(&self.v.index_axis(Axis(0), b).t()));
-        let mut delta = Array1::zeros(r);
-        for (ri, (mut dp, prow)) in ds
-            .axis_iter_mut(Axis(0))
-            .zip(p.axis_iter(Axis(0)))
-            .enumerate()
-        {
-            let dp = contiguous_mut(&mut dp);
-            let prow = prow.to_slice().expect("fresh arrays are contiguous");
-            if self.dropout.is_some() {
-                for (j, x) in dp.iter_mut().enumerate() {
-                    *x = *x * self.drop_factor(b, i0 + ri, j);
-                }
-            }
-            let d = dp
-                .iter()
-                .zip(prow)
-                .fold(T::zero(), |acc, (&a, &b)| acc + a * b);
-            delta[ri] = d;
-            dp.iter_mut()
-                .zip(prow)
-                .for_each(|(g, &pj)| *g = pj * (*g - d));
-        }
-        let (dq, d_scale, d_weight) = match self.p.mode {
-            ScoreMode::Dot => {
-                let mut dq = ds.dot(&ks);
-                if let Some(s) = self.p.scale {
-                    dq.mapv_inplace(|x| x * s);
-                }
-                let d_scale = Zip::from(&ds)
-                    .and(&raw)
-                    .fold(T::zero(), |acc, &g, &x| acc + g * x);
-                (dq, d_scale, T::zero())
-            }
-            ScoreMode::Concat => {
-                let mut dq = Array2::zeros(qs.raw_dim());
-                let (sc, w) = self.concat_terms(ds.view(), qs, ks, Some(&mut dq), None);
-                (dq, sc, w)
-            }
-        };
-        RowBlock {
-            dq,
-            max,
-            ln_sum,
-            delta,
-            d_scale,
-            d_weight,
-        }
-    }
-
-    /// Pass 2: keys `j0..j0 + c` of batch element `b`, given every row's log-sum-exp and Δ.
-    fn key_block(
+    /// The portable work item: batch element `b`, keys `keys`, with ndarray's products.
+    pub(crate) fn portable_item(
         &self,
         b: usize,
-        j0: usize,
-        c: usize,
-        stats: (ArrayView2<'_, T>, ArrayView2<'_, T>),
-        delta: ArrayView2<'_, T>,
-    ) -> KeyBlock<T> {
-        let qs = self.q.index_axis(Axis(0), b);
-        let ks = self.k.slice(s![b, j0..j0 + c, ..]);
-        let vs = self.v.slice(s![b, j0..j0 + c, ..]);
-        let dos = self.dout.index_axis(Axis(0), b);
-        let raw = self.raw_scores(qs, ks); // (Tq, c)
-                                           // Weights of these keys for every row, p = e^((m - max_i) - ln Σ_i), masked as forward.
-        let mut p = raw.mapv(|x| self.finish(x));
-        for (i, mut row) in p.axis_iter_mut(Axis(0)).enumerate() {
-            let row = contiguous_mut(&mut row);
-            mask_cols(
-                row,
-                j0,
-                self.masks.keys_of_row(b, i),
-                self.masks.causal.then_some(i),
-            );
-            let (mx, ls) = (stats.0[[b, i]], stats.1[[b, i]]);
-            row.iter_mut().for_each(|x| *x = (*x - mx) - ls);
-            T::exp_in_place(row);
-        }
-        // dW = dO · vᵀ (Tq, c); w = p · drop/keep; dP = dW · drop/keep; dS = p ⊙ (dP - Δ).
-        let mut ds = standard(dos.dot(&vs.t()));
-        // The weights after dropout: a copy of p only when dropout is on.
-        let mut dropped = self.dropout.as_ref().map(|_| p.clone());
-        for (i, (mut g, pr)) in ds
-            .axis_iter_mut(Axis(0))
-            .zip(p.axis_iter(Axis(0)))
-            .enumerate()
-        {
-            let g = contiguous_mut(&mut g);
-            let pr = pr.to_slice().expect("fresh arrays are contiguous");
-            if let Some(w) = dropped.as_mut() {
-                let mut wr = w.row_mut(i);
-                for (jj, (gx, wx)) in g.iter_mut().zip(contiguous_mut(&mut wr)).enumerate() {
-                    let f = self.drop_factor(b, i, j0 + jj);
-                    *wx = *wx * f;
-                    *gx = *gx * f;
+        keys: Range<usize>,
+        g: ItemGrads<'_, T>,
+    ) -> Partials {
+        let Dims { tq, d, dv, .. } = self.dims;
+        let k0 = keys.start;
+        let mut dq = ArrayViewMut2::from_shape((tq, d), g.dq).expect("sized by the caller");
+        let mut dk = ArrayViewMut2::from_shape((keys.len(), d), g.dk).expect("sized by the caller");
+        let mut dvv =
+            ArrayViewMut2::from_shape((keys.len(), dv), g.dv).expect("sized by the caller");
+        let (mut d_scale, mut d_weight) = (0.0, 0.0);
+        for j0 in keys.clone().step_by(KEY_BLOCK) {
+            let j1 = (j0 + KEY_BLOCK).min(keys.end);
+            let ks = self.k.slice(s![b, j0..j1, ..]);
+            let vs = self.v.slice(s![b, j0..j1, ..]);
+            let mut dk_blk = dk.slice_mut(s![j0 - k0..j1 - k0, ..]);
+            let mut dv_blk = dvv.slice_mut(s![j0 - k0..j1 - k0, ..]);
+            let mut i0 = self.first_row(b, j0);
+            while i0 < tq {
+                let i1 = (i0 + ROW_CHUNK).min(tq);
+                let qs = self.q.slice(s![b, i0..i1, ..]);
+                let dos = self.dout.slice(s![b, i0..i1, ..]);
+                let raw = self.raw_scores(qs, ks);
+                // Weights p = e^((x - max) - ln Σ) of the masked scores x, as the forward's.
+                let mut p = raw.mapv(|x| self.finish(x));
+                for (r, mut row) in p.axis_iter_mut(Axis(0)).enumerate() {
+                    let i = i0 + r;
+                    let row = contiguous_mut(&mut row);
+                    mask_cols(
+                        row,
+                        j0,
+                        self.masks.keys_of_row(b, i),
+                        self.masks.causal.then_some(i),
+                    );
+                    let (mx, ls) = (self.stats[[b, i, 0]], self.stats[[b, i, 1]]);
+                    row.iter_mut().for_each(|x| *x = (*x - mx) - ls);
+                    T::exp_in_place(row);
                 }
-            }
-            let d = delta[[b, i]];
-            g.iter_mut()
-                .zip(pr)
-                .for_each(|(gx, &px)| *gx = px * (*gx - d));
-        }
-        let dv = dropped.as_ref().unwrap_or(&p).t().dot(&dos);
-        let (dk, d_scale, d_weight) = match self.p.mode {
-            ScoreMode::Dot => {
-                let mut dk = ds.t().dot(&qs);
-                if let Some(s) = self.p.scale {
-                    dk.mapv_inplace(|x| x * s);
+                // dP = (dO · vᵀ) ⊙ drop / keep, dS = p ⊙ (dP - Δ), w = p ⊙ drop / keep.
+                let mut ds = standard(dos.dot(&vs.t()));
+                for (r, (mut g, mut pr)) in ds
+                    .axis_iter_mut(Axis(0))
+                    .zip(p.axis_iter_mut(Axis(0)))
+                    .enumerate()
+                {
+                    let i = i0 + r;
+                    let delta = self.delta[[b, i]];
+                    let (g, pr) = (contiguous_mut(&mut g), contiguous_mut(&mut pr));
+                    for (jj, (gx, px)) in g.iter_mut().zip(pr.iter_mut()).enumerate() {
+                        match (self.dropped(b, i, j0 + jj), &self.dropout) {
+                            (Some(true), _) => {
+                                *gx = *px * -delta;
+                                *px = T::zero();
+                            }
+                            (Some(false), Some((_, keep))) => {
+                                *gx = *px * (*gx / *keep - delta);
+                                *px = *px / *keep;
+                            }
+                            _ => *gx = *px * (*gx - delta),
+                        }
+                    }
                 }
-                (dk, T::zero(), T::zero())
+                dv_blk.scaled_add(T::one(), &p.t().dot(&dos));
+                match self.p.mode {
+                    ScoreMode::Dot => {
+                        dk_blk.scaled_add(T::one(), &ds.t().dot(&qs));
+                        let mut dq_rows = dq.slice_mut(s![i0..i1, ..]);
+                        dq_rows.scaled_add(T::one(), &ds.dot(&ks));
+                        if self.p.scale.is_some() {
+                            d_scale += Zip::from(&ds)
+                                .and(&raw)
+                                .fold(0.0, |acc, &g, &x| acc + to_f64(g * x));
+                        }
+                    }
+                    ScoreMode::Concat => {
+                        let dq_rows = dq.slice_mut(s![i0..i1, ..]);
+                        let (sc, w) =
+                            self.concat_terms(ds.view(), qs, ks, dq_rows, dk_blk.view_mut());
+                        d_scale += sc;
+                        d_weight += w;
+                    }
+                }
+                i0 = i1;
             }
-            ScoreMode::Concat => {
-                let mut dk = Array2::zeros(ks.raw_dim());
-                self.concat_terms(ds.view(), qs, ks, None, Some(&mut dk));
-                (dk, T::zero(), T::zero())
-            }
-        };
-        KeyBlock {
-            dk,
-            dv,
-            d_scale,
-            d_weight,
         }
+        (d_scale, d_weight)
     }
+}
+
+fn to_f64<T: Float>(x: T) -> f64 {
+    x.to_f64().unwrap_or(f64::NAN)
 }
 
 /// `a` in standard (row-major) layout: `dot` may return column-major results (for example when
@@ -325,25 +299,44 @@ fn contiguous_mut<'r, T>(row: &'r mut ndarray::ArrayViewMut1<'_, T>) -> &'r mut 
     row.as_slice_mut().expect("fresh arrays are contiguous")
 }
 
-/// Softmax of a row in place (Keras's arithmetic: `e^(x - max) / Σ`); returns `(max, ln Σ)`,
-/// with which `e^((x - max) - ln Σ)` gives the weights again. The two are kept apart, not added
-/// into one log-sum-exp: in a fully masked row `max` is about -1e9, and `max + ln Σ` would lose
-/// `ln Σ` to rounding (all of it in f32).
-fn softmax_stats<T: Float>(row: &mut [T]) -> (T, T) {
-    let max = row
-        .iter()
-        .fold(T::neg_infinity(), |m, &x| if x > m { x } else { m });
-    row.iter_mut().for_each(|x| *x = *x - max);
-    T::exp_in_place(row);
-    let sum = row.iter().fold(T::zero(), |a, &x| a + x);
-    row.iter_mut().for_each(|x| *x = *x / sum);
-    (max, sum.ln())
+/// Whether rows above a key block may be skipped for batch element `b`: with the causal mask
+/// row i gives keys `j > i` weight exactly 0 (`e^(s - 1e9 - max)` underflows) as long as the
+/// row sees at least one unmasked key and nothing is NaN or infinite (`0 · NaN` would be NaN
+/// in the full computation). Rows whose visible keys are all masked keep the full computation.
+fn causal_skip<T: Float>(ctx: &BackCtx<'_, '_, T>, b: usize) -> bool {
+    let Dims { tq, tv, .. } = ctx.dims;
+    let finite = |a: ArrayView2<'_, T>| a.iter().all(|x| x.is_finite());
+    ctx.masks.causal
+        && finite(ctx.q.index_axis(Axis(0), b))
+        && finite(ctx.k.index_axis(Axis(0), b))
+        && finite(ctx.v.index_axis(Axis(0), b))
+        && finite(ctx.dout.index_axis(Axis(0), b))
+        && (0..tq).all(|i| {
+            let visible = (i + 1).min(tv);
+            ctx.masks
+                .keys_of_row(b, i)
+                .is_none_or(|k| k.slice(s![..visible]).iter().any(|&x| x))
+        })
+}
+
+/// The key ranges batch elements are split into: `splits` ranges of whole key blocks.
+fn key_ranges(tv: usize, splits: usize) -> Vec<Range<usize>> {
+    let blocks = tv.div_ceil(KEY_BLOCK);
+    (0..splits)
+        .map(|g| {
+            let start = (g * blocks / splits * KEY_BLOCK).min(tv);
+            let end = ((g + 1) * blocks / splits * KEY_BLOCK).min(tv);
+            start..end
+        })
+        .collect()
 }
 
 impl Attention {
     /// The gradients of [`forward`](Attention::forward) for the upstream gradient `d_output
     /// (B, Tq, Dv)`, with the same inputs, masks and settings (dropout included: the masks are
-    /// recomputed, exactly the forward's for the same seed and call).
+    /// recomputed, exactly the forward's for the same seed and call). Runs the forward first;
+    /// when you already ran [`forward_saved`](Attention::forward_saved), call
+    /// [`backward_saved`](Attention::backward_saved) instead.
     ///
     /// # Errors
     /// As `forward`, plus [`AttentionError::Mismatch`] when `d_output` is not `(B, Tq, Dv)`.
@@ -355,6 +348,40 @@ impl Attention {
         masks: &Masks<'_>,
         d_output: ArrayView3<'_, T>,
     ) -> Result<Gradients<T>> {
+        let saved = self.forward_saved(query, value, key, masks)?;
+        self.backward_saved(query, value, key, masks, &saved, d_output)
+    }
+
+    /// The gradients for `d_output (B, Tq, Dv)`, given what
+    /// [`forward_saved`](Attention::forward_saved) returned for the same inputs, masks and
+    /// settings (the saved statistics are trusted: from other inputs they give wrong gradients).
+    ///
+    /// # Errors
+    /// As `forward`, plus [`AttentionError::Mismatch`] when `d_output` is not `(B, Tq, Dv)` or
+    /// the saved arrays are not `(B, Tq, Dv)` and `(B, Tq, 2)`.
+    pub fn backward_saved<T: Float>(
+        &self,
+        query: ArrayView3<'_, T>,
+        value: ArrayView3<'_, T>,
+        key: Option<ArrayView3<'_, T>>,
+        masks: &Masks<'_>,
+        saved: &Saved<T>,
+        d_output: ArrayView3<'_, T>,
+    ) -> Result<Gradients<T>> {
+        let saved = (saved.output.view(), saved.stats.view());
+        self.backward_with(query, value, key, masks, saved, d_output)
+    }
+
+    /// `backward_saved` on views of the saved output and statistics.
+    fn backward_with<T: Float>(
+        &self,
+        query: ArrayView3<'_, T>,
+        value: ArrayView3<'_, T>,
+        key: Option<ArrayView3<'_, T>>,
+        masks: &Masks<'_>,
+        (saved_output, saved_stats): (ArrayView3<'_, T>, ArrayView3<'_, T>),
+        d_output: ArrayView3<'_, T>,
+    ) -> Result<Gradients<T>> {
         let has_key = key.is_some();
         let (dims, q, v, k) = self.checked(query, value, key, masks)?;
         let Dims {
@@ -364,81 +391,155 @@ impl Attention {
             d,
             dv,
         } = dims;
-        if d_output.shape() != [batch, tq, dv] {
-            return Err(AttentionError::Mismatch {
-                arg: "d_output",
-                shape: d_output.shape().to_vec(),
-                other: "output",
-                other_shape: vec![batch, tq, dv],
-                rule: "the upstream gradient must have the output's shape (B, Tq, Dv)",
-            });
-        }
-        // Rows the query mask zeroes pass no gradient.
-        let mut dout = d_output.to_owned();
-        for ((b, i, _), x) in dout.indexed_iter_mut() {
-            if !masks.query_keeps(b, i) {
-                *x = T::zero();
+        let expect = |arg: &'static str, a: &[usize], want: Vec<usize>, rule: &'static str| {
+            if a == want.as_slice() {
+                Ok(())
+            } else {
+                Err(AttentionError::Mismatch {
+                    arg,
+                    shape: a.to_vec(),
+                    other: "output",
+                    other_shape: want,
+                    rule,
+                })
             }
-        }
-        let ctx = Ctx {
+        };
+        let out_rule = "the upstream gradient must have the output's shape (B, Tq, Dv)";
+        expect("d_output", d_output.shape(), vec![batch, tq, dv], out_rule)?;
+        let saved_rule = "saved forward results must come from the same call's forward_saved";
+        expect(
+            "saved output",
+            saved_output.shape(),
+            vec![batch, tq, dv],
+            saved_rule,
+        )?;
+        expect(
+            "saved stats",
+            saved_stats.shape(),
+            vec![batch, tq, 2],
+            saved_rule,
+        )?;
+        // Rows the query mask zeroes pass no gradient.
+        let dout: CowArray<'_, T, Ix3> = match &masks.query {
+            None => rows_contiguous(d_output),
+            Some(_) => {
+                let mut a = d_output.to_owned();
+                for ((b, i, _), x) in a.indexed_iter_mut() {
+                    if !masks.query_keeps(b, i) {
+                        *x = T::zero();
+                    }
+                }
+                CowArray::from(a)
+            }
+        };
+        let pool = crate::pool::pool()?;
+        let flops = (batch * tq)
+            .saturating_mul(tv)
+            .saturating_mul(4 * d + 6 * dv + 8);
+        let pool = (flops >= SERIAL_FLOPS && pool.current_num_threads() > 1).then_some(&*pool);
+        // Δ_i = dO_i · O_i (= Σ_j p_ij dP_ij): one dot product per row.
+        let delta_of = |b: usize| -> Vec<T> {
+            let (o, g) = (
+                saved_output.index_axis(Axis(0), b),
+                dout.index_axis(Axis(0), b),
+            );
+            o.rows()
+                .into_iter()
+                .zip(g.rows())
+                .map(|(o, g)| o.dot(&g))
+                .collect()
+        };
+        let deltas: Vec<Vec<T>> = match pool {
+            Some(p) => p.install(|| (0..batch).into_par_iter().map(delta_of).collect()),
+            None => (0..batch).map(delta_of).collect(),
+        };
+        let delta = Array2::from_shape_vec((batch, tq), deltas.concat()).expect("B · Tq values");
+        let mut ctx = BackCtx {
             q: q.view(),
             k: k.as_ref().map_or(v.view(), |k| k.view()),
             v: v.view(),
             dout: dout.view(),
+            stats: saved_stats,
+            delta: delta.view(),
             masks,
             p: ScoreParams::of(self),
             dropout: self
                 .active_dropout()
                 .map(|dr| (DropoutMask::new(&dr), T::of(1.0 - dr.rate))),
             dims,
+            isa: self.effective_isa(),
+            skip: Vec::new(),
         };
-        let blocks = |n: usize| -> Vec<(usize, usize, usize)> {
-            (0..batch)
-                .flat_map(|b| (0..n).step_by(BLOCK).map(move |x| (b, x, BLOCK.min(n - x))))
-                .collect()
+        ctx.skip = (0..batch).map(|b| causal_skip(&ctx, b)).collect();
+
+        // Work items: (b, key range). dK and dV rows are disjoint per item; dQ goes straight to
+        // the result when a batch element is one item, else to one buffer per key range.
+        let splits = TARGET_ITEMS
+            .div_ceil(batch.max(1))
+            .clamp(1, tv.div_ceil(KEY_BLOCK).max(1));
+        let ranges = key_ranges(tv, splits);
+        let mut dq = zeros::<T>([batch, tq, d], "query gradient")?;
+        let mut dk = zeros::<T>([batch, tv, d], "key gradient")?;
+        let mut dvv = zeros::<T>([batch, tv, dv], "value gradient")?;
+        let mut parts = match splits {
+            1 => None,
+            _ => Some(zeros::<T>(
+                [batch * splits, tq, d],
+                "query gradient shares",
+            )?),
         };
-        let pool = crate::pool::pool()?;
-        let rows: Vec<RowBlock<T>> = pool.install(|| {
-            blocks(tq)
-                .into_par_iter()
-                .map(|(b, i0, r)| ctx.row_block(b, i0, r))
-                .collect()
-        });
-        let mut dq = Array3::zeros((batch, tq, d));
-        let mut row_max = Array2::zeros((batch, tq));
-        let mut ln_sum = Array2::zeros((batch, tq));
-        let mut delta = Array2::zeros((batch, tq));
-        for ((b, i0, r), blk) in blocks(tq).into_iter().zip(&rows) {
-            dq.slice_mut(s![b, i0..i0 + r, ..]).assign(&blk.dq);
-            row_max.slice_mut(s![b, i0..i0 + r]).assign(&blk.max);
-            ln_sum.slice_mut(s![b, i0..i0 + r]).assign(&blk.ln_sum);
-            delta.slice_mut(s![b, i0..i0 + r]).assign(&blk.delta);
+        let mut jobs: Vec<(usize, Range<usize>, ItemGrads<'_, T>)> = Vec::new();
+        {
+            let dq_target = parts.as_mut().unwrap_or(&mut dq);
+            let mut dq_rest = dq_target.as_slice_mut().expect("fresh arrays are standard");
+            let mut dk_rest = dk.as_slice_mut().expect("fresh arrays are standard");
+            let mut dv_rest = dvv.as_slice_mut().expect("fresh arrays are standard");
+            for b in 0..batch {
+                for r in &ranges {
+                    let (gq, tail) = std::mem::take(&mut dq_rest).split_at_mut(tq * d);
+                    dq_rest = tail;
+                    let (gk, tail) = std::mem::take(&mut dk_rest).split_at_mut(r.len() * d);
+                    dk_rest = tail;
+                    let (gv, tail) = std::mem::take(&mut dv_rest).split_at_mut(r.len() * dv);
+                    dv_rest = tail;
+                    let grads = ItemGrads {
+                        dq: gq,
+                        dk: gk,
+                        dv: gv,
+                    };
+                    jobs.push((b, r.clone(), grads));
+                }
+            }
         }
-        let keys: Vec<KeyBlock<T>> = pool.install(|| {
-            blocks(tv)
-                .into_par_iter()
-                .map(|(b, j0, c)| {
-                    ctx.key_block(b, j0, c, (row_max.view(), ln_sum.view()), delta.view())
-                })
-                .collect()
-        });
-        let mut dk = Array3::zeros((batch, tv, d));
-        let mut dvv = Array3::zeros((batch, tv, dv));
-        for ((b, j0, c), blk) in blocks(tv).into_iter().zip(&keys) {
-            dk.slice_mut(s![b, j0..j0 + c, ..]).assign(&blk.dk);
-            dvv.slice_mut(s![b, j0..j0 + c, ..]).assign(&blk.dv);
+        let run = |(b, keys, g): (usize, Range<usize>, ItemGrads<'_, T>)| {
+            T::backward_item(&ctx, b, keys, g)
+        };
+        let partials: Vec<Partials> = match pool {
+            Some(p) => p.install(|| jobs.into_par_iter().map(run).collect()),
+            None => jobs.into_iter().map(run).collect(),
+        };
+        if let Some(parts) = &parts {
+            // dQ of a split batch element: its shares summed in key order.
+            let parts = parts.as_slice().expect("fresh arrays are standard");
+            let sum_shares = |(b, out): (usize, &mut [T])| {
+                for g in 0..splits {
+                    let share = &parts[(b * splits + g) * tq * d..][..tq * d];
+                    out.iter_mut().zip(share).for_each(|(o, &x)| *o = *o + x);
+                }
+            };
+            let dq = dq.as_slice_mut().expect("fresh arrays are standard");
+            match pool {
+                Some(p) => p.install(|| dq.par_chunks_mut(tq * d).enumerate().for_each(sum_shares)),
+                None => dq.chunks_mut(tq * d).enumerate().for_each(sum_shares),
+            }
         }
-        // Scalar gradients: block partial sums, added in block order.
-        let d_scale = rows
+        if let (ScoreMode::Dot, Some(s)) = (self.mode, ScoreParams::<T>::of(self).scale) {
+            dq.mapv_inplace(|x| x * s);
+            dk.mapv_inplace(|x| x * s);
+        }
+        let (d_scale, d_weight) = partials
             .iter()
-            .map(|r| r.d_scale)
-            .chain(keys.iter().map(|k| k.d_scale))
-            .fold(T::zero(), |a, x| a + x);
-        let d_weight = rows
-            .iter()
-            .map(|r| r.d_weight)
-            .chain(keys.iter().map(|k| k.d_weight))
-            .fold(T::zero(), |a, x| a + x);
+            .fold((0.0, 0.0), |(a, b), &(x, y)| (a + x, b + y));
         let key_grad = if has_key {
             Some(dk)
         } else {
@@ -449,8 +550,8 @@ impl Attention {
             query: dq,
             key: key_grad,
             value: dvv,
-            scale: self.scale.map(|_| d_scale),
-            concat_score_weight: (self.mode == ScoreMode::Concat).then_some(d_weight),
+            scale: self.scale.map(|_| T::of(d_scale)),
+            concat_score_weight: (self.mode == ScoreMode::Concat).then_some(T::of(d_weight)),
         })
     }
 }
@@ -470,11 +571,64 @@ pub struct GradientsNd<T> {
     pub concat_score_weight: Option<T>,
 }
 
+/// What [`Attention::forward_nd_saved`] returns: the output and what the backward needs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SavedNd<T> {
+    /// `(..., Tq, Dv)`, as `forward_nd` returns it.
+    pub output: ArrayD<T>,
+    /// `(..., Tq, 2)`: each row's softmax max and `ln Σ e^(x - max)`.
+    pub stats: ArrayD<T>,
+}
+
+/// Views of saved forward results (from [`SavedNd::view`], or borrowed from elsewhere, e.g.
+/// NumPy arrays), as [`Attention::backward_nd_saved`] takes them.
+#[derive(Debug, Clone)]
+pub struct SavedView<'a, T> {
+    /// `(..., Tq, Dv)`.
+    pub output: ArrayViewD<'a, T>,
+    /// `(..., Tq, 2)`.
+    pub stats: ArrayViewD<'a, T>,
+}
+
+impl<T> SavedNd<T> {
+    /// Views of both arrays.
+    pub fn view(&self) -> SavedView<'_, T> {
+        SavedView {
+            output: self.output.view(),
+            stats: self.stats.view(),
+        }
+    }
+}
+
 impl Attention {
+    /// [`forward_saved`](Attention::forward_saved) for N-D inputs as
+    /// [`forward_nd`](Attention::forward_nd) takes them.
+    ///
+    /// # Errors
+    /// As `forward_nd`.
+    pub fn forward_nd_saved<T: Float>(
+        &self,
+        query: ArrayViewD<'_, T>,
+        value: ArrayViewD<'_, T>,
+        key: Option<ArrayViewD<'_, T>>,
+        masks: &MasksNd<'_>,
+    ) -> Result<SavedNd<T>> {
+        with_folded(query, value, key, masks, |plan, call| {
+            let saved = self.forward_saved(call.query, call.value, call.key, call.masks)?;
+            let mut stats_shape = plan.output_shape();
+            *stats_shape.last_mut().expect("at least (Tq, Dv)") = 2;
+            Ok(SavedNd {
+                output: unfold(saved.output, plan.output_shape()),
+                stats: unfold(saved.stats, stats_shape),
+            })
+        })
+    }
+
     /// [`backward`](Attention::backward) for N-D inputs as
     /// [`forward_nd`](Attention::forward_nd) takes them; `d_output` has the output's shape
     /// `(..., Tq, Dv)`. Gradients of inputs that were broadcast over leading dims are summed
-    /// back to the inputs' shapes.
+    /// back to the inputs' shapes. Runs the forward first (see
+    /// [`backward_nd_saved`](Attention::backward_nd_saved)).
     ///
     /// # Errors
     /// As `forward_nd`, plus [`AttentionError::Mismatch`] when `d_output` is not the output's
@@ -487,6 +641,25 @@ impl Attention {
         masks: &MasksNd<'_>,
         d_output: ArrayViewD<'_, T>,
     ) -> Result<GradientsNd<T>> {
+        let saved = self.forward_nd_saved(query.view(), value.view(), key.clone(), masks)?;
+        self.backward_nd_saved(query, value, key, masks, saved.view(), d_output)
+    }
+
+    /// [`backward_saved`](Attention::backward_saved) for N-D inputs, given what
+    /// [`forward_nd_saved`](Attention::forward_nd_saved) returned for the same call.
+    ///
+    /// # Errors
+    /// As [`backward_nd`](Attention::backward_nd), plus [`AttentionError::Mismatch`] when the
+    /// saved arrays are not `(..., Tq, Dv)` and `(..., Tq, 2)`.
+    pub fn backward_nd_saved<T: Float>(
+        &self,
+        query: ArrayViewD<'_, T>,
+        value: ArrayViewD<'_, T>,
+        key: Option<ArrayViewD<'_, T>>,
+        masks: &MasksNd<'_>,
+        saved: SavedView<'_, T>,
+        d_output: ArrayViewD<'_, T>,
+    ) -> Result<GradientsNd<T>> {
         let shapes = (
             query.shape().to_vec(),
             value.shape().to_vec(),
@@ -494,18 +667,42 @@ impl Attention {
         );
         with_folded(query, value, key, masks, |plan, call| {
             let out_shape = plan.output_shape();
-            if d_output.shape() != out_shape.as_slice() {
-                return Err(AttentionError::Mismatch {
-                    arg: "d_output",
-                    shape: d_output.shape().to_vec(),
-                    other: "output",
-                    other_shape: out_shape,
-                    rule: "the upstream gradient must have the output's shape (..., Tq, Dv)",
-                });
+            let mut stats_shape = out_shape.clone();
+            *stats_shape.last_mut().expect("at least (Tq, Dv)") = 2;
+            let checks = [
+                ("d_output", d_output.shape(), &out_shape, "output"),
+                ("saved output", saved.output.shape(), &out_shape, "output"),
+                (
+                    "saved stats",
+                    saved.stats.shape(),
+                    &stats_shape,
+                    "row statistics",
+                ),
+            ];
+            for (arg, shape, want, other) in checks {
+                if shape != want.as_slice() {
+                    return Err(AttentionError::Mismatch {
+                        arg,
+                        shape: shape.to_vec(),
+                        other,
+                        other_shape: want.clone(),
+                        rule: "the upstream gradient and the saved forward results must have \
+                               the output's shape (..., Tq, Dv) (statistics: (..., Tq, 2))",
+                    });
+                }
             }
-            let dout: CowArray<'_, T, Ix3> = shape::fold(&d_output, &plan.batch_shape, 2);
-            let g = self.backward(call.query, call.value, call.key, call.masks, dout.view())?;
             let batch = &plan.batch_shape;
+            let dout: CowArray<'_, T, Ix3> = shape::fold(&d_output, batch, 2);
+            let s_out: CowArray<'_, T, Ix3> = shape::fold(&saved.output, batch, 2);
+            let s_stats: CowArray<'_, T, Ix3> = shape::fold(&saved.stats, batch, 2);
+            let g = self.backward_with(
+                call.query,
+                call.value,
+                call.key,
+                call.masks,
+                (s_out.view(), s_stats.view()),
+                dout.view(),
+            )?;
             let back = |a: Array3<T>, target: &[usize]| {
                 let (_, t, f) = a.dim();
                 unbroadcast(unfold(a, [&batch[..], &[t, f]].concat()), target)

@@ -5,6 +5,7 @@
 
 use std::fmt::{Debug, Display};
 
+use crate::backward::{BackCtx, ItemGrads};
 use crate::kernel::{self, Ctx, Item};
 
 /// A float type the attention stages can run in: `f32` or `f64`.
@@ -43,14 +44,33 @@ pub trait Float:
         xs.iter_mut().for_each(|x| *x = x.exp());
     }
 
+    /// Runs one backward work item (batch element `b`, keys `keys`); returns the item's partial
+    /// sums of the scalar gradients.
+    #[doc(hidden)]
+    fn backward_item(
+        ctx: &BackCtx<'_, '_, Self>,
+        b: usize,
+        keys: std::ops::Range<usize>,
+        grads: ItemGrads<'_, Self>,
+    ) -> (f64, f64) {
+        ctx.portable_item(b, keys, grads)
+    }
+
     /// Takes back a call's prepared buffers for reuse.
     #[doc(hidden)]
     fn recycle(_packed: Vec<Self>) {}
 
     /// Runs one work item: the fused fast path where there is one, else the stage functions.
+    /// With `stats` (`rows × 2`), writes each row's softmax max and `ln Σ e^(x - max)`.
     #[doc(hidden)]
-    fn attend_block(ctx: &Ctx<'_, '_, Self>, item: Item, scores: &mut [Self], out: &mut [Self]) {
-        kernel::portable_block(ctx, item, scores, out)
+    fn attend_block(
+        ctx: &Ctx<'_, '_, Self>,
+        item: Item,
+        scores: &mut [Self],
+        out: &mut [Self],
+        stats: Option<&mut [Self]>,
+    ) {
+        kernel::portable_block(ctx, item, scores, out, stats)
     }
 }
 
@@ -64,14 +84,28 @@ impl Float for f32 {
     fn prepare_fast(ctx: &mut Ctx<'_, '_, f32>, pool: Option<&rayon::ThreadPool>) {
         kernel::prepare_f32(ctx, pool)
     }
-    fn attend_block(ctx: &Ctx<'_, '_, f32>, item: Item, scores: &mut [f32], out: &mut [f32]) {
-        kernel::block_f32(ctx, item, scores, out)
+    fn attend_block(
+        ctx: &Ctx<'_, '_, f32>,
+        item: Item,
+        scores: &mut [f32],
+        out: &mut [f32],
+        stats: Option<&mut [f32]>,
+    ) {
+        kernel::block_f32(ctx, item, scores, out, stats)
     }
     fn exp_in_place(xs: &mut [f32]) {
         kernel::exp_scaled(kernel::Isa::detect(), xs, 1.0)
     }
     fn recycle(packed: Vec<f32>) {
         kernel::recycle_f32(packed)
+    }
+    fn backward_item(
+        ctx: &BackCtx<'_, '_, f32>,
+        b: usize,
+        keys: std::ops::Range<usize>,
+        grads: ItemGrads<'_, f32>,
+    ) -> (f64, f64) {
+        kernel::backward::item_f32(ctx, b, keys, grads)
     }
 }
 

@@ -51,8 +51,8 @@ mod pool;
 #[cfg(feature = "python")]
 mod python;
 
-pub use attention::{MasksNd, Output, OutputNd};
-pub use backward::{Gradients, GradientsNd};
+pub use attention::{MasksNd, Output, OutputNd, Saved};
+pub use backward::{Gradients, GradientsNd, SavedNd, SavedView};
 pub use combine::combine;
 pub use config::{Attention, Dropout, ScoreMode};
 pub use dropout::apply_dropout;

@@ -10,7 +10,7 @@ use numpy::{IntoPyArray, PyArrayDyn, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyMemoryError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
-use crate::{Attention, AttentionError, Dropout, Float, MasksNd, ScoreMode};
+use crate::{Attention, AttentionError, Dropout, Float, MasksNd, SavedView, ScoreMode};
 
 fn to_py(e: AttentionError) -> PyErr {
     match e {
@@ -135,7 +135,33 @@ fn run<'py, T: Float + numpy::Element>(
     ))
 }
 
-/// Runs the backward in the compute type `T`, with the GIL released.
+/// Runs the forward in the compute type `T` and keeps what the backward needs, with the GIL
+/// released: (output, row statistics).
+fn run_saved<'py, T: Float + numpy::Element>(
+    py: Python<'py>,
+    attn: &Attention,
+    inputs: Inputs<'_, 'py>,
+    masks: MaskArrays<'py>,
+    causal: bool,
+) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
+    let a = Borrowed::<T>::new(inputs, masks)?;
+    let (q, v, k) = (
+        a.query.as_array(),
+        a.value.as_array(),
+        a.key.as_ref().map(|k| k.as_array()),
+    );
+    let masks = a.masks(causal);
+    let saved = py
+        .detach(|| attn.forward_nd_saved(q, v, k, &masks))
+        .map_err(to_py)?;
+    Ok((
+        saved.output.into_pyarray(py).into_any(),
+        saved.stats.into_pyarray(py).into_any(),
+    ))
+}
+
+/// Runs the backward in the compute type `T`, with the GIL released; with `saved` (the output
+/// and row statistics of `forward_saved`) it skips the forward.
 fn run_backward<'py, T: Float + numpy::Element>(
     py: Python<'py>,
     attn: &Attention,
@@ -143,6 +169,7 @@ fn run_backward<'py, T: Float + numpy::Element>(
     masks: MaskArrays<'py>,
     causal: bool,
     d_output: &Bound<'py, PyAny>,
+    saved: Option<(&Bound<'py, PyAny>, &Bound<'py, PyAny>)>,
 ) -> PyResult<Grads<'py>> {
     let a = Borrowed::<T>::new(inputs, masks)?;
     let dout = read::<T>("d_output", d_output)?;
@@ -152,8 +179,19 @@ fn run_backward<'py, T: Float + numpy::Element>(
         a.key.as_ref().map(|k| k.as_array()),
     );
     let (masks, d) = (a.masks(causal), dout.as_array());
+    let saved = match saved {
+        None => None,
+        Some((o, st)) => Some((read::<T>("saved output", o)?, read::<T>("saved stats", st)?)),
+    };
+    let saved = saved.as_ref().map(|(o, st)| SavedView {
+        output: o.as_array(),
+        stats: st.as_array(),
+    });
     let g = py
-        .detach(|| attn.backward_nd(q, v, k, &masks, d))
+        .detach(|| match saved {
+            None => attn.backward_nd(q, v, k, &masks, d),
+            Some(saved) => attn.backward_nd_saved(q, v, k, &masks, saved, d),
+        })
         .map_err(to_py)?;
     let f = |x: Option<T>| x.and_then(|x| x.to_f64());
     Ok((
@@ -203,12 +241,38 @@ fn attention<'py>(
     }
 }
 
-/// backward(query, value, key, query_mask, value_mask, d_output, options)
+/// forward_saved(query, value, key, query_mask, value_mask, options) -> (output, stats)
+///
+/// `attention` without returned weights, plus each row's softmax statistics `(..., Tq, 2)` for
+/// `backward(..., saved=(output, stats))`.
+#[pyfunction]
+#[pyo3(signature = (query, value, key, query_mask, value_mask, options))]
+fn forward_saved<'py>(
+    py: Python<'py>,
+    query: &Bound<'py, PyAny>,
+    value: &Bound<'py, PyAny>,
+    key: Option<&Bound<'py, PyAny>>,
+    query_mask: Option<PyReadonlyArrayDyn<'py, bool>>,
+    value_mask: Option<PyReadonlyArrayDyn<'py, bool>>,
+    options: Options,
+) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
+    let attn = options.attention()?;
+    let inputs = (query, value, key);
+    let masks = (query_mask, value_mask);
+    if query.cast::<PyArrayDyn<f64>>().is_ok() {
+        run_saved::<f64>(py, &attn, inputs, masks, options.causal)
+    } else {
+        run_saved::<f32>(py, &attn, inputs, masks, options.causal)
+    }
+}
+
+/// backward(query, value, key, query_mask, value_mask, d_output, options, saved=None)
 ///     -> (d_query, d_key | None, d_value, d_scale | None, d_concat_score_weight | None)
 ///
-/// The gradients of `attention` with the same arguments for the upstream gradient `d_output`.
+/// The gradients of `attention` with the same arguments for the upstream gradient `d_output`;
+/// `saved` is `forward_saved`'s `(output, stats)` for the same call (else the forward reruns).
 #[pyfunction]
-#[pyo3(signature = (query, value, key, query_mask, value_mask, d_output, options))]
+#[pyo3(signature = (query, value, key, query_mask, value_mask, d_output, options, saved=None))]
 #[allow(clippy::too_many_arguments)] // the Python signature: arrays in, one options dict
 fn backward<'py>(
     py: Python<'py>,
@@ -219,14 +283,16 @@ fn backward<'py>(
     value_mask: Option<PyReadonlyArrayDyn<'py, bool>>,
     d_output: &Bound<'py, PyAny>,
     options: Options,
+    saved: Option<(Bound<'py, PyAny>, Bound<'py, PyAny>)>,
 ) -> PyResult<Grads<'py>> {
     let attn = options.attention()?;
     let inputs = (query, value, key);
     let masks = (query_mask, value_mask);
+    let saved = saved.as_ref().map(|(o, s)| (o, s));
     if query.cast::<PyArrayDyn<f64>>().is_ok() {
-        run_backward::<f64>(py, &attn, inputs, masks, options.causal, d_output)
+        run_backward::<f64>(py, &attn, inputs, masks, options.causal, d_output, saved)
     } else {
-        run_backward::<f32>(py, &attn, inputs, masks, options.causal, d_output)
+        run_backward::<f32>(py, &attn, inputs, masks, options.causal, d_output, saved)
     }
 }
 
@@ -246,6 +312,7 @@ fn get_num_threads() -> usize {
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(attention, m)?)?;
+    m.add_function(wrap_pyfunction!(forward_saved, m)?)?;
     m.add_function(wrap_pyfunction!(backward, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;

@@ -234,3 +234,151 @@ fn single_row_and_single_key_shapes() {
         assert!(g.value.iter().all(|x| x.is_finite()));
     }
 }
+
+/// Relative error of an f32 gradient against the f64 one: max |a - b| / max |b|.
+fn rel_err(a: &Array3<f32>, b: &Array3<f64>) -> f64 {
+    let scale = b.iter().fold(0.0f64, |m, x| m.max(x.abs())).max(1e-30);
+    a.iter()
+        .zip(b)
+        .fold(0.0f64, |m, (&x, &y)| m.max((x as f64 - y).abs()))
+        / scale
+}
+
+#[test]
+fn fast_backward_matches_float64_with_every_option() {
+    // The SIMD backward (the machine's ISA) and the portable one (Isa::Scalar), both f32,
+    // against the f64 backward: shapes with several query chunks (Tq > 512), key ranges split
+    // per batch element (B = 1), partial key blocks, single query rows, Dv != D.
+    let mut rng = Rng(77);
+    let shapes = [
+        (1, 530, 70, 24, 16),
+        (3, 20, 200, 64, 64),
+        (2, 3, 300, 32, 8),
+        (4, 65, 64, 17, 33),
+    ];
+    for (n, &(b, tq, tv, d, dv)) in shapes.iter().enumerate() {
+        let q = rng.array3((b, tq, d), 1.0);
+        let k = rng.array3((b, tv, d), 1.0);
+        let v = rng.array3((b, tv, dv), 1.0);
+        let dout = rng.array3((b, tq, dv), 1.0);
+        let (q32, k32, v32, d32) = (
+            q.mapv(|x| x as f32),
+            k.mapv(|x| x as f32),
+            v.mapv(|x| x as f32),
+            dout.mapv(|x| x as f32),
+        );
+        let keys = rng.mask2((b, tv), 0.7);
+        // Every row keeps key 0, so no row is fully masked: there f32 and f64 are different
+        // functions (s - 1e9 rounds to a multiple of 64 in f32, so the weights are uniform);
+        // `fast_backward_matches_portable_on_fully_masked_rows` covers those rows.
+        let mut full = rng.mask3((b, tq, tv), 0.7);
+        full.slice_mut(ndarray::s![.., .., 0]).fill(true);
+        let rows = rng.mask2((b, tq), 0.8);
+        for variant in 0..6 {
+            let mut attn = Attention::new(ScoreMode::Dot);
+            if variant % 2 == 0 {
+                attn = attn.scale(0.4);
+            }
+            if variant == 3 {
+                attn = attn.dropout(Dropout {
+                    rate: 0.3,
+                    seed: 9,
+                    call: 2,
+                });
+            }
+            let masks = Masks {
+                query: (variant >= 4).then(|| rows.view()),
+                value: match variant {
+                    1 | 4 => Some(ValueMask::Keys(keys.view())),
+                    2 => Some(ValueMask::Scores(full.view())),
+                    _ => None,
+                },
+                causal: variant == 2 || variant == 5,
+            };
+            let key = n % 2 == 0 || d != dv; // without a key, the value is the key
+            let k64 = key.then(|| k.view());
+            let k32v = key.then(|| k32.view());
+            let want = attn
+                .backward(q.view(), v.view(), k64, &masks, dout.view())
+                .unwrap();
+            for isa in [luong::Isa::detect(), luong::Isa::Scalar] {
+                let got = attn
+                    .clone()
+                    .isa(isa)
+                    .backward(q32.view(), v32.view(), k32v, &masks, d32.view())
+                    .unwrap();
+                let label = format!("shape {n} variant {variant} {isa:?}");
+                let errs = [
+                    rel_err(&got.query, &want.query),
+                    rel_err(&got.value, &want.value),
+                    got.key
+                        .as_ref()
+                        .map_or(0.0, |g| rel_err(g, want.key.as_ref().unwrap())),
+                ];
+                for e in errs {
+                    assert!(e <= 1e-5, "{label}: relative error {e:e}");
+                }
+                if let (Some(a), Some(w)) = (got.scale, want.scale) {
+                    let e = (a as f64 - w).abs() / w.abs().max(1.0);
+                    assert!(e <= 1e-5, "{label}: d scale {a} vs {w}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn fast_backward_matches_portable_on_fully_masked_rows() {
+    // Rows whose keys are all masked (and, with causal, rows whose visible keys are): f32
+    // weights come from the scores minus 1e9, uniform after rounding; the SIMD and the portable
+    // backward must agree on them.
+    let mut rng = Rng(78);
+    let (b, tq, tv, d, dv) = (2, 90, 80, 16, 24);
+    let q = rng.array3((b, tq, d), 1.0).mapv(|x| x as f32);
+    let k = rng.array3((b, tv, d), 1.0).mapv(|x| x as f32);
+    let v = rng.array3((b, tv, dv), 1.0).mapv(|x| x as f32);
+    let dout = rng.array3((b, tq, dv), 1.0).mapv(|x| x as f32);
+    let mut full = rng.mask3((b, tq, tv), 0.5);
+    full.slice_mut(ndarray::s![.., 0..10, ..]).fill(false);
+    let mut keys = rng.mask2((b, tv), 0.8);
+    keys.slice_mut(ndarray::s![.., 0..3]).fill(false);
+    let cases = [
+        Masks {
+            value: Some(ValueMask::Scores(full.view())),
+            ..Masks::default()
+        },
+        Masks {
+            value: Some(ValueMask::Keys(keys.view())),
+            causal: true,
+            ..Masks::default()
+        },
+    ];
+    for (n, masks) in cases.iter().enumerate() {
+        let attn = Attention::new(ScoreMode::Dot).scale(0.7);
+        let run = |isa| {
+            attn.clone()
+                .isa(isa)
+                .backward(q.view(), v.view(), Some(k.view()), masks, dout.view())
+                .unwrap()
+        };
+        let (fast, portable) = (run(luong::Isa::detect()), run(luong::Isa::Scalar));
+        let wide = |a: &Array3<f32>| a.mapv(|x| x as f64);
+        for (name, f, p) in [
+            ("query", &fast.query, &portable.query),
+            ("value", &fast.value, &portable.value),
+            (
+                "key",
+                fast.key.as_ref().unwrap(),
+                portable.key.as_ref().unwrap(),
+            ),
+        ] {
+            let e = rel_err(f, &wide(p));
+            assert!(e <= 1e-5, "case {n} {name}: relative error {e:e}");
+        }
+        let (fs, ps) = (fast.scale.unwrap(), portable.scale.unwrap());
+        assert!(
+            (fs - ps).abs() <= 1e-5 * ps.abs().max(1.0),
+            "case {n}: {fs} vs {ps}"
+        );
+    }
+}

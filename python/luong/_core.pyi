@@ -5,7 +5,14 @@ from typing import Any, TypedDict
 import numpy as np
 
 __version__: str
-__all__ = ["__version__", "attention", "backward", "get_num_threads", "set_num_threads"]
+__all__ = [
+    "__version__",
+    "attention",
+    "backward",
+    "forward_saved",
+    "get_num_threads",
+    "set_num_threads",
+]
 
 class _Options(TypedDict):
     score_mode: str
@@ -25,6 +32,14 @@ def attention(
     value_mask: np.ndarray | None,
     options: _Options | dict[str, Any],
 ) -> tuple[np.ndarray, np.ndarray | None]: ...
+def forward_saved(
+    query: np.ndarray,
+    value: np.ndarray,
+    key: np.ndarray | None,
+    query_mask: np.ndarray | None,
+    value_mask: np.ndarray | None,
+    options: _Options | dict[str, Any],
+) -> tuple[np.ndarray, np.ndarray]: ...
 def backward(
     query: np.ndarray,
     value: np.ndarray,
@@ -33,6 +48,7 @@ def backward(
     value_mask: np.ndarray | None,
     d_output: np.ndarray,
     options: _Options | dict[str, Any],
+    saved: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, float | None, float | None]: ...
 def set_num_threads(threads: int) -> None: ...
 def get_num_threads() -> int: ...

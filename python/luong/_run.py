@@ -135,12 +135,16 @@ def vjp(
     concat_score_weight (concat mode).
     """
     options = {**options, "return_scores": False}
-    output, _ = _core.attention(*arrays, options)
+    # The forward keeps each row's softmax statistics, so the backward recomputes the weights
+    # block by block instead of rerunning the forward.
+    output, stats = _core.forward_saved(*arrays, options)
     has_key = arrays[2] is not None
 
     def backward(d_output: Any) -> dict[str, np.ndarray]:
         d = as_input(d_output, "d_output", dtype)
-        dq, dk, dv, d_scale, d_weight = _core.backward(*arrays, d, options)
+        dq, dk, dv, d_scale, d_weight = _core.backward(
+            *arrays, d, options, saved=(output, stats)
+        )
         grads = {"query": dq, "value": dv}
         if has_key and dk is not None:
             grads["key"] = dk

@@ -80,7 +80,7 @@ pub(crate) struct Gemm {
     pub ldc: usize,
 }
 
-/// Runs the product with tiles of `mr` rows (1..=12) and NV vectors per row.
+/// Runs the product with tiles of `mr` rows (1..=14) and NV vectors per row.
 ///
 /// # Safety
 /// The ISA of `S` must be available; `g`'s pointers must cover the described ranges (B may be
@@ -88,6 +88,28 @@ pub(crate) struct Gemm {
 /// panels of a row-major B are read with masked loads).
 #[inline(always)]
 pub(crate) unsafe fn gemm<S: Simd, O: Op<S>, const NV: usize>(g: &Gemm, op: O, mr: usize) {
+    gemm_with::<S, O, NV, false, false>(g, op, mr)
+}
+
+/// [`gemm`] with two variations the backward needs: with `TA`, A is read transposed (`A(i, kk)`
+/// at `a + kk·lda + i`, so `Pᵀ · dO` reads the weights block as stored); with `ACC`, the tile
+/// adds into C (`C = op(C + A·B)`; callers pass an `op` whose `finish` is the identity).
+///
+/// # Safety
+/// As [`gemm`]; with `TA`, A has `k` readable rows of `m` floats at stride `lda`; with `ACC`, C's
+/// `m × n` entries are initialised.
+#[inline(always)]
+pub(crate) unsafe fn gemm_with<
+    S: Simd,
+    O: Op<S>,
+    const NV: usize,
+    const TA: bool,
+    const ACC: bool,
+>(
+    g: &Gemm,
+    op: O,
+    mr: usize,
+) {
     let nr = NV * S::LANES;
     for p in 0..g.n.div_ceil(nr) {
         let cols = (g.n - p * nr).min(nr);
@@ -95,7 +117,8 @@ pub(crate) unsafe fn gemm<S: Simd, O: Op<S>, const NV: usize>(g: &Gemm, op: O, m
         let mut i = 0;
         while i < g.m {
             let rows = (g.m - i).min(mr);
-            let (a, c) = (g.a.add(i * g.lda), g.c.add(i * g.ldc + p * nr));
+            let a = if TA { g.a.add(i) } else { g.a.add(i * g.lda) };
+            let c = g.c.add(i * g.ldc + p * nr);
             let t = Tile {
                 a,
                 lda: g.lda,
@@ -107,21 +130,21 @@ pub(crate) unsafe fn gemm<S: Simd, O: Op<S>, const NV: usize>(g: &Gemm, op: O, m
                 cols,
             };
             match rows {
-                1 => tile::<S, O, 1, NV>(&t, op),
-                2 => tile::<S, O, 2, NV>(&t, op),
-                3 => tile::<S, O, 3, NV>(&t, op),
-                4 => tile::<S, O, 4, NV>(&t, op),
-                5 => tile::<S, O, 5, NV>(&t, op),
-                6 => tile::<S, O, 6, NV>(&t, op),
-                7 => tile::<S, O, 7, NV>(&t, op),
-                8 => tile::<S, O, 8, NV>(&t, op),
-                9 => tile::<S, O, 9, NV>(&t, op),
-                10 => tile::<S, O, 10, NV>(&t, op),
-                11 => tile::<S, O, 11, NV>(&t, op),
+                1 => tile::<S, O, 1, NV, TA, ACC>(&t, op),
+                2 => tile::<S, O, 2, NV, TA, ACC>(&t, op),
+                3 => tile::<S, O, 3, NV, TA, ACC>(&t, op),
+                4 => tile::<S, O, 4, NV, TA, ACC>(&t, op),
+                5 => tile::<S, O, 5, NV, TA, ACC>(&t, op),
+                6 => tile::<S, O, 6, NV, TA, ACC>(&t, op),
+                7 => tile::<S, O, 7, NV, TA, ACC>(&t, op),
+                8 => tile::<S, O, 8, NV, TA, ACC>(&t, op),
+                9 => tile::<S, O, 9, NV, TA, ACC>(&t, op),
+                10 => tile::<S, O, 10, NV, TA, ACC>(&t, op),
+                11 => tile::<S, O, 11, NV, TA, ACC>(&t, op),
 
-                12 => tile::<S, O, 12, NV>(&t, op),
-                13 => tile::<S, O, 13, NV>(&t, op),
-                _ => tile::<S, O, 14, NV>(&t, op),
+                12 => tile::<S, O, 12, NV, TA, ACC>(&t, op),
+                13 => tile::<S, O, 13, NV, TA, ACC>(&t, op),
+                _ => tile::<S, O, 14, NV, TA, ACC>(&t, op),
             }
             i += rows;
         }
@@ -145,17 +168,36 @@ struct Tile {
 /// As [`gemm`]: rows `0..R` of A have `k` readable floats, B has `k` readable rows of at least
 /// `cols` floats (whole panels when `cols == NV·LANES`), C has `R` writable rows of `cols`.
 #[inline(always)]
-unsafe fn tile<S: Simd, O: Op<S>, const R: usize, const NV: usize>(t: &Tile, op: O) {
+unsafe fn tile<
+    S: Simd,
+    O: Op<S>,
+    const R: usize,
+    const NV: usize,
+    const TA: bool,
+    const ACC: bool,
+>(
+    t: &Tile,
+    op: O,
+) {
     let l = S::LANES;
     let mut acc = [[S::zero(); NV]; R];
     // Row pointers once, so each broadcast is a plain base + index load.
-    let ap: [*const f32; R] = std::array::from_fn(|r| t.a.add(r * t.lda));
+    // (`wrapping_add`: with TA these are never read, and need not point inside A.)
+    let ap: [*const f32; R] = std::array::from_fn(|r| t.a.wrapping_add(r * t.lda));
     if t.cols == NV * l {
+        if ACC {
+            for (r, row) in acc.iter_mut().enumerate() {
+                for (v, x) in row.iter_mut().enumerate() {
+                    *x = S::load(t.c.add(r * t.ldc + v * l));
+                }
+            }
+        }
         for kk in 0..t.k {
             let bp = t.b.add(kk * t.b_row);
             let bv: [S::V; NV] = std::array::from_fn(|v| S::load(bp.add(v * l)));
+            let at = t.a.wrapping_add(kk * t.lda); // read only with TA
             for (r, row) in acc.iter_mut().enumerate() {
-                let av = S::splat(*ap[r].add(kk));
+                let av = S::splat(if TA { *at.add(r) } else { *ap[r].add(kk) });
                 for (x, &b) in row.iter_mut().zip(&bv) {
                     *x = op.step(*x, av, b);
                 }
@@ -168,11 +210,19 @@ unsafe fn tile<S: Simd, O: Op<S>, const R: usize, const NV: usize>(t: &Tile, op:
         }
     } else {
         let masks: [S::M; NV] = std::array::from_fn(|v| S::mask(t.cols.saturating_sub(v * l)));
+        if ACC {
+            for (r, row) in acc.iter_mut().enumerate() {
+                for (v, x) in row.iter_mut().enumerate() {
+                    *x = S::load_masked(t.c.add(r * t.ldc + v * l), masks[v]);
+                }
+            }
+        }
         for kk in 0..t.k {
             let bp = t.b.add(kk * t.b_row);
             let bv: [S::V; NV] = std::array::from_fn(|v| S::load_masked(bp.add(v * l), masks[v]));
+            let at = t.a.wrapping_add(kk * t.lda); // read only with TA
             for (r, row) in acc.iter_mut().enumerate() {
-                let av = S::splat(*ap[r].add(kk));
+                let av = S::splat(if TA { *at.add(r) } else { *ap[r].add(kk) });
                 for (x, &b) in row.iter_mut().zip(&bv) {
                     *x = op.step(*x, av, b);
                 }

@@ -11,6 +11,7 @@
 //! What the fast path buys at (8, 512, 512, 64), 2 threads, float32: see `benches/` and the
 //! README's performance table.
 
+pub(crate) mod backward;
 mod gemm;
 mod rows;
 mod simd;
@@ -110,11 +111,14 @@ pub struct Item {
 
 /// The portable block: the stage functions, row by row. `scores` is `rows × Tv`, `out`
 /// `rows × Dv`, both row-major.
+/// With `stats` (`rows × 2`), each row's softmax max and `ln Σ e^(x - max)` are written there
+/// for the backward.
 pub(crate) fn portable_block<T: Float>(
     ctx: &Ctx<'_, '_, T>,
     item: Item,
     scores: &mut [T],
     out: &mut [T],
+    mut stats: Option<&mut [T]>,
 ) {
     let Dims { tq, tv, dv, .. } = ctx.dims;
     for r in 0..item.rows {
@@ -126,7 +130,8 @@ pub(crate) fn portable_block<T: Float>(
         let q = ctx.query.slice(ndarray::s![item.b, i, ..]);
         let q = q.to_slice().expect("query rows are contiguous");
         score_row(&ctx.params, q, ctx.key.index_axis(Axis(0), item.b), s);
-        finish_row(ctx, item.b, i, (item.b * tq + i) * tv, s);
+        let st = stats.as_deref_mut().map(|st| &mut st[2 * r..2 * r + 2]);
+        finish_row(ctx, item.b, i, (item.b * tq + i) * tv, s, st);
         if ctx.masks.query_keeps(item.b, i) {
             combine_row(s, ctx.value.index_axis(Axis(0), item.b), o);
         } else {
@@ -136,13 +141,27 @@ pub(crate) fn portable_block<T: Float>(
 }
 
 /// Mask, softmax and dropout of one row of scores (row `i` of batch `b`, first flat index
-/// `first`), the portable way.
-fn finish_row<T: Float>(ctx: &Ctx<'_, '_, T>, b: usize, i: usize, first: usize, s: &mut [T]) {
+/// `first`), the portable way; `stats` gets the row's `(max, ln Σ e^(x - max))`.
+fn finish_row<T: Float>(
+    ctx: &Ctx<'_, '_, T>,
+    b: usize,
+    i: usize,
+    first: usize,
+    s: &mut [T],
+    stats: Option<&mut [T]>,
+) {
     mask_row(
         s,
         ctx.masks.keys_of_row(b, i),
         ctx.masks.causal.then_some(i),
     );
+    if let Some(st) = stats {
+        let max = s
+            .iter()
+            .fold(T::neg_infinity(), |m, &x| if x > m { x } else { m });
+        let sum = s.iter().fold(T::zero(), |a, &x| a + (x - max).exp());
+        (st[0], st[1]) = (max, sum.ln());
+    }
     softmax_row(s);
     apply_dropout_row(ctx, first, s);
 }
@@ -316,27 +335,40 @@ fn panel_width(isa: Isa) -> usize {
 }
 
 /// Runs one item on the f32 fast path (or the portable block where it does not apply).
-pub(crate) fn block_f32(ctx: &Ctx<'_, '_, f32>, item: Item, scores: &mut [f32], out: &mut [f32]) {
+pub(crate) fn block_f32(
+    ctx: &Ctx<'_, '_, f32>,
+    item: Item,
+    scores: &mut [f32],
+    out: &mut [f32],
+    stats: Option<&mut [f32]>,
+) {
     match ctx.isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Isa::detect` chose Avx512 only after `is_x86_feature_detected!("avx512f")`.
-        Isa::Avx512 => unsafe { block_avx512(ctx, item, scores, out) },
+        Isa::Avx512 => unsafe { block_avx512(ctx, item, scores, out, stats) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: Avx2 only after detecting avx2 and fma.
-        Isa::Avx2 => unsafe { block_avx2(ctx, item, scores, out) },
-        _ => portable_block(ctx, item, scores, out),
+        Isa::Avx2 => unsafe { block_avx2(ctx, item, scores, out, stats) },
+        _ => portable_block(ctx, item, scores, out, stats),
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn block_avx512(ctx: &Ctx<'_, '_, f32>, item: Item, scores: &mut [f32], out: &mut [f32]) {
+unsafe fn block_avx512(
+    ctx: &Ctx<'_, '_, f32>,
+    item: Item,
+    scores: &mut [f32],
+    out: &mut [f32],
+    stats: Option<&mut [f32]>,
+) {
     // Tiles: scores 12 rows × 32 keys (24 accumulators of 32 registers), combine 6 × 64.
     block_simd::<simd::Avx512, 2>(
         ctx,
         item,
         scores,
         out,
+        stats,
         Tiles {
             scores_mr: 12,
             combine_mr: 6,
@@ -346,13 +378,20 @@ unsafe fn block_avx512(ctx: &Ctx<'_, '_, f32>, item: Item, scores: &mut [f32], o
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn block_avx2(ctx: &Ctx<'_, '_, f32>, item: Item, scores: &mut [f32], out: &mut [f32]) {
+unsafe fn block_avx2(
+    ctx: &Ctx<'_, '_, f32>,
+    item: Item,
+    scores: &mut [f32],
+    out: &mut [f32],
+    stats: Option<&mut [f32]>,
+) {
     // Tiles: scores 6 rows × 16 keys, combine 3 × 32 (12 accumulators of 16 registers).
     block_simd::<simd::Avx2, 2>(
         ctx,
         item,
         scores,
         out,
+        stats,
         Tiles {
             scores_mr: 6,
             combine_mr: 3,
@@ -386,6 +425,7 @@ unsafe fn block_simd<S: simd::Simd, const NVS: usize>(
     item: Item,
     scores: &mut [f32],
     out: &mut [f32],
+    mut stats: Option<&mut [f32]>,
     tiles: Tiles,
 ) {
     let Dims { tq, tv, d, dv, .. } = ctx.dims;
@@ -457,9 +497,12 @@ unsafe fn block_simd<S: simd::Simd, const NVS: usize>(
                 .map(|k| k.slice_move(ndarray::s![..len]));
             mask_row(s, keys, ctx.masks.causal.then_some(i));
         }
-        let scale = rows::softmax_row::<S>(s, normalize);
+        let (max, sum) = rows::softmax_row::<S>(s, normalize);
         if !normalize {
-            inv[r] = scale;
+            inv[r] = 1.0 / sum;
+        }
+        if let Some(st) = stats.as_deref_mut() {
+            (st[2 * r], st[2 * r + 1]) = (max, sum.ln());
         }
         apply_dropout_row(ctx, (b * tq + i) * tv, s);
         row[len..if normalize { tv } else { cols }].fill(0.0);

@@ -3,9 +3,10 @@
 
 use super::simd::Simd;
 
-/// Softmax of `row` in place: the max, then `e^(x - max)` and its sum. Returns `1 / sum`; with
-/// `normalize` the row is multiplied by it (the weights), else it is left as `e^(x - max)` for
-/// the caller to scale the combined output instead (one multiply per Dv, not per Tv).
+/// Softmax of `row` in place: the max, then `e^(x - max)` and its sum. Returns `(max, sum)`;
+/// with `normalize` the row is multiplied by `1 / sum` (the weights), else it is left as
+/// `e^(x - max)` for the caller to scale the combined output instead (one multiply per Dv, not
+/// per Tv). The backward recomputes the weights from `max` and `ln sum`.
 ///
 /// Multiplying by the rounded reciprocal where Keras divides costs at most one ulp per weight.
 /// Four accumulators hide the add latency; their fixed order keeps the bits deterministic. NaN
@@ -15,7 +16,7 @@ use super::simd::Simd;
 /// `S`'s instructions must be available. All loads and stores are within `row` (whole vectors
 /// of the body) or the 16-float `pad` (the tail), so no pointer leaves its slice.
 #[inline(always)]
-pub(crate) unsafe fn softmax_row<S: Simd>(row: &mut [f32], normalize: bool) -> f32 {
+pub(crate) unsafe fn softmax_row<S: Simd>(row: &mut [f32], normalize: bool) -> (f32, f32) {
     let l = S::LANES;
     let (body, tail) = row.split_at_mut(row.len() - row.len() % l);
     // The tail is processed as a full vector padded with -inf (e^-inf = 0 adds nothing).
@@ -37,7 +38,8 @@ pub(crate) unsafe fn softmax_row<S: Simd>(row: &mut [f32], normalize: bool) -> f
     for c in singles.chunks_exact(l) {
         m0 = S::max(m0, S::load(c.as_ptr()));
     }
-    let max = S::splat(S::hmax(S::max(S::max(m0, m1), S::max(m2, m3))));
+    let row_max = S::hmax(S::max(S::max(m0, m1), S::max(m2, m3)));
+    let max = S::splat(row_max);
     let (mut s0, mut s1, mut s2, mut s3) = (S::zero(), S::zero(), S::zero(), S::zero());
     for x in (0..quads.len()).step_by(4 * l) {
         s0 = S::add(s0, exp_in_place::<S>(p.add(x), max));
@@ -51,9 +53,9 @@ pub(crate) unsafe fn softmax_row<S: Simd>(row: &mut [f32], normalize: bool) -> f
     {
         s0 = S::add(s0, exp_in_place::<S>(c.as_mut_ptr(), max));
     }
-    let inv = 1.0 / S::sum(S::add(S::add(s0, s1), S::add(s2, s3)));
+    let sum = S::sum(S::add(S::add(s0, s1), S::add(s2, s3)));
     if normalize {
-        let v = S::splat(inv);
+        let v = S::splat(1.0 / sum);
         for c in body
             .chunks_exact_mut(l)
             .chain(std::iter::once(&mut pad[..l]))
@@ -62,7 +64,7 @@ pub(crate) unsafe fn softmax_row<S: Simd>(row: &mut [f32], normalize: bool) -> f
         }
     }
     tail.copy_from_slice(&pad[..tail.len()]);
-    inv
+    (row_max, sum)
 }
 
 /// `p[..LANES] = e^(p[..LANES] - max)`, returning the new vector.
