@@ -37,10 +37,51 @@ def median_ms(fn: Callable[[], Any], calls: int) -> float:
     return 1e3 * float(np.median(times))
 
 
+def write_plot(path: str) -> int:
+    """Writes a heatmap of the attention weights of batch item 0 of a small sample batch
+    (2 x 8 queries x 10 keys, D = 16, seed 0, causal, the last two keys masked), drawn with the
+    non-interactive Agg backend (no display needed)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from luong.plot import heatmap
+
+    rng = np.random.default_rng(0)
+    b, tq, tv, d = 2, 8, 10, 16
+    q = rng.standard_normal((b, tq, d), dtype=np.float32)
+    k = rng.standard_normal((b, tv, d), dtype=np.float32)
+    v = rng.standard_normal((b, tv, d), dtype=np.float32)
+    value_mask = np.arange(tv) < tv - 2
+    _, weights = luong.attention(
+        q, v, k, value_mask=value_mask, scale=1.0 / np.sqrt(d), use_causal_mask=True,
+        return_attention_scores=True,
+    )
+    fig = Figure(figsize=(6.4, 4.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = heatmap(
+        weights,
+        query_labels=[f"q{i}" for i in range(tq)],
+        key_labels=[f"k{j}" + ("" if value_mask[j] else " (masked)") for j in range(tv)],
+        ax=fig.add_subplot(),
+    )
+    ax.set_title("luong sample batch, item 0: causal, last two keys masked")
+    fig.savefig(path, dpi=100)
+    print(f"wrote {path}: attention weights {weights.shape[1:]} of batch item 0 of {b}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m luong", description=__doc__)
     parser.add_argument("--calls", type=int, default=7, help="timed calls per case (median)")
+    parser.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="instead of the self-check, write a heatmap of the sample batch's attention "
+        "weights to FILE.png (needs matplotlib)",
+    )
     args = parser.parse_args(argv)
+    if args.plot is not None:
+        return write_plot(args.plot)
 
     rng = np.random.default_rng(0)
     eps = float(np.finfo(np.float32).eps)
