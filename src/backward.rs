@@ -224,6 +224,7 @@ impl<T: Float> BackCtx<'_, '_, T> {
                         j0,
                         self.masks.keys_of_row(b, i),
                         self.masks.causal.then_some(i),
+                        self.p.mask_bias,
                     );
                     let (mx, ls) = (self.stats[[b, i, 0]], self.stats[[b, i, 1]]);
                     row.iter_mut().for_each(|x| *x = (*x - mx) - ls);

@@ -64,6 +64,7 @@ pub struct Attention {
     pub(crate) dropout: Option<Dropout>,
     pub(crate) return_scores: bool,
     pub(crate) isa: Option<Isa>,
+    pub(crate) mask_bias: Option<f64>,
 }
 
 impl Attention {
@@ -77,6 +78,7 @@ impl Attention {
             dropout: None,
             return_scores: false,
             isa: None,
+            mask_bias: None,
         }
     }
 
@@ -101,6 +103,14 @@ impl Attention {
     /// Asks `forward` to return the attention weights `(B, Tq, Tv)` too.
     pub fn return_scores(mut self, yes: bool) -> Self {
         self.return_scores = yes;
+        self
+    }
+
+    /// Sets the number subtracted from masked scores: Keras uses `1e9`, and `65504` (float16's
+    /// largest finite number) when it computes in float16. The default is `1e9`
+    /// ([`Float::MASK_BIAS`](crate::Float::MASK_BIAS)); the float16 entry points set `65504`.
+    pub fn mask_bias(mut self, bias: f64) -> Self {
+        self.mask_bias = Some(bias);
         self
     }
 

@@ -39,6 +39,7 @@ pub mod config;
 pub mod dropout;
 pub mod error;
 pub mod float;
+pub mod half;
 pub mod kernel;
 pub mod mask;
 pub mod score;
@@ -51,6 +52,7 @@ mod pool;
 #[cfg(feature = "python")]
 mod python;
 
+pub use crate::half::Half;
 pub use attention::{MasksNd, Output, OutputNd, Saved};
 pub use backward::{Gradients, GradientsNd, SavedNd, SavedView};
 pub use combine::combine;

@@ -71,8 +71,9 @@ pub(crate) fn mask_row<T: Float>(
     row: &mut [T],
     keys: Option<ArrayView1<'_, bool>>,
     causal_row: Option<usize>,
+    bias: T,
 ) {
-    mask_cols(row, 0, keys, causal_row)
+    mask_cols(row, 0, keys, causal_row, bias)
 }
 
 /// As [`mask_row`] for the columns `j0 .. j0 + part.len()` of a row, held in `part`.
@@ -82,13 +83,14 @@ pub(crate) fn mask_cols<T: Float>(
     j0: usize,
     keys: Option<ArrayView1<'_, bool>>,
     causal_row: Option<usize>,
+    bias: T,
 ) {
     let end = j0 + part.len();
     let visible_end = causal_row.map_or(end, |i| (i + 1).clamp(j0, end));
     let (visible, hidden) = part.split_at_mut(visible_end - j0);
     if let Some(keys) = keys {
         let keys = keys.slice_move(ndarray::s![j0..visible_end]);
-        let bias = |s: T, keep: bool| if keep { s } else { s - T::MASK_BIAS };
+        let bias = |s: T, keep: bool| if keep { s } else { s - bias };
         match keys.as_slice() {
             // Branch-free over a contiguous mask, so the compiler vectorises it.
             Some(k) => visible
@@ -102,7 +104,7 @@ pub(crate) fn mask_cols<T: Float>(
         }
     }
     for s in hidden {
-        *s = *s - T::MASK_BIAS;
+        *s = *s - bias;
     }
 }
 
@@ -131,6 +133,7 @@ pub fn apply_score_mask<T: Float>(
                 &mut buf,
                 masks.keys_of_row(bi, i),
                 masks.causal.then_some(i),
+                T::MASK_BIAS,
             );
             row.assign(&ArrayView1::from(&buf));
         }

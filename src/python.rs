@@ -6,11 +6,13 @@
 //! list rules; everything about shapes is checked in Rust (`shape.rs`) and comes back here as
 //! `ValueError` (or `MemoryError` for results too large to allocate).
 
-use numpy::{IntoPyArray, PyArrayDyn, PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use numpy::{IntoPyArray, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyMemoryError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
-use crate::{Attention, AttentionError, Dropout, Float, MasksNd, SavedView, ScoreMode};
+use half::{bf16, f16};
+
+use crate::{Attention, AttentionError, Dropout, Float, Half, MasksNd, SavedView, ScoreMode};
 
 fn to_py(e: AttentionError) -> PyErr {
     match e {
@@ -70,29 +72,68 @@ type Grads<'py> = (
     Option<f64>,
 );
 
+/// An element type arrays are borrowed as, with its NumPy name for error messages.
+trait Named: numpy::Element {
+    const DTYPE: &'static str;
+}
+impl Named for f32 {
+    const DTYPE: &'static str = "float32";
+}
+impl Named for f64 {
+    const DTYPE: &'static str = "float64";
+}
+impl Named for f16 {
+    const DTYPE: &'static str = <f16 as Half>::NAME;
+}
+impl Named for bf16 {
+    const DTYPE: &'static str = <bf16 as Half>::NAME;
+}
+
 /// Borrows `a` as an array of `T`, or a TypeError naming the argument.
-fn read<'py, T: Float + numpy::Element>(
-    arg: &str,
-    a: &Bound<'py, PyAny>,
-) -> PyResult<PyReadonlyArrayDyn<'py, T>> {
+fn read<'py, T: Named>(arg: &str, a: &Bound<'py, PyAny>) -> PyResult<PyReadonlyArrayDyn<'py, T>> {
     a.extract().map_err(|_| {
         PyTypeError::new_err(format!(
             "`{arg}` must be a {} NumPy array like `query`, got {}",
-            T::NAME,
+            T::DTYPE,
             describe(a)
         ))
     })
 }
 
+/// The compute path for `query`'s dtype.
+#[derive(Clone, Copy)]
+enum Kind {
+    F32,
+    F64,
+    F16,
+    Bf16,
+}
+
+/// Picks the path by `query`'s dtype name (so bfloat16 is only looked up when it is there:
+/// rust-numpy finds it through `ml_dtypes`); anything else goes to f32, which names the dtype
+/// in its TypeError.
+fn kind(query: &Bound<'_, PyAny>) -> Kind {
+    let name = query
+        .cast::<numpy::PyUntypedArray>()
+        .ok()
+        .map(|a| a.dtype().to_string());
+    match name.as_deref() {
+        Some("float64") => Kind::F64,
+        Some("float16") => Kind::F16,
+        Some("bfloat16") => Kind::Bf16,
+        _ => Kind::F32,
+    }
+}
+
 /// The call's inputs borrowed as arrays of `T` (TypeError naming the argument otherwise).
-struct Borrowed<'py, T: numpy::Element> {
+struct Borrowed<'py, T: Named> {
     query: PyReadonlyArrayDyn<'py, T>,
     value: PyReadonlyArrayDyn<'py, T>,
     key: Option<PyReadonlyArrayDyn<'py, T>>,
     masks: MaskArrays<'py>,
 }
 
-impl<'py, T: Float + numpy::Element> Borrowed<'py, T> {
+impl<'py, T: Named> Borrowed<'py, T> {
     fn new((query, value, key): Inputs<'_, 'py>, masks: MaskArrays<'py>) -> PyResult<Self> {
         Ok(Borrowed {
             query: read::<T>("query", query)?,
@@ -111,8 +152,69 @@ impl<'py, T: Float + numpy::Element> Borrowed<'py, T> {
     }
 }
 
+/// Runs the forward on half-precision arrays of `H` (computed in f32), with the GIL released.
+fn run_half<'py, H: Half + Named>(
+    py: Python<'py>,
+    attn: &Attention,
+    inputs: Inputs<'_, 'py>,
+    masks: MaskArrays<'py>,
+    causal: bool,
+) -> PyResult<Arrays<'py>> {
+    let a = Borrowed::<H>::new(inputs, masks)?;
+    let (q, v, k) = (
+        a.query.as_array(),
+        a.value.as_array(),
+        a.key.as_ref().map(|k| k.as_array()),
+    );
+    let masks = a.masks(causal);
+    let out = py
+        .detach(|| attn.forward_nd_half(q, v, k, &masks))
+        .map_err(to_py)?;
+    Ok((
+        out.output.into_pyarray(py).into_any(),
+        out.scores.map(|s| s.into_pyarray(py).into_any()),
+    ))
+}
+
+/// Runs the backward on half-precision arrays of `H` (computed in f32; the forward reruns).
+fn run_backward_half<'py, H: Half + Named>(
+    py: Python<'py>,
+    attn: &Attention,
+    inputs: Inputs<'_, 'py>,
+    masks: MaskArrays<'py>,
+    causal: bool,
+    d_output: &Bound<'py, PyAny>,
+) -> PyResult<Grads<'py>> {
+    let a = Borrowed::<H>::new(inputs, masks)?;
+    let dout = read::<H>("d_output", d_output)?;
+    let (q, v, k) = (
+        a.query.as_array(),
+        a.value.as_array(),
+        a.key.as_ref().map(|k| k.as_array()),
+    );
+    let (masks, d) = (a.masks(causal), dout.as_array());
+    let g = py
+        .detach(|| attn.backward_nd_half(q, v, k, &masks, d))
+        .map_err(to_py)?;
+    let mut wide = [0.0f32];
+    let mut f = |x: Option<H>| {
+        x.map(|x| {
+            H::widen(&[x], &mut wide);
+            f64::from(wide[0])
+        })
+    };
+    let (scale, weight) = (f(g.scale), f(g.concat_score_weight));
+    Ok((
+        g.query.into_pyarray(py).into_any(),
+        g.key.map(|k| k.into_pyarray(py).into_any()),
+        g.value.into_pyarray(py).into_any(),
+        scale,
+        weight,
+    ))
+}
+
 /// Runs the forward in the compute type `T`, with the GIL released.
-fn run<'py, T: Float + numpy::Element>(
+fn run<'py, T: Float + Named>(
     py: Python<'py>,
     attn: &Attention,
     inputs: Inputs<'_, 'py>,
@@ -137,7 +239,7 @@ fn run<'py, T: Float + numpy::Element>(
 
 /// Runs the forward in the compute type `T` and keeps what the backward needs, with the GIL
 /// released: (output, row statistics).
-fn run_saved<'py, T: Float + numpy::Element>(
+fn run_saved<'py, T: Float + Named>(
     py: Python<'py>,
     attn: &Attention,
     inputs: Inputs<'_, 'py>,
@@ -162,7 +264,7 @@ fn run_saved<'py, T: Float + numpy::Element>(
 
 /// Runs the backward in the compute type `T`, with the GIL released; with `saved` (the output
 /// and row statistics of `forward_saved`) it skips the forward.
-fn run_backward<'py, T: Float + numpy::Element>(
+fn run_backward<'py, T: Float + Named>(
     py: Python<'py>,
     attn: &Attention,
     inputs: Inputs<'_, 'py>,
@@ -234,10 +336,12 @@ fn attention<'py>(
     let attn = options.attention()?;
     let inputs = (query, value, key);
     let masks = (query_mask, value_mask);
-    if query.cast::<PyArrayDyn<f64>>().is_ok() {
-        run::<f64>(py, &attn, inputs, masks, options.causal)
-    } else {
-        run::<f32>(py, &attn, inputs, masks, options.causal)
+    let causal = options.causal;
+    match kind(query) {
+        Kind::F64 => run::<f64>(py, &attn, inputs, masks, causal),
+        Kind::F32 => run::<f32>(py, &attn, inputs, masks, causal),
+        Kind::F16 => run_half::<f16>(py, &attn, inputs, masks, causal),
+        Kind::Bf16 => run_half::<bf16>(py, &attn, inputs, masks, causal),
     }
 }
 
@@ -259,10 +363,13 @@ fn forward_saved<'py>(
     let attn = options.attention()?;
     let inputs = (query, value, key);
     let masks = (query_mask, value_mask);
-    if query.cast::<PyArrayDyn<f64>>().is_ok() {
-        run_saved::<f64>(py, &attn, inputs, masks, options.causal)
-    } else {
-        run_saved::<f32>(py, &attn, inputs, masks, options.causal)
+    match kind(query) {
+        Kind::F64 => run_saved::<f64>(py, &attn, inputs, masks, options.causal),
+        Kind::F32 => run_saved::<f32>(py, &attn, inputs, masks, options.causal),
+        Kind::F16 | Kind::Bf16 => Err(PyTypeError::new_err(
+            "forward_saved computes in float32 or float64; half-precision inputs use \
+             attention() and backward() (which reruns the forward)",
+        )),
     }
 }
 
@@ -289,10 +396,12 @@ fn backward<'py>(
     let inputs = (query, value, key);
     let masks = (query_mask, value_mask);
     let saved = saved.as_ref().map(|(o, s)| (o, s));
-    if query.cast::<PyArrayDyn<f64>>().is_ok() {
-        run_backward::<f64>(py, &attn, inputs, masks, options.causal, d_output, saved)
-    } else {
-        run_backward::<f32>(py, &attn, inputs, masks, options.causal, d_output, saved)
+    let causal = options.causal;
+    match kind(query) {
+        Kind::F64 => run_backward::<f64>(py, &attn, inputs, masks, causal, d_output, saved),
+        Kind::F32 => run_backward::<f32>(py, &attn, inputs, masks, causal, d_output, saved),
+        Kind::F16 => run_backward_half::<f16>(py, &attn, inputs, masks, causal, d_output),
+        Kind::Bf16 => run_backward_half::<bf16>(py, &attn, inputs, masks, causal, d_output),
     }
 }
 

@@ -21,6 +21,8 @@ pub(crate) struct ScoreParams<T> {
     pub mode: ScoreMode,
     pub scale: Option<T>,
     pub concat_score_weight: T,
+    /// Subtracted from masked scores (`Attention::mask_bias`, else `T::MASK_BIAS`).
+    pub mask_bias: T,
 }
 
 impl<T: Float> ScoreParams<T> {
@@ -29,6 +31,7 @@ impl<T: Float> ScoreParams<T> {
             mode: attn.mode,
             scale: attn.scale.map(T::of),
             concat_score_weight: T::of(attn.concat_score_weight),
+            mask_bias: attn.mask_bias.map_or(T::MASK_BIAS, T::of),
         }
     }
 }

@@ -10,26 +10,66 @@ import numpy as np
 
 from . import _core
 
-_COMPUTE_DTYPES: dict[str, np.dtype[Any]] = {
-    "float32": np.dtype(np.float32),
-    "float64": np.dtype(np.float64),
+# Keras dtype policy names -> (compute dtype, variable dtype). Half precision stores inputs and
+# outputs in float16 / bfloat16 and computes in float32 (see the README's "Half precision").
+_POLICIES: dict[str, tuple[str, str]] = {
+    "float32": ("float32", "float32"),
+    "float64": ("float64", "float64"),
+    "float16": ("float16", "float16"),
+    "bfloat16": ("bfloat16", "bfloat16"),
+    "mixed_float16": ("float16", "float32"),
+    "mixed_bfloat16": ("bfloat16", "float32"),
 }
 
 
-def compute_dtype(dtype: Any) -> np.dtype:
-    """The compute dtype for a `dtype` argument: float32 by default (as Keras), or float64."""
+def _np_dtype(name: str) -> np.dtype:
+    """The NumPy dtype of a name; bfloat16 comes from `ml_dtypes` (what Keras uses)."""
+    if name == "bfloat16":
+        try:
+            import ml_dtypes
+        except ImportError as e:
+            raise ImportError(
+                "bfloat16 needs the `ml_dtypes` package: `pip install ml_dtypes` "
+                "(or `pip install luong[half]`)"
+            ) from e
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def policy_name(dtype: Any) -> str:
+    """The Keras dtype policy name of a `dtype` argument: None is "float32" (Keras's default);
+    also accepts NumPy dtypes, Keras DTypePolicy objects and their configs."""
     if dtype is None:
-        return _COMPUTE_DTYPES["float32"]
+        return "float32"
     if isinstance(dtype, dict):  # a Keras DTypePolicy config, e.g. from `get_config()`
         dtype = dtype.get("config", {}).get("name", dtype)
     name = getattr(dtype, "name", dtype)  # a Keras DTypePolicy or a NumPy dtype
-    try:
-        return _COMPUTE_DTYPES[np.dtype(name).name if not isinstance(name, str) else name]
-    except (KeyError, TypeError) as e:
+    if not isinstance(name, str):
+        try:
+            name = np.dtype(name).name
+        except TypeError:
+            name = repr(dtype)
+    if name not in _POLICIES:
         raise ValueError(
-            f"Invalid value for argument `dtype`: luong computes in 'float32' (the default, as "
-            f"Keras) or 'float64'. Received: dtype={dtype!r}"
-        ) from e
+            "Invalid value for argument `dtype`: luong computes in 'float32' (the default, as "
+            "Keras), 'float64', 'float16', 'bfloat16', 'mixed_float16' or 'mixed_bfloat16'. "
+            f"Received: dtype={dtype!r}"
+        )
+    return name
+
+
+def compute_dtype(dtype: Any) -> np.dtype:
+    """The dtype inputs are converted to and results come in: float32 by default (as Keras);
+    float64; or float16 / bfloat16 (computed in float32 inside)."""
+    return _np_dtype(_POLICIES[policy_name(dtype)][0])
+
+
+def variable_dtype(dtype: Any) -> np.dtype:
+    """The dtype of a layer's weights: float32 under the mixed policies, else the compute dtype."""
+    return _np_dtype(_POLICIES[policy_name(dtype)][1])
+
+
+HALF = ("float16", "bfloat16")
 
 
 def as_input(x: Any, arg: str, dtype: np.dtype) -> np.ndarray:
@@ -37,7 +77,7 @@ def as_input(x: Any, arg: str, dtype: np.dtype) -> np.ndarray:
     a = x if isinstance(x, np.ndarray) else np.asarray(x)
     if a.dtype == dtype:
         return a
-    if a.dtype.kind not in "fiub":
+    if a.dtype.kind not in "fiub" and a.dtype.name != "bfloat16":
         raise TypeError(
             f"`{arg}` must hold real numbers; got an array of dtype {a.dtype} and shape {a.shape}"
         )
@@ -136,15 +176,18 @@ def vjp(
     """
     options = {**options, "return_scores": False}
     # The forward keeps each row's softmax statistics, so the backward recomputes the weights
-    # block by block instead of rerunning the forward.
-    output, stats = _core.forward_saved(*arrays, options)
+    # block by block instead of rerunning the forward (half precision reruns it, in float32).
+    half = dtype.name in HALF
+    if half:
+        output, _ = _core.attention(*arrays, options)
+    else:
+        output, stats = _core.forward_saved(*arrays, options)
     has_key = arrays[2] is not None
 
     def backward(d_output: Any) -> dict[str, np.ndarray]:
         d = as_input(d_output, "d_output", dtype)
-        dq, dk, dv, d_scale, d_weight = _core.backward(
-            *arrays, d, options, saved=(output, stats)
-        )
+        saved = None if half else (output, stats)
+        dq, dk, dv, d_scale, d_weight = _core.backward(*arrays, d, options, saved=saved)
         grads = {"query": dq, "value": dv}
         if has_key and dk is not None:
             grads["key"] = dk

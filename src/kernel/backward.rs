@@ -167,6 +167,7 @@ unsafe fn item_simd<S: simd::Simd, const NVS: usize, const NVC: usize>(
                         j0,
                         ctx.masks.keys_of_row(b, i),
                         ctx.masks.causal.then_some(i),
+                        ctx.p.mask_bias,
                     );
                     exp_shifted::<S>(p_r, stats.0, stats.1);
                     let first = ((b * tq + i) * tv + j0) as u64;

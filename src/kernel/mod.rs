@@ -154,6 +154,7 @@ fn finish_row<T: Float>(
         s,
         ctx.masks.keys_of_row(b, i),
         ctx.masks.causal.then_some(i),
+        ctx.params.mask_bias,
     );
     if let Some(st) = stats {
         let max = s
@@ -495,7 +496,7 @@ unsafe fn block_simd<S: simd::Simd, const NVS: usize>(
                 .masks
                 .keys_of_row(b, i)
                 .map(|k| k.slice_move(ndarray::s![..len]));
-            mask_row(s, keys, ctx.masks.causal.then_some(i));
+            mask_row(s, keys, ctx.masks.causal.then_some(i), ctx.params.mask_bias);
         }
         let (max, sum) = rows::softmax_row::<S>(s, normalize);
         if !normalize {

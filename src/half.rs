@@ -1,0 +1,155 @@
+//! Half precision storage: float16 and bfloat16 inputs and outputs, computed in float32.
+//!
+//! Shapes and rules are those of [`Attention::forward_nd`]. The inputs are widened to f32 once
+//! per call (`O(B·T·D)` work, against the `O(B·Tq·Tv·D)` of attention itself), the f32 kernels
+//! run with Keras's mask bias for the storage type (`65504` for float16, float16's largest
+//! finite number; `1e9` for bfloat16, as Keras), and the results are rounded back to the storage
+//! type. Accumulation and softmax are in f32, so the results are at least as accurate as
+//! Keras's, which computes in half precision throughout; one difference shows: in a fully
+//! masked float16 row Keras's `s - 65504` overflows to `-inf` and its weights are NaN, while
+//! luong's (f32) are finite — the same weights as every other fully masked row.
+
+use ::half::{bf16, f16, slice::HalfFloatSliceExt};
+use ndarray::{ArrayD, ArrayViewD};
+use rayon::prelude::*;
+
+use crate::attention::{MasksNd, OutputNd};
+use crate::backward::GradientsNd;
+use crate::config::Attention;
+use crate::error::Result;
+
+/// A half-precision storage type: `half::f16` or `half::bf16`.
+pub trait Half: Copy + Default + Send + Sync + 'static {
+    /// The dtype name NumPy (and `ml_dtypes`) uses.
+    const NAME: &'static str;
+    /// What Keras subtracts from masked scores when it computes in this type.
+    const MASK_BIAS: f64;
+    /// `dst[i] = src[i]` widened to f32 (exact).
+    fn widen(src: &[Self], dst: &mut [f32]);
+    /// `dst[i] = src[i]` rounded to nearest even.
+    fn narrow(src: &[f32], dst: &mut [Self]);
+}
+
+impl Half for f16 {
+    const NAME: &'static str = "float16";
+    const MASK_BIAS: f64 = 65504.0;
+    fn widen(src: &[f16], dst: &mut [f32]) {
+        src.convert_to_f32_slice(dst) // F16C where the CPU has it
+    }
+    fn narrow(src: &[f32], dst: &mut [f16]) {
+        dst.convert_from_f32_slice(src)
+    }
+}
+
+impl Half for bf16 {
+    const NAME: &'static str = "bfloat16";
+    const MASK_BIAS: f64 = 1.0e9;
+    fn widen(src: &[bf16], dst: &mut [f32]) {
+        src.convert_to_f32_slice(dst)
+    }
+    fn narrow(src: &[f32], dst: &mut [bf16]) {
+        dst.convert_from_f32_slice(src)
+    }
+}
+
+/// Elements per parallel conversion task.
+const CHUNK: usize = 1 << 16;
+
+/// `f(src chunk, dst chunk)` over both slices, on luong's pool when there is more than one
+/// chunk (a pool that cannot start runs it here; the kernel call reports that error).
+fn convert<A: Sync, B: Send>(src: &[A], dst: &mut [B], f: impl Fn(&[A], &mut [B]) + Sync) {
+    let run = || {
+        dst.par_chunks_mut(CHUNK)
+            .zip(src.par_chunks(CHUNK))
+            .for_each(|(d, s)| f(s, d))
+    };
+    match crate::pool::pool() {
+        Ok(pool) if src.len() > CHUNK => pool.install(run),
+        _ => f(src, dst),
+    }
+}
+
+/// `a` widened to a fresh f32 array (standard layout).
+fn widen<H: Half>(a: &ArrayViewD<'_, H>) -> ArrayD<f32> {
+    let src = a.as_standard_layout();
+    let src = src.as_slice().expect("standard layout");
+    let mut out = vec![0.0f32; src.len()];
+    convert(src, &mut out, H::widen);
+    ArrayD::from_shape_vec(a.raw_dim(), out).expect("same shape")
+}
+
+/// A fresh f32 array rounded to `H`.
+fn narrow<H: Half>(a: ArrayD<f32>) -> ArrayD<H> {
+    let src = a.as_slice().expect("fresh arrays are standard");
+    let mut out = vec![H::default(); src.len()];
+    convert(src, &mut out, H::narrow);
+    ArrayD::from_shape_vec(a.raw_dim(), out).expect("same shape")
+}
+
+impl Attention {
+    /// [`forward_nd`](Attention::forward_nd) on half-precision inputs (`half::f16` or
+    /// `half::bf16`), computed in f32 with the storage type's mask bias (see the module docs);
+    /// output and weights in the storage type.
+    ///
+    /// # Errors
+    /// As `forward_nd`.
+    pub fn forward_nd_half<H: Half>(
+        &self,
+        query: ArrayViewD<'_, H>,
+        value: ArrayViewD<'_, H>,
+        key: Option<ArrayViewD<'_, H>>,
+        masks: &MasksNd<'_>,
+    ) -> Result<OutputNd<H>> {
+        let (q, v, k) = (widen(&query), widen(&value), key.as_ref().map(widen));
+        let attn = self
+            .clone()
+            .mask_bias(self.mask_bias.unwrap_or(H::MASK_BIAS));
+        let out = attn.forward_nd(q.view(), v.view(), k.as_ref().map(|k| k.view()), masks)?;
+        Ok(OutputNd {
+            output: narrow(out.output),
+            scores: out.scores.map(narrow),
+        })
+    }
+
+    /// [`backward_nd`](Attention::backward_nd) on half-precision inputs and upstream gradient,
+    /// computed in f32 (the forward runs again inside); gradients in the storage type, the
+    /// scalar ones rounded to it too.
+    ///
+    /// # Errors
+    /// As `backward_nd`.
+    pub fn backward_nd_half<H: Half>(
+        &self,
+        query: ArrayViewD<'_, H>,
+        value: ArrayViewD<'_, H>,
+        key: Option<ArrayViewD<'_, H>>,
+        masks: &MasksNd<'_>,
+        d_output: ArrayViewD<'_, H>,
+    ) -> Result<GradientsNd<H>> {
+        let (q, v, k) = (widen(&query), widen(&value), key.as_ref().map(widen));
+        let d = widen(&d_output);
+        let attn = self
+            .clone()
+            .mask_bias(self.mask_bias.unwrap_or(H::MASK_BIAS));
+        let g = attn.backward_nd(
+            q.view(),
+            v.view(),
+            k.as_ref().map(|k| k.view()),
+            masks,
+            d.view(),
+        )?;
+        let scalar = |x: Option<f32>| {
+            x.map(|x| {
+                let mut out = [H::default()];
+                H::narrow(&[x], &mut out);
+                out[0]
+            })
+        };
+        Ok(GradientsNd {
+            query: narrow(g.query),
+            key: g.key.map(narrow),
+            value: narrow(g.value),
+            scale: scalar(g.scale),
+            concat_score_weight: scalar(g.concat_score_weight),
+        })
+    }
+}
