@@ -73,6 +73,9 @@ impl Isa {
 /// packing pass costs as much as the product when each key meets only a few queries.
 pub(crate) const PACK_MIN_TQ: usize = 8;
 
+/// Keys per chunk of the combine: 128 value rows of 64 floats are 32 KiB, inside L1 (48 KiB).
+const COMBINE_KEYS: usize = 128;
+
 /// The most query rows of one work item.
 pub(crate) const MAX_ITEM_ROWS: usize = 64;
 
@@ -509,21 +512,34 @@ unsafe fn block_simd<S: simd::Simd, const NVS: usize>(
         row[len..if normalize { tv } else { cols }].fill(0.0);
     }
 
-    // 3. Combine, then the query mask.
+    // 3. Combine, then the query mask. The keys go in chunks of COMBINE_KEYS so a chunk of
+    //    value rows stays in L1 while every row tile of the block passes over it; each output
+    //    element is still one sequential chain over the keys (the tiles continue from C).
     let v = ctx.value.index_axis(Axis(0), b);
-    let g = gemm::Gemm {
-        m: rows,
-        n: dv,
-        k: cols,
-        a: scores.as_ptr(),
-        lda: tv,
-        b: v.as_ptr(),
-        b_row: v.stride_of(Axis(0)) as usize,
-        b_panel: 4 * S::LANES,
-        c: out.as_mut_ptr(),
-        ldc: dv,
-    };
-    gemm::gemm::<S, _, 4>(&g, gemm::Dot { scale: None }, tiles.combine_mr);
+    let v_ld = v.stride_of(Axis(0)) as usize;
+    let mut k0 = 0;
+    while k0 < cols {
+        let kc = COMBINE_KEYS.min(cols - k0);
+        let g = gemm::Gemm {
+            m: rows,
+            n: dv,
+            k: kc,
+            a: scores.as_ptr().add(k0),
+            lda: tv,
+            b: v.as_ptr().add(k0 * v_ld),
+            b_row: v_ld,
+            b_panel: 4 * S::LANES,
+            c: out.as_mut_ptr(),
+            ldc: dv,
+        };
+        let dot = gemm::Dot { scale: None };
+        if k0 == 0 {
+            gemm::gemm::<S, _, 4>(&g, dot, tiles.combine_mr);
+        } else {
+            gemm::gemm_with::<S, _, 4, false, true>(&g, dot, tiles.combine_mr);
+        }
+        k0 += kc;
+    }
     for r in 0..rows {
         let o = &mut out[r * dv..(r + 1) * dv];
         if !ctx.masks.query_keeps(b, i0 + r) {
