@@ -49,7 +49,14 @@ def make_batch(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.nda
 class Adam:
     """Adam (Kingma & Ba) over a dict of parameters, in NumPy."""
 
-    def __init__(self, params: dict[str, np.ndarray], lr: float, b1=0.9, b2=0.999, eps=1e-8):
+    def __init__(
+        self,
+        params: dict[str, np.ndarray],
+        lr: float,
+        b1: float = 0.9,
+        b2: float = 0.999,
+        eps: float = 1e-8,
+    ) -> None:
         self.lr, self.b1, self.b2, self.eps = lr, b1, b2, eps
         self.m = {k: np.zeros_like(v, dtype=np.float64) for k, v in params.items()}
         self.v = {k: np.zeros_like(v, dtype=np.float64) for k, v in params.items()}

@@ -32,7 +32,8 @@ def _np_dtype(name: str) -> np.dtype:
                 "bfloat16 needs the `ml_dtypes` package: `pip install ml_dtypes` "
                 "(or `pip install luong[half]`)"
             ) from e
-        return np.dtype(ml_dtypes.bfloat16)
+        bf16: np.dtype = np.dtype(ml_dtypes.bfloat16)
+        return bf16
     return np.dtype(name)
 
 
@@ -43,12 +44,13 @@ def policy_name(dtype: Any) -> str:
         return "float32"
     if isinstance(dtype, dict):  # a Keras DTypePolicy config, e.g. from `get_config()`
         dtype = dtype.get("config", {}).get("name", dtype)
-    name = getattr(dtype, "name", dtype)  # a Keras DTypePolicy or a NumPy dtype
-    if not isinstance(name, str):
+    found = getattr(dtype, "name", dtype)  # a Keras DTypePolicy or a NumPy dtype
+    name = found if isinstance(found, str) else repr(dtype)
+    if not isinstance(found, str):
         try:
-            name = np.dtype(name).name
+            name = np.dtype(found).name
         except TypeError:
-            name = repr(dtype)
+            pass
     if name not in _POLICIES:
         raise ValueError(
             "Invalid value for argument `dtype`: luong computes in 'float32' (the default, as "

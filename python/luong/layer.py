@@ -32,8 +32,10 @@ class Attention:
         score_mode: `"dot"` or `"concat"` (creates the weight `concat_score_weight`).
         dropout: fraction of attention weights dropped when `training=True`, in [0, 1).
         seed: integer seed for dropout; None draws one.
-        dtype: compute dtype, `"float32"` (default, as Keras) or `"float64"` (computes in
-            float64 for real, where Keras silently uses float32).
+        dtype: Keras's dtype policy: `"float32"` (default), `"float64"` (computes in float64
+            for real, where Keras silently uses float32), `"float16"` / `"bfloat16"` (inputs
+            and results in half precision, computed in float32), `"mixed_float16"` /
+            `"mixed_bfloat16"` (the same, with float32 weights).
         name: the layer's name.
         trainable: kept for Keras compatibility (reported by `get_config`).
     """
@@ -62,12 +64,14 @@ class Attention:
         self.seed = seed
         self._seed_key = _run.check_seed(seed)
         self._calls = 0
+        self._policy = _run.policy_name(dtype)
         self._dtype = _run.compute_dtype(dtype)
+        self._variable_dtype = _run.variable_dtype(dtype)
         n = next(_names)
         self.name = name if name is not None else ("attention" if n == 0 else f"attention_{n}")
         self.trainable = bool(trainable)
         self.built = True
-        one = np.array(1.0, dtype=self._dtype)
+        one = np.array(1.0, dtype=self._variable_dtype)
         self.scale: Array | None = one.copy() if self.use_scale else None
         self.concat_score_weight: Array | None = (
             one.copy() if score_mode == "concat" else None
@@ -76,8 +80,13 @@ class Attention:
     # ----------------------------------------------------------------- weights
     @property
     def dtype(self) -> str:
-        """The compute (and weight) dtype's name."""
-        return self._dtype.name
+        """The weights' dtype name (float32 under the mixed policies, else the compute dtype)."""
+        return self._variable_dtype.name
+
+    @property
+    def dtype_policy(self) -> str:
+        """The dtype policy's name, e.g. "float32" or "mixed_float16"."""
+        return self._policy
 
     @property
     def compute_dtype(self) -> str:
@@ -114,7 +123,7 @@ class Attention:
                     f"Layer {self.name} weight shape () is not compatible with provided "
                     f"weight shape {a.shape}."
                 )
-            setattr(self, n, np.array(a, dtype=self._dtype))
+            setattr(self, n, np.array(a, dtype=self._variable_dtype))
 
     # ------------------------------------------------------------------ config
     def get_config(self) -> dict[str, Any]:
@@ -122,7 +131,7 @@ class Attention:
         return {
             "name": self.name,
             "trainable": self.trainable,
-            "dtype": self.dtype,
+            "dtype": self._policy,
             "use_scale": self.use_scale,
             "score_mode": self.score_mode,
             "dropout": self.dropout,
@@ -133,6 +142,31 @@ class Attention:
     def from_config(cls, config: dict[str, Any]) -> Attention:
         """A layer from `get_config()` output, ours or a Keras layer's."""
         return cls(**config)
+
+    @classmethod
+    def from_keras(cls, layer: Any, *, dtype: Any = None) -> Attention:
+        """A layer with the config and weights of a `keras.layers.Attention` (or
+        `luong.keras.Attention`) instance, on any Keras backend.
+
+        Copies name, trainable, use_scale, score_mode, dropout and seed, and the weights when the
+        Keras layer is built (an unbuilt one has none yet: ours keep the initial 1.0, as Keras's
+        will). The dtype is the Keras layer's compute dtype unless `dtype` is given (e.g.
+        `"float64"` to compute in float64 for real); ValueError when luong does not compute in
+        it.
+        """
+        import keras  # type: ignore[import-untyped]  # already imported: the layer is Keras's
+
+        config = layer.get_config()
+        keys = ("name", "trainable", "use_scale", "score_mode", "dropout", "seed")
+        ours = cls(
+            **{k: config[k] for k in keys if k in config},
+            dtype=layer.compute_dtype if dtype is None else dtype,
+        )
+        if layer.built:
+            # Not `layer.get_weights()`: on the numpy backend it trips a NumPy 2
+            # DeprecationWarning inside Keras 3.15 (Variable.__array__ without `copy`).
+            ours.set_weights([keras.ops.convert_to_numpy(w.value) for w in layer.weights])
+        return ours
 
     # ------------------------------------------------------------------- call
     def __call__(

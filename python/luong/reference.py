@@ -104,7 +104,8 @@ def _as_bool(mask: ArrayLike, name: str) -> np.ndarray:
     if arr.dtype.kind not in "biuf":
         raise TypeError(f"{name} must be a bool or numeric array, got dtype {arr.dtype}")
     # Keras applies logical_not to the mask: any non-zero number (also nan) means keep.
-    return arr != 0
+    keep: np.ndarray = arr != 0
+    return keep
 
 
 def _check_shapes(q: np.ndarray, v: np.ndarray, k: np.ndarray) -> None:
@@ -141,12 +142,14 @@ def _calculate_scores(
         scores = np.matmul(q, np.swapaxes(k, -2, -1))
         if scale is not None:
             scores = scores * dt.type(scale)
-        return scores
+        dot: np.ndarray = scores
+        return dot
     # concat: (..., Tq, 1, D) + (..., 1, Tv, D) -> (..., Tq, Tv, D), as Keras builds it.
     summed = q[..., :, None, :] + k[..., None, :, :]
     if scale is not None:
         summed = dt.type(scale) * summed
-    return dt.type(concat_score_weight) * np.sum(np.tanh(summed), axis=-1)
+    concat: np.ndarray = dt.type(concat_score_weight) * np.sum(np.tanh(summed), axis=-1)
+    return concat
 
 
 def _calculate_score_mask(
@@ -202,4 +205,5 @@ def _masked_softmax(scores: np.ndarray, keep: np.ndarray | None) -> np.ndarray:
         bias = 65504.0 if scores.dtype == np.float16 else 1.0e9
         scores = np.where(keep, scores, scores - scores.dtype.type(bias))
     e = np.exp(scores - np.max(scores, axis=-1, keepdims=True))
-    return e / np.sum(e, axis=-1, keepdims=True)
+    weights: np.ndarray = e / np.sum(e, axis=-1, keepdims=True)
+    return weights
