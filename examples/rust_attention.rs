@@ -39,8 +39,14 @@ fn main() -> Result<(), AttentionError> {
         let saved = attn.forward_saved(query.view(), value.view(), None, &masks)?;
         let diff = &saved.output - &target;
         let loss = 0.5 * diff.iter().map(|x| x * x).sum::<f32>();
-        let grads =
-            attn.backward_saved(query.view(), value.view(), None, &masks, &saved, diff.view())?;
+        let grads = attn.backward_saved(
+            query.view(),
+            value.view(),
+            None,
+            &masks,
+            &saved,
+            diff.view(),
+        )?;
         query.scaled_add(-0.5, &grads.query);
         println!("step {step}: loss {loss:.5}");
     }

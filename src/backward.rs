@@ -87,6 +87,8 @@ pub struct BackCtx<'a, 'm, T> {
     pub(crate) stats: ArrayView3<'a, T>,
     /// `(B, Tq)`: `Δ_i = dO_i · O_i`.
     pub(crate) delta: ArrayView2<'a, T>,
+    /// `(B, D)`: each batch element's mean key, the centre for dQ (see `key_means`).
+    pub(crate) key_mean: Array2<T>,
     pub(crate) masks: &'a Masks<'m>,
     pub(crate) p: ScoreParams<T>,
     pub(crate) dropout: Option<(DropoutMask, T)>,
@@ -156,8 +158,13 @@ impl<T: Float> BackCtx<'_, '_, T> {
     }
 
     /// Concat's per-term gradients for `dS (r, c)` of query rows `qs` against keys `ks`: adds
-    /// `dS_ij · w · scale · (1 - t²)` into `dq` (rows of qs) and `dk` (rows of ks), and returns
-    /// (d scale, d weight) summed over the block.
+    /// `dS_ij · w · scale · (1 - t²)` into `dk` (rows of ks) and `-dS_ij · w · scale · t²` into
+    /// `dq` (rows of qs), and returns (d scale, d weight) summed over the block.
+    ///
+    /// Why `-t²` for dQ: each row of dS sums to 0 (`Σ_j p_ij (dP_ij - Δ_i) = 0`), so the `1` of
+    /// `1 - t²` contributes nothing to `dQ_i = Σ_j dS_ij w s (1 - t²_ij)`, exactly, but in
+    /// floating point it carries `Δ_i`'s rounding into the sum; at small scores (t ≈ 0) that
+    /// was most of the result (float32 query gradients 1e-3 off float64; without it 2e-5).
     fn concat_terms(
         &self,
         ds: ArrayView2<'_, T>,
@@ -176,9 +183,9 @@ impl<T: Float> BackCtx<'_, '_, T> {
                 let x = qi[d] + kj[d];
                 let t = (s * x).tanh();
                 let dt = T::one() - t * t;
-                let term = g * w * s * dt;
-                dq[[i, d]] = dq[[i, d]] + term;
-                dk[[j, d]] = dk[[j, d]] + term;
+                let gws = g * w * s;
+                dq[[i, d]] = dq[[i, d]] - gws * (t * t);
+                dk[[j, d]] = dk[[j, d]] + gws * dt;
                 sum_t = sum_t + t;
                 sum_scale = sum_scale + dt * x;
             }
@@ -258,8 +265,10 @@ impl<T: Float> BackCtx<'_, '_, T> {
                 match self.p.mode {
                     ScoreMode::Dot => {
                         dk_blk.scaled_add(T::one(), &ds.t().dot(&qs));
+                        // Centred keys: see `key_means`.
+                        let centred = &ks - &self.key_mean.row(b);
                         let mut dq_rows = dq.slice_mut(s![i0..i1, ..]);
-                        dq_rows.scaled_add(T::one(), &ds.dot(&ks));
+                        dq_rows.scaled_add(T::one(), &ds.dot(&centred));
                         if self.p.scale.is_some() {
                             d_scale += Zip::from(&ds)
                                 .and(&raw)
@@ -318,6 +327,29 @@ fn causal_skip<T: Float>(ctx: &BackCtx<'_, '_, T>, b: usize) -> bool {
                 .keys_of_row(b, i)
                 .is_none_or(|k| k.slice(s![..visible]).iter().any(|&x| x))
         })
+}
+
+/// Each batch element's mean key `(B, D)`, summed in f64. dQ uses the keys minus it:
+/// `dQ_i = s Σ_j dS_ij k_j = s Σ_j dS_ij (k_j - k̄)` exactly, because each row of dS sums to 0
+/// (`Σ_j p_ij (dP_ij - Δ_i) = 0`); in floating point the centred form keeps `Δ_i`'s rounding
+/// (it comes from the saved output, not from this row's own sum) from being multiplied by the
+/// keys' common part, which dominates when the keys share a large mean.
+fn key_means<T: Float>(k: ArrayView3<'_, T>) -> Array2<T> {
+    let (batch, tv, d) = k.dim();
+    let mut out = Array2::zeros((batch, d));
+    for (b, mut row) in out.axis_iter_mut(Axis(0)).enumerate() {
+        // Blocks of 64 keys summed in T (vectorised), the block sums in f64.
+        let mut sum = vec![0.0f64; d];
+        for block in k.index_axis(Axis(0), b).axis_chunks_iter(Axis(0), 64) {
+            let part = block.sum_axis(Axis(0));
+            sum.iter_mut().zip(part).for_each(|(s, x)| *s += to_f64(x));
+        }
+        let n = tv.max(1) as f64;
+        row.iter_mut()
+            .zip(&sum)
+            .for_each(|(m, &s)| *m = T::of(s / n));
+    }
+    out
 }
 
 /// The key ranges batch elements are split into: `splits` ranges of whole key blocks.
@@ -440,15 +472,10 @@ impl Attention {
         let pool = (flops >= SERIAL_FLOPS && pool.current_num_threads() > 1).then_some(&*pool);
         // Δ_i = dO_i · O_i (= Σ_j p_ij dP_ij): one dot product per row.
         let delta_of = |b: usize| -> Vec<T> {
-            let (o, g) = (
-                saved_output.index_axis(Axis(0), b),
+            T::row_dots(
                 dout.index_axis(Axis(0), b),
-            );
-            o.rows()
-                .into_iter()
-                .zip(g.rows())
-                .map(|(o, g)| o.dot(&g))
-                .collect()
+                saved_output.index_axis(Axis(0), b),
+            )
         };
         let deltas: Vec<Vec<T>> = match pool {
             Some(p) => p.install(|| (0..batch).into_par_iter().map(delta_of).collect()),
@@ -462,6 +489,7 @@ impl Attention {
             dout: dout.view(),
             stats: saved_stats,
             delta: delta.view(),
+            key_mean: key_means(k.as_ref().map_or(v.view(), |k| k.view())),
             masks,
             p: ScoreParams::of(self),
             dropout: self

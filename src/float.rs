@@ -56,6 +56,16 @@ pub trait Float:
         ctx.portable_item(b, keys, grads)
     }
 
+    /// `out[i] = a_i · b_i` for the rows of two `(n, d)` arrays (the backward's `Δ = dO · O`).
+    #[doc(hidden)]
+    fn row_dots(a: ndarray::ArrayView2<'_, Self>, b: ndarray::ArrayView2<'_, Self>) -> Vec<Self> {
+        a.rows()
+            .into_iter()
+            .zip(b.rows())
+            .map(|(x, y)| x.dot(&y))
+            .collect()
+    }
+
     /// Takes back a call's prepared buffers for reuse.
     #[doc(hidden)]
     fn recycle(_packed: Vec<Self>) {}
@@ -98,6 +108,9 @@ impl Float for f32 {
     }
     fn recycle(packed: Vec<f32>) {
         kernel::recycle_f32(packed)
+    }
+    fn row_dots(a: ndarray::ArrayView2<'_, f32>, b: ndarray::ArrayView2<'_, f32>) -> Vec<f32> {
+        kernel::backward::row_dots_f32(a, b)
     }
     fn backward_item(
         ctx: &BackCtx<'_, '_, f32>,

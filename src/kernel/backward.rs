@@ -21,6 +21,10 @@ use crate::backward::{BackCtx, ItemGrads, Partials, KEY_BLOCK, ROW_CHUNK};
 use crate::mask::mask_cols;
 use crate::shape::Dims;
 
+/// Query rows per sub-chunk of the `Wᵀ · dO` and `dSᵀ · Q` products: 128 rows of 64 floats are
+/// 32 KiB, inside L1 (48 KiB).
+const TA_ROWS: usize = 128;
+
 /// Runs one backward item on the f32 fast path, or the portable item where it does not apply
 /// (concat mode, no SIMD, empty dims).
 pub(crate) fn item_f32(
@@ -90,6 +94,10 @@ unsafe fn item_simd<S: simd::Simd, const NVS: usize, const NVC: usize>(
     let kb = KEY_BLOCK;
     let panels = kb.div_ceil(nr);
     let mut kt = vec![0.0f32; panels * d * nr];
+    // The key block minus the batch element's mean key, for dQ (`backward::key_means`).
+    let mut kc = vec![0.0f32; kb * d];
+    let mean = ctx.key_mean.row(b);
+    let mean = mean.as_slice().expect("fresh arrays are standard");
     let mut vt = vec![0.0f32; panels * dv * nr];
     let ch = ROW_CHUNK.min(tq.max(1));
     let (mut raw, mut p, mut ds) = (
@@ -123,6 +131,12 @@ unsafe fn item_simd<S: simd::Simd, const NVS: usize, const NVC: usize>(
             &mut vt[..c.div_ceil(nr) * dv * nr],
             |x| x,
         );
+        for (jj, row) in kc.chunks_exact_mut(d).take(c).enumerate() {
+            let key = std::slice::from_raw_parts(k.as_ptr().add((j0 + jj) * k_ld), d);
+            for ((x, &kx), &m) in row.iter_mut().zip(key).zip(mean) {
+                *x = kx - m;
+            }
+        }
         let dk_blk = g.dk.as_mut_ptr().add((j0 - keys.start) * d);
         let dv_blk = g.dv.as_mut_ptr().add((j0 - keys.start) * dv);
         let mut i0 = ctx.first_row(b, j0);
@@ -215,39 +229,23 @@ unsafe fn item_simd<S: simd::Simd, const NVS: usize, const NVC: usize>(
                 }
             };
             let dot = gemm::Dot { scale: None };
-            let g_dv = plain(
-                p.as_ptr(),
-                kb,
-                c,
-                r,
-                dout.as_ptr().add(i0 * do_ld),
-                do_ld,
-                dv,
-                dv_blk,
-            );
-            gemm::gemm_with::<S, _, NVC, true, true>(&g_dv, dot, mr);
-            let g_dk = plain(
-                ds.as_ptr(),
-                kb,
-                c,
-                r,
-                q.as_ptr().add(i0 * q_ld),
-                q_ld,
-                d,
-                dk_blk,
-            );
-            gemm::gemm_with::<S, _, NVC, true, true>(&g_dk, dot, mr);
+            // The rows go in sub-chunks of TA_ROWS so the dO and Q rows a sub-chunk reads stay
+            // in L1 while every tile of the key block passes over them (as the forward's
+            // combine); each accumulator is still one sequential chain over the rows.
+            let mut s0 = 0;
+            while s0 < r {
+                let n_rows = TA_ROWS.min(r - s0);
+                let (w_at, ds_at) = (p.as_ptr().add(s0 * kb), ds.as_ptr().add(s0 * kb));
+                let do_at = dout.as_ptr().add((i0 + s0) * do_ld);
+                let g_dv = plain(w_at, kb, c, n_rows, do_at, do_ld, dv, dv_blk);
+                gemm::gemm_with::<S, _, NVC, true, true>(&g_dv, dot, mr);
+                let q_at = q.as_ptr().add((i0 + s0) * q_ld);
+                let g_dk = plain(ds_at, kb, c, n_rows, q_at, q_ld, d, dk_blk);
+                gemm::gemm_with::<S, _, NVC, true, true>(&g_dk, dot, mr);
+                s0 += n_rows;
+            }
             let dq_rows = g.dq.as_mut_ptr().add(i0 * d);
-            let g_dq = plain(
-                ds.as_ptr(),
-                kb,
-                r,
-                c,
-                k.as_ptr().add(j0 * k_ld),
-                k_ld,
-                d,
-                dq_rows,
-            );
+            let g_dq = plain(ds.as_ptr(), kb, r, c, kc.as_ptr(), d, d, dq_rows);
             gemm::gemm_with::<S, _, NVC, false, true>(&g_dq, dot, mr);
             i0 += r;
         }
@@ -317,4 +315,59 @@ unsafe fn weights_and_ds<S: simd::Simd>(
     } else {
         0.0
     }
+}
+
+/// `out[i] = dO_i · O_i`, each a sequential FMA chain over the features in order: the order in
+/// which the products compute `dP_ij = dO_i · v_j`. Where a row sees one key (weight exactly 1,
+/// so `O_i` is that value row, bit for bit) `Δ_i` then equals `dP_ij` exactly and the row's dS
+/// is exactly 0, as it is mathematically; in general the two roundings stay alike. Eight rows
+/// at a time hide the FMA latency. Falls back to ndarray's dot without FMA.
+pub(crate) fn row_dots_f32(
+    d_out: ndarray::ArrayView2<'_, f32>,
+    out: ndarray::ArrayView2<'_, f32>,
+) -> Vec<f32> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if Isa::detect() != Isa::Scalar && is_x86_feature_detected!("fma") {
+            // SAFETY: FMA was detected just above.
+            return unsafe { row_dots_fma(d_out, out) };
+        }
+    }
+    d_out
+        .rows()
+        .into_iter()
+        .zip(out.rows())
+        .map(|(a, b)| a.dot(&b))
+        .collect()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "fma")]
+unsafe fn row_dots_fma(
+    a: ndarray::ArrayView2<'_, f32>,
+    b: ndarray::ArrayView2<'_, f32>,
+) -> Vec<f32> {
+    const ROWS: usize = 8;
+    let (n, d) = a.dim();
+    let mut result = vec![0.0f32; n];
+    let (a, b) = (a.as_standard_layout(), b.as_standard_layout());
+    let (a, b) = (
+        a.as_slice().expect("standard layout"),
+        b.as_slice().expect("standard layout"),
+    );
+    if d == 0 {
+        return result;
+    }
+    for ((out, ra), rb) in result
+        .chunks_mut(ROWS)
+        .zip(a.chunks(ROWS * d))
+        .zip(b.chunks(ROWS * d))
+    {
+        for kk in 0..d {
+            for (r, acc) in out.iter_mut().enumerate() {
+                *acc = ra[r * d + kk].mul_add(rb[r * d + kk], *acc);
+            }
+        }
+    }
+    result
 }

@@ -157,24 +157,9 @@ UNSATURATED = [
     and not has_fully_masked_row(c, make_inputs(c))
     and not (c.query_mask == "allmasked" and c.leading_dims == 0)  # every gradient 0
 ][:8]
-# Known misses, of luong's kernel (not the bridge: its gradients are luong's, bit for bit, see
-# above): concat mode at magnitude 0.1 with 64 features and 65 keys, luong's float32 query
-# gradient is 1.2e-3 of its largest entry off float64 (case 1092; JAX's float32 autodiff:
-# 2.2e-5); within test_vjp.py's rule (C = 8 units), not within 2e-4. (Cases 1039 and 1093 of
-# the matrix, not run here, miss by 7.8e-4 and 8.0e-4.)
-KNOWN_FLOAT32_MISSES = {1039, 1092, 1093}
 
 
-@pytest.mark.parametrize(
-    "case",
-    [
-        pytest.param(c, marks=pytest.mark.xfail(reason="luong's float32 concat query gradient"))
-        if c.seed in KNOWN_FLOAT32_MISSES
-        else c
-        for c in UNSATURATED
-    ],
-    ids=lambda c: c.id,
-)
+@pytest.mark.parametrize("case", UNSATURATED, ids=lambda c: c.id)
 def test_float32_gradients_within_2e_4_of_jax_float64(case: Case) -> None:
     inputs = make_inputs(case)
     p = params(case, inputs, "float32")
