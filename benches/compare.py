@@ -209,7 +209,14 @@ def rows_training(calls: int) -> list[dict[str, Any]]:
             return torch.autograd.grad(out, (tq, tk, tv), td)
 
         fns["torch SDPA autograd"] = torch_fb
-    return [measure("forward + backward", shape, ours, [fns], calls)]
+    # The backward alone (from one vjp's saved statistics) against luong's own forward: the
+    # ratio is forward / backward (the training issue's goal: backward <= 2.5x the forward).
+    _, saved_backward = layer.vjp([q, v, k])
+    alone = {"luong forward": lambda: layer([q, v, k])}
+    return [
+        measure("forward + backward", shape, ours, [fns], calls),
+        measure("backward alone", shape, lambda: saved_backward(d_out), [alone], calls),
+    ]
 
 
 def rows_small(calls: int) -> list[dict[str, Any]]:
