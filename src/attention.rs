@@ -169,6 +169,14 @@ impl Attention {
         want_stats: bool,
     ) -> Result<(Output<T>, Option<Array3<T>>)> {
         let (dims, query, value, key) = self.checked(query, value, key, masks)?;
+        let flops = (dims.batch * dims.tq)
+            .saturating_mul(dims.tv)
+            .saturating_mul(2 * (dims.d + dims.dv) + 8);
+        let pool = crate::pool::pool()?;
+        let parallel = flops >= SERIAL_FLOPS && pool.current_num_threads() > 1;
+        if parallel {
+            wake(&pool);
+        }
         let mut output = zeros::<T>([dims.batch, dims.tq, dims.dv], "output")?;
         let mut scores = match self.return_scores {
             true => Some(zeros::<T>([dims.batch, dims.tq, dims.tv], "scores")?),
@@ -194,11 +202,6 @@ impl Attention {
             isa: self.effective_isa(),
             normalize: self.return_scores,
         };
-        let flops = (dims.batch * dims.tq)
-            .saturating_mul(dims.tv)
-            .saturating_mul(2 * (dims.d + dims.dv) + 8);
-        let pool = crate::pool::pool()?;
-        let parallel = flops >= SERIAL_FLOPS && pool.current_num_threads() > 1;
         T::prepare_fast(&mut ctx, parallel.then_some(&*pool));
         run_items(
             &ctx,
@@ -294,6 +297,13 @@ pub(crate) fn with_folded<T: Float, R>(
         masks: &folded,
     };
     f(&plan, call)
+}
+
+/// Wakes the pool's sleeping workers without waiting for them, so they are up by the time the
+/// call's first parallel step needs them: on this VM a worker woken by that step (after the
+/// pool sat idle, e.g. between a service's requests) took up to ~0.5 ms to join.
+pub(crate) fn wake(pool: &rayon::ThreadPool) {
+    pool.spawn_broadcast(|_| {});
 }
 
 /// A fresh `(B, ...)` result reshaped to its N-D shape (no copy: fresh arrays are standard).

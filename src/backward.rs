@@ -470,6 +470,9 @@ impl Attention {
             .saturating_mul(tv)
             .saturating_mul(4 * d + 6 * dv + 8);
         let pool = (flops >= SERIAL_FLOPS && pool.current_num_threads() > 1).then_some(&*pool);
+        if let Some(pool) = pool {
+            crate::attention::wake(pool);
+        }
         // Δ_i = dO_i · O_i (= Σ_j p_ij dP_ij): one dot product per row.
         let delta_of = |b: usize| -> Vec<T> {
             T::row_dots(
