@@ -10,6 +10,8 @@
 //! per-thread scratch buffer (or straight in the returned scores array), so the bits of every
 //! result are the same for any thread count and any block size.
 
+use std::mem::MaybeUninit;
+
 use ndarray::{
     Array3, ArrayD, ArrayView3, ArrayViewD, ArrayViewMut2, ArrayViewMut3, Axis, CowArray, Ix2, Ix3,
     IxDyn,
@@ -177,13 +179,15 @@ impl Attention {
         if parallel {
             wake(&pool);
         }
-        let mut output = zeros::<T>([dims.batch, dims.tq, dims.dv], "output")?;
+        // Uninitialised: each work item zeroes and then writes its own rows (in parallel,
+        // while they are in cache), instead of this thread zeroing them all first.
+        let mut output = uninit::<T>([dims.batch, dims.tq, dims.dv], "output")?;
         let mut scores = match self.return_scores {
-            true => Some(zeros::<T>([dims.batch, dims.tq, dims.tv], "scores")?),
+            true => Some(uninit::<T>([dims.batch, dims.tq, dims.tv], "scores")?),
             false => None,
         };
         let mut stats = match want_stats {
-            true => Some(zeros::<T>([dims.batch, dims.tq, 2], "row statistics")?),
+            true => Some(uninit::<T>([dims.batch, dims.tq, 2], "row statistics")?),
             false => None,
         };
         let mut ctx = Ctx {
@@ -213,6 +217,16 @@ impl Attention {
             },
         );
         T::recycle(ctx.packed);
+        // SAFETY: the work items cover every row of the three arrays (`run_items` splits all
+        // B · Tq rows among them) and each initialises its rows (`init`) before the kernel
+        // writes them.
+        let (output, scores, stats) = unsafe {
+            (
+                output.assume_init(),
+                scores.map(|s| s.assume_init()),
+                stats.map(|s| s.assume_init()),
+            )
+        };
         Ok((Output { output, scores }, stats))
     }
 
@@ -319,9 +333,32 @@ pub(crate) fn unfold<T, D: ndarray::Dimension>(
 /// on the pool when given, else on the calling thread. The split never changes the results.
 /// The arrays a forward writes: output, and optionally the weights and the row statistics.
 struct Outputs<'a, T> {
-    output: ArrayViewMut3<'a, T>,
-    scores: Option<ArrayViewMut3<'a, T>>,
-    stats: Option<ArrayViewMut3<'a, T>>,
+    output: ArrayViewMut3<'a, MaybeUninit<T>>,
+    scores: Option<ArrayViewMut3<'a, MaybeUninit<T>>>,
+    stats: Option<ArrayViewMut3<'a, MaybeUninit<T>>>,
+}
+
+/// An uninitialised array, or [`AttentionError::TooLarge`] when it cannot be allocated.
+fn uninit<T: Float>(shape: [usize; 3], what: &'static str) -> Result<Array3<MaybeUninit<T>>> {
+    let n = checked_len(&shape, what)?;
+    let mut data: Vec<MaybeUninit<T>> = Vec::new();
+    data.try_reserve_exact(n)
+        .map_err(|_| AttentionError::TooLarge {
+            what,
+            shape: shape.to_vec(),
+        })?;
+    // SAFETY: MaybeUninit needs no initialisation, and the capacity is n.
+    unsafe { data.set_len(n) };
+    Ok(Array3::from_shape_vec(shape, data).expect("length matches shape"))
+}
+
+/// Zeroes a work item's rows and hands them out as initialised floats.
+fn init<T: Float>(rows: &mut [MaybeUninit<T>]) -> &mut [T] {
+    for x in rows.iter_mut() {
+        x.write(T::zero());
+    }
+    // SAFETY: every element was just written, and MaybeUninit<T> has T's layout.
+    unsafe { &mut *(rows as *mut [MaybeUninit<T>] as *mut [T]) }
 }
 
 /// Splits `rest` (rows of a 2-D array, when present) after its first `rows` rows.
@@ -370,20 +407,16 @@ fn run_items<T: Float>(
             i0 += rows;
         }
     }
-    type Job<'a, T> = (
-        Item,
-        ArrayViewMut2<'a, T>,
-        Option<ArrayViewMut2<'a, T>>,
-        Option<ArrayViewMut2<'a, T>>,
-    );
+    type Rows<'a, T> = ArrayViewMut2<'a, MaybeUninit<T>>;
+    type Job<'a, T> = (Item, Rows<'a, T>, Option<Rows<'a, T>>, Option<Rows<'a, T>>);
     let work = |scratch: &mut Vec<T>, (item, mut out, sc, mut st): Job<'_, T>| {
-        let out = out.as_slice_mut().expect("standard layout");
+        let out = init(out.as_slice_mut().expect("standard layout"));
         let st = st
             .as_mut()
-            .map(|s| s.as_slice_mut().expect("standard layout"));
+            .map(|s| init(s.as_slice_mut().expect("standard layout")));
         match sc {
             Some(mut sc) => {
-                let sc = sc.as_slice_mut().expect("standard layout");
+                let sc = init(sc.as_slice_mut().expect("standard layout"));
                 T::attend_block(ctx, item, sc, out, st)
             }
             None => {
