@@ -339,7 +339,10 @@ struct Outputs<'a, T> {
 }
 
 /// An uninitialised array, or [`AttentionError::TooLarge`] when it cannot be allocated.
-fn uninit<T: Float>(shape: [usize; 3], what: &'static str) -> Result<Array3<MaybeUninit<T>>> {
+pub(crate) fn uninit<T: Float>(
+    shape: [usize; 3],
+    what: &'static str,
+) -> Result<Array3<MaybeUninit<T>>> {
     let n = checked_len(&shape, what)?;
     let mut data: Vec<MaybeUninit<T>> = Vec::new();
     data.try_reserve_exact(n)
@@ -353,7 +356,7 @@ fn uninit<T: Float>(shape: [usize; 3], what: &'static str) -> Result<Array3<Mayb
 }
 
 /// Zeroes a work item's rows and hands them out as initialised floats.
-fn init<T: Float>(rows: &mut [MaybeUninit<T>]) -> &mut [T] {
+pub(crate) fn init<T: Float>(rows: &mut [MaybeUninit<T>]) -> &mut [T] {
     for x in rows.iter_mut() {
         x.write(T::zero());
     }

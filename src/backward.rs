@@ -26,6 +26,7 @@
 //! portable item below (ndarray products) is the readable reference, used for f64, concat mode
 //! and CPUs without AVX2, and tests hold the two equal.
 
+use std::mem::MaybeUninit;
 use std::ops::Range;
 
 use ndarray::{
@@ -34,7 +35,7 @@ use ndarray::{
 };
 use rayon::prelude::*;
 
-use crate::attention::{unfold, with_folded, zeros, MasksNd, Saved};
+use crate::attention::{init, unfold, uninit, with_folded, MasksNd, Saved};
 use crate::config::{Attention, ScoreMode};
 use crate::dropout::DropoutMask;
 use crate::error::{AttentionError, Result};
@@ -510,17 +511,19 @@ impl Attention {
             .div_ceil(batch.max(1))
             .clamp(1, tv.div_ceil(KEY_BLOCK).max(1));
         let ranges = key_ranges(tv, splits);
-        let mut dq = zeros::<T>([batch, tq, d], "query gradient")?;
-        let mut dk = zeros::<T>([batch, tv, d], "key gradient")?;
-        let mut dvv = zeros::<T>([batch, tv, dv], "value gradient")?;
+        // Uninitialised: each item zeroes its own parts (in parallel) before accumulating.
+        let mut dq = uninit::<T>([batch, tq, d], "query gradient")?;
+        let mut dk = uninit::<T>([batch, tv, d], "key gradient")?;
+        let mut dvv = uninit::<T>([batch, tv, dv], "value gradient")?;
         let mut parts = match splits {
             1 => None,
-            _ => Some(zeros::<T>(
+            _ => Some(uninit::<T>(
                 [batch * splits, tq, d],
                 "query gradient shares",
             )?),
         };
-        let mut jobs: Vec<(usize, Range<usize>, ItemGrads<'_, T>)> = Vec::new();
+        type Parts<'a, T> = [&'a mut [MaybeUninit<T>]; 3];
+        let mut jobs: Vec<(usize, Range<usize>, Parts<'_, T>)> = Vec::new();
         {
             let dq_target = parts.as_mut().unwrap_or(&mut dq);
             let mut dq_rest = dq_target.as_slice_mut().expect("fresh arrays are standard");
@@ -534,37 +537,49 @@ impl Attention {
                     dk_rest = tail;
                     let (gv, tail) = std::mem::take(&mut dv_rest).split_at_mut(r.len() * dv);
                     dv_rest = tail;
-                    let grads = ItemGrads {
-                        dq: gq,
-                        dk: gk,
-                        dv: gv,
-                    };
-                    jobs.push((b, r.clone(), grads));
+                    jobs.push((b, r.clone(), [gq, gk, gv]));
                 }
             }
         }
-        let run = |(b, keys, g): (usize, Range<usize>, ItemGrads<'_, T>)| {
+        let run = |(b, keys, [gq, gk, gv]): (usize, Range<usize>, Parts<'_, T>)| {
+            let g = ItemGrads {
+                dq: init(gq),
+                dk: init(gk),
+                dv: init(gv),
+            };
             T::backward_item(&ctx, b, keys, g)
         };
         let partials: Vec<Partials> = match pool {
             Some(p) => p.install(|| jobs.into_par_iter().map(run).collect()),
             None => jobs.into_iter().map(run).collect(),
         };
-        if let Some(parts) = &parts {
+        // SAFETY: the items cover every (b, key range), so every element of dk, dv and of dq
+        // (one item per batch element) or of the shares was initialised (`init`) and written.
+        let (mut dk, mut dvv) = unsafe { (dk.assume_init(), dvv.assume_init()) };
+        let parts = parts.map(|p| unsafe { p.assume_init() });
+        let mut dq = if let Some(parts) = &parts {
             // dQ of a split batch element: its shares summed in key order.
             let parts = parts.as_slice().expect("fresh arrays are standard");
-            let sum_shares = |(b, out): (usize, &mut [T])| {
+            let sum_shares = |(b, out): (usize, &mut [MaybeUninit<T>])| {
+                let out = init(out);
                 for g in 0..splits {
                     let share = &parts[(b * splits + g) * tq * d..][..tq * d];
                     out.iter_mut().zip(share).for_each(|(o, &x)| *o = *o + x);
                 }
             };
-            let dq = dq.as_slice_mut().expect("fresh arrays are standard");
+            let rows = dq.as_slice_mut().expect("fresh arrays are standard");
             match pool {
-                Some(p) => p.install(|| dq.par_chunks_mut(tq * d).enumerate().for_each(sum_shares)),
-                None => dq.chunks_mut(tq * d).enumerate().for_each(sum_shares),
+                Some(p) => {
+                    p.install(|| rows.par_chunks_mut(tq * d).enumerate().for_each(sum_shares))
+                }
+                None => rows.chunks_mut(tq * d).enumerate().for_each(sum_shares),
             }
-        }
+            // SAFETY: every batch element's rows were initialised by `sum_shares`.
+            unsafe { dq.assume_init() }
+        } else {
+            // SAFETY: one item per batch element initialised its whole (Tq, D) block.
+            unsafe { dq.assume_init() }
+        };
         if let (ScoreMode::Dot, Some(s)) = (self.mode, ScoreParams::<T>::of(self).scale) {
             dq.mapv_inplace(|x| x * s);
             dk.mapv_inplace(|x| x * s);
