@@ -12,7 +12,12 @@ use pyo3::prelude::*;
 
 use half::{bf16, f16};
 
-use crate::{Attention, AttentionError, Dropout, Float, Half, MasksNd, SavedView, ScoreMode};
+use ndarray::ArrayViewD;
+
+use crate::{
+    Attention, AttentionError, Dropout, Float, GradientsNd, Half, MasksNd, OutputNd, SavedView,
+    ScoreMode,
+};
 
 fn to_py(e: AttentionError) -> PyErr {
     match e {
@@ -73,20 +78,34 @@ type Grads<'py> = (
 );
 
 /// An element type arrays are borrowed as, with its NumPy name for error messages.
-trait Named: numpy::Element {
+trait Named: numpy::Element + Send + Sync {
     const DTYPE: &'static str;
+    /// The value as a Python float.
+    fn wide(self) -> f64;
 }
 impl Named for f32 {
     const DTYPE: &'static str = "float32";
+    fn wide(self) -> f64 {
+        f64::from(self)
+    }
 }
 impl Named for f64 {
     const DTYPE: &'static str = "float64";
+    fn wide(self) -> f64 {
+        self
+    }
 }
 impl Named for f16 {
     const DTYPE: &'static str = <f16 as Half>::NAME;
+    fn wide(self) -> f64 {
+        f64::from(self.to_f32())
+    }
 }
 impl Named for bf16 {
     const DTYPE: &'static str = <bf16 as Half>::NAME;
+    fn wide(self) -> f64 {
+        f64::from(self.to_f32())
+    }
 }
 
 /// Borrows `a` as an array of `T`, or a TypeError naming the argument.
@@ -152,68 +171,54 @@ impl<'py, T: Named> Borrowed<'py, T> {
     }
 }
 
-/// Runs the forward on half-precision arrays of `H` (computed in f32), with the GIL released.
-fn run_half<'py, H: Half + Named>(
+/// The call's views and masks, as the Rust API takes them.
+type Views<'v, E> = (
+    ArrayViewD<'v, E>,
+    ArrayViewD<'v, E>,
+    Option<ArrayViewD<'v, E>>,
+    &'v MasksNd<'v>,
+);
+
+/// Borrows the inputs as arrays of `E` (TypeError naming the argument otherwise) and runs `f` on
+/// their views with the GIL released: every entry point goes through here.
+fn with_views<'py, E: Named, R: Send>(
     py: Python<'py>,
-    attn: &Attention,
     inputs: Inputs<'_, 'py>,
     masks: MaskArrays<'py>,
     causal: bool,
-) -> PyResult<Arrays<'py>> {
-    let a = Borrowed::<H>::new(inputs, masks)?;
-    let (q, v, k) = (
+    f: impl for<'v> FnOnce(Views<'v, E>) -> crate::Result<R> + Send,
+) -> PyResult<R> {
+    let a = Borrowed::<E>::new(inputs, masks)?;
+    let masks = a.masks(causal);
+    let views = (
         a.query.as_array(),
         a.value.as_array(),
         a.key.as_ref().map(|k| k.as_array()),
+        &masks,
     );
-    let masks = a.masks(causal);
-    let out = py
-        .detach(|| attn.forward_nd_half(q, v, k, &masks))
-        .map_err(to_py)?;
-    Ok((
-        out.output.into_pyarray(py).into_any(),
-        out.scores.map(|s| s.into_pyarray(py).into_any()),
-    ))
+    py.detach(|| f(views)).map_err(to_py)
 }
 
-/// Runs the backward on half-precision arrays of `H` (computed in f32; the forward reruns).
-fn run_backward_half<'py, H: Half + Named>(
-    py: Python<'py>,
-    attn: &Attention,
-    inputs: Inputs<'_, 'py>,
-    masks: MaskArrays<'py>,
-    causal: bool,
-    d_output: &Bound<'py, PyAny>,
-) -> PyResult<Grads<'py>> {
-    let a = Borrowed::<H>::new(inputs, masks)?;
-    let dout = read::<H>("d_output", d_output)?;
-    let (q, v, k) = (
-        a.query.as_array(),
-        a.value.as_array(),
-        a.key.as_ref().map(|k| k.as_array()),
-    );
-    let (masks, d) = (a.masks(causal), dout.as_array());
-    let g = py
-        .detach(|| attn.backward_nd_half(q, v, k, &masks, d))
-        .map_err(to_py)?;
-    let mut wide = [0.0f32];
-    let mut f = |x: Option<H>| {
-        x.map(|x| {
-            H::widen(&[x], &mut wide);
-            f64::from(wide[0])
-        })
-    };
-    let (scale, weight) = (f(g.scale), f(g.concat_score_weight));
-    Ok((
+/// A forward's results handed to NumPy without copies.
+fn arrays<E: Named>(py: Python<'_>, out: OutputNd<E>) -> Arrays<'_> {
+    (
+        out.output.into_pyarray(py).into_any(),
+        out.scores.map(|s| s.into_pyarray(py).into_any()),
+    )
+}
+
+/// A backward's results handed to NumPy without copies (the scalars as Python floats).
+fn grads<E: Named>(py: Python<'_>, g: GradientsNd<E>) -> Grads<'_> {
+    (
         g.query.into_pyarray(py).into_any(),
         g.key.map(|k| k.into_pyarray(py).into_any()),
         g.value.into_pyarray(py).into_any(),
-        scale,
-        weight,
-    ))
+        g.scale.map(E::wide),
+        g.concat_score_weight.map(E::wide),
+    )
 }
 
-/// Runs the forward in the compute type `T`, with the GIL released.
+/// Runs the forward in the compute type `T`.
 fn run<'py, T: Float + Named>(
     py: Python<'py>,
     attn: &Attention,
@@ -221,24 +226,28 @@ fn run<'py, T: Float + Named>(
     masks: MaskArrays<'py>,
     causal: bool,
 ) -> PyResult<Arrays<'py>> {
-    let a = Borrowed::<T>::new(inputs, masks)?;
-    let (q, v, k) = (
-        a.query.as_array(),
-        a.value.as_array(),
-        a.key.as_ref().map(|k| k.as_array()),
-    );
-    let masks = a.masks(causal);
-    let out = py
-        .detach(|| attn.forward_nd(q, v, k, &masks))
-        .map_err(to_py)?;
-    Ok((
-        out.output.into_pyarray(py).into_any(),
-        out.scores.map(|s| s.into_pyarray(py).into_any()),
-    ))
+    let out = with_views::<T, _>(py, inputs, masks, causal, |(q, v, k, m)| {
+        attn.forward_nd(q, v, k, m)
+    })?;
+    Ok(arrays(py, out))
 }
 
-/// Runs the forward in the compute type `T` and keeps what the backward needs, with the GIL
-/// released: (output, row statistics).
+/// Runs the forward on half-precision arrays of `H` (computed in f32).
+fn run_half<'py, H: Half + Named>(
+    py: Python<'py>,
+    attn: &Attention,
+    inputs: Inputs<'_, 'py>,
+    masks: MaskArrays<'py>,
+    causal: bool,
+) -> PyResult<Arrays<'py>> {
+    let out = with_views::<H, _>(py, inputs, masks, causal, |(q, v, k, m)| {
+        attn.forward_nd_half(q, v, k, m)
+    })?;
+    Ok(arrays(py, out))
+}
+
+/// Runs the forward in the compute type `T` and keeps what the backward needs:
+/// (output, row statistics).
 fn run_saved<'py, T: Float + Named>(
     py: Python<'py>,
     attn: &Attention,
@@ -246,41 +255,25 @@ fn run_saved<'py, T: Float + Named>(
     masks: MaskArrays<'py>,
     causal: bool,
 ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
-    let a = Borrowed::<T>::new(inputs, masks)?;
-    let (q, v, k) = (
-        a.query.as_array(),
-        a.value.as_array(),
-        a.key.as_ref().map(|k| k.as_array()),
-    );
-    let masks = a.masks(causal);
-    let saved = py
-        .detach(|| attn.forward_nd_saved(q, v, k, &masks))
-        .map_err(to_py)?;
+    let saved = with_views::<T, _>(py, inputs, masks, causal, |(q, v, k, m)| {
+        attn.forward_nd_saved(q, v, k, m)
+    })?;
     Ok((
         saved.output.into_pyarray(py).into_any(),
         saved.stats.into_pyarray(py).into_any(),
     ))
 }
 
-/// Runs the backward in the compute type `T`, with the GIL released; with `saved` (the output
-/// and row statistics of `forward_saved`) it skips the forward.
+/// Runs the backward in the compute type `T`; with `saved` (the output and row statistics of
+/// `forward_saved`) it skips the forward.
 fn run_backward<'py, T: Float + Named>(
     py: Python<'py>,
     attn: &Attention,
-    inputs: Inputs<'_, 'py>,
-    masks: MaskArrays<'py>,
-    causal: bool,
+    (inputs, masks, causal): (Inputs<'_, 'py>, MaskArrays<'py>, bool),
     d_output: &Bound<'py, PyAny>,
     saved: Option<(&Bound<'py, PyAny>, &Bound<'py, PyAny>)>,
 ) -> PyResult<Grads<'py>> {
-    let a = Borrowed::<T>::new(inputs, masks)?;
     let dout = read::<T>("d_output", d_output)?;
-    let (q, v, k) = (
-        a.query.as_array(),
-        a.value.as_array(),
-        a.key.as_ref().map(|k| k.as_array()),
-    );
-    let (masks, d) = (a.masks(causal), dout.as_array());
     let saved = match saved {
         None => None,
         Some((o, st)) => Some((read::<T>("saved output", o)?, read::<T>("saved stats", st)?)),
@@ -289,20 +282,27 @@ fn run_backward<'py, T: Float + Named>(
         output: o.as_array(),
         stats: st.as_array(),
     });
-    let g = py
-        .detach(|| match saved {
-            None => attn.backward_nd(q, v, k, &masks, d),
-            Some(saved) => attn.backward_nd_saved(q, v, k, &masks, saved, d),
-        })
-        .map_err(to_py)?;
-    let f = |x: Option<T>| x.and_then(|x| x.to_f64());
-    Ok((
-        g.query.into_pyarray(py).into_any(),
-        g.key.map(|k| k.into_pyarray(py).into_any()),
-        g.value.into_pyarray(py).into_any(),
-        f(g.scale),
-        f(g.concat_score_weight),
-    ))
+    let d = dout.as_array();
+    let g = with_views::<T, _>(py, inputs, masks, causal, |(q, v, k, m)| match saved {
+        None => attn.backward_nd(q, v, k, m, d),
+        Some(saved) => attn.backward_nd_saved(q, v, k, m, saved, d),
+    })?;
+    Ok(grads(py, g))
+}
+
+/// Runs the backward on half-precision arrays of `H` (computed in f32; the forward reruns).
+fn run_backward_half<'py, H: Half + Named>(
+    py: Python<'py>,
+    attn: &Attention,
+    (inputs, masks, causal): (Inputs<'_, 'py>, MaskArrays<'py>, bool),
+    d_output: &Bound<'py, PyAny>,
+) -> PyResult<Grads<'py>> {
+    let dout = read::<H>("d_output", d_output)?;
+    let d = dout.as_array();
+    let g = with_views::<H, _>(py, inputs, masks, causal, |(q, v, k, m)| {
+        attn.backward_nd_half(q, v, k, m, d)
+    })?;
+    Ok(grads(py, g))
 }
 
 fn describe(a: &Bound<'_, PyAny>) -> String {
@@ -396,12 +396,12 @@ fn backward<'py>(
     let inputs = (query, value, key);
     let masks = (query_mask, value_mask);
     let saved = saved.as_ref().map(|(o, s)| (o, s));
-    let causal = options.causal;
+    let call = (inputs, masks, options.causal);
     match kind(query) {
-        Kind::F64 => run_backward::<f64>(py, &attn, inputs, masks, causal, d_output, saved),
-        Kind::F32 => run_backward::<f32>(py, &attn, inputs, masks, causal, d_output, saved),
-        Kind::F16 => run_backward_half::<f16>(py, &attn, inputs, masks, causal, d_output),
-        Kind::Bf16 => run_backward_half::<bf16>(py, &attn, inputs, masks, causal, d_output),
+        Kind::F64 => run_backward::<f64>(py, &attn, call, d_output, saved),
+        Kind::F32 => run_backward::<f32>(py, &attn, call, d_output, saved),
+        Kind::F16 => run_backward_half::<f16>(py, &attn, call, d_output),
+        Kind::Bf16 => run_backward_half::<bf16>(py, &attn, call, d_output),
     }
 }
 
