@@ -49,7 +49,9 @@ use crate::shape::{self, rows_contiguous, Dims};
 /// in L1/L2 while every query row passes over them.
 pub(crate) const KEY_BLOCK: usize = 64;
 
-/// Query rows per chunk: the chunk's scores, weights and dS (`128 × 64` each, 32 KiB in f32).
+/// Query rows per chunk: the chunk's scores, weights and dS (`512 × 64` each, 128 KiB in f32,
+/// in L2). 512 rather than 128: fewer passes over each key block's accumulators; at
+/// (8, 512, 512, 64) on one thread the backward went 14.7 -> 12.0 ms.
 pub(crate) const ROW_CHUNK: usize = 512;
 
 /// Aim for at least this many work items per call: batch elements with fewer are split into

@@ -2,12 +2,13 @@
 //! item's algorithm (`crate::backward`), with its five products on the register-tiled `gemm`.
 //!
 //! Per block of 64 keys `Kc`, `Vc` (both packed transposed once per block) and per chunk of up
-//! to 128 query rows:
+//! to 512 query rows:
 //! 1. `S = Q · Kcᵀ` (the forward's scores tile), then `P = e^((S·scale - max) - ln Σ)` with the
 //!    forward's saved row statistics;
 //! 2. `dP = dO · Vcᵀ`, then `dS = P ⊙ (dP·drop/keep - Δ)` and `W = P·drop/keep`;
 //! 3. `dVc += Wᵀ · dO` and `dKc += dSᵀ · Q` (A read transposed, so W and dS are used as
-//!    stored), and `dQ += dS · Kc` (K rows read in place).
+//!    stored, in sub-chunks of 128 rows that stay in L1), and `dQ += dS · (Kc - k̄)` (a centred
+//!    copy of the key block: see `backward::key_means`).
 //!
 //! Every accumulator is one sequential FMA chain (over the query rows for dK and dV, over the
 //! keys for dQ), so the bits never depend on the chunking; the scale is applied by the caller.
