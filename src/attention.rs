@@ -16,7 +16,6 @@ use ndarray::{
     Array3, ArrayD, ArrayView3, ArrayViewD, ArrayViewMut2, ArrayViewMut3, Axis, CowArray, Ix2, Ix3,
     IxDyn,
 };
-use rayon::prelude::*;
 
 use crate::config::Attention;
 use crate::dropout::DropoutMask;
@@ -429,7 +428,17 @@ fn run_items<T: Float>(
         }
     };
     match pool {
-        Some(pool) => pool.install(|| jobs.into_par_iter().for_each_init(Vec::new, work)),
+        Some(pool) => {
+            // Each job is taken by exactly one thread (the counter hands out each index once).
+            let jobs: Vec<std::sync::Mutex<Option<Job<'_, T>>>> =
+                jobs.into_iter().map(|j| std::sync::Mutex::new(Some(j))).collect();
+            crate::pool::run_indexed(pool, jobs.len(), Vec::new, |scratch, i| {
+                let job = jobs[i].lock().ok().and_then(|mut j| j.take());
+                if let Some(job) = job {
+                    work(scratch, job);
+                }
+            });
+        }
         None => {
             let mut scratch = Vec::new();
             jobs.into_iter().for_each(|job| work(&mut scratch, job));
