@@ -430,8 +430,10 @@ fn run_items<T: Float>(
     match pool {
         Some(pool) => {
             // Each job is taken by exactly one thread (the counter hands out each index once).
-            let jobs: Vec<std::sync::Mutex<Option<Job<'_, T>>>> =
-                jobs.into_iter().map(|j| std::sync::Mutex::new(Some(j))).collect();
+            let jobs: Vec<std::sync::Mutex<Option<Job<'_, T>>>> = jobs
+                .into_iter()
+                .map(|j| std::sync::Mutex::new(Some(j)))
+                .collect();
             crate::pool::run_indexed(pool, jobs.len(), Vec::new, |scratch, i| {
                 let job = jobs[i].lock().ok().and_then(|mut j| j.take());
                 if let Some(job) = job {
