@@ -90,7 +90,8 @@ pub struct BackCtx<'a, 'm, T> {
     pub(crate) stats: ArrayView3<'a, T>,
     /// `(B, Tq)`: `Δ_i = dO_i · O_i`.
     pub(crate) delta: ArrayView2<'a, T>,
-    /// `(B, D)`: each batch element's mean key, the centre for dQ (see `key_means`).
+    /// `(B, D)`: each batch element's mean key, the centre for dQ (see `key_means`); dot mode
+    /// only (empty in concat mode).
     pub(crate) key_mean: Array2<T>,
     pub(crate) masks: &'a Masks<'m>,
     pub(crate) p: ScoreParams<T>,
@@ -495,7 +496,11 @@ impl Attention {
             dout: dout.view(),
             stats: saved_stats,
             delta: delta.view(),
-            key_mean: key_means(k.as_ref().map_or(v.view(), |k| k.view())),
+            // Only dot mode's dQ reads it (concat's drops the constant term instead).
+            key_mean: match self.mode {
+                ScoreMode::Dot => key_means(k.as_ref().map_or(v.view(), |k| k.view())),
+                ScoreMode::Concat => Array2::zeros((0, d)),
+            },
             masks,
             p: ScoreParams::of(self),
             dropout: self

@@ -74,6 +74,15 @@ def variable_dtype(dtype: Any) -> np.dtype:
 HALF = ("float16", "bfloat16")
 
 
+def broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+    """Whether `shape` broadcasts to `target` without growing it (NumPy's rule): how a mask's
+    leading dims must relate to the batch dims. Shared by the JAX and Dask bridges."""
+    try:
+        return bool(np.broadcast_shapes(shape, target) == tuple(target))
+    except ValueError:
+        return False
+
+
 def as_input(x: Any, arg: str, dtype: np.dtype) -> np.ndarray:
     """`x` as an array of the compute dtype: the same array when it already is one (no copy)."""
     a = x if isinstance(x, np.ndarray) else np.asarray(x)

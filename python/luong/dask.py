@@ -187,7 +187,7 @@ def _probe(
         own = 1 if name == "query_mask" or (name == "value_mask" and x.ndim < nb + 2) else 2
         if name.endswith("mask"):
             mask_batch = x.shape[: x.ndim - own]
-            if not _broadcasts_to(mask_batch, batch):
+            if not _run.broadcasts_to(mask_batch, batch):
                 raise ValueError(
                     f"the leading (batch) dims of `{name}` shape {x.shape} do not broadcast to "
                     f"the batch dims {batch} of the inputs ({shapes})"
@@ -200,14 +200,6 @@ def _probe(
         )
     except ValueError as e:
         raise ValueError(f"{e} (checked with zero-size batch dims; the arrays: {shapes})") from e
-
-
-def _broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
-    """Whether `shape` broadcasts to `target` (NumPy's rule, without growing `target`)."""
-    try:
-        return len(shape) <= len(target) and np.broadcast_shapes(shape, target) == target
-    except ValueError:
-        return False
 
 
 def _batch_chunks(inputs: Sequence[da.Array], batch: tuple[int, ...]) -> Chunks:

@@ -352,17 +352,9 @@ def _check_shapes(
         end = scores[-2:-1] if arg == "query_mask" else scores[-tail:]
         if not tail <= len(m) <= len(scores) or tuple(m[len(m) - tail :]) != end:
             raise fail(arg, m, "scores", scores, f"the mask must end in {end}")
-        if not _broadcasts_into(m[: len(m) - tail], batch):
+        if not _run.broadcasts_to(m[: len(m) - tail], batch):
             raise fail(arg, m, "scores", scores, "the leading dims must broadcast to the batch")
     return batch
-
-
-def _broadcasts_into(lead: Shape, batch: Shape) -> bool:
-    """Whether `lead` broadcasts to `batch` without growing it."""
-    try:
-        return np.broadcast_shapes(lead, batch) == batch
-    except ValueError:
-        return False
 
 
 def _as_mask(mask: Any) -> jax.Array | None:

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import dask
+import dask.array as da
 import numpy as np
 import pytest
 
-da = pytest.importorskip("dask.array")
-dask = pytest.importorskip("dask")
-
-import luong  # noqa: E402
-import luong.dask as ld  # noqa: E402
+import luong
+import luong.dask as ld
 
 B1, B2, TQ, TV, D, DV = 6, 4, 5, 7, 3, 2
 
@@ -207,7 +206,7 @@ def test_unknown_chunk_sizes_are_a_value_error() -> None:
 
 
 def test_local_cluster_with_two_worker_processes() -> None:
-    distributed = pytest.importorskip("distributed")
+    import distributed
     x = _inputs(seed=7)
     q = da.from_array(x["query"], chunks=(2, 2, -1, -1))
     kwargs: dict[str, Any] = dict(

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import pytest
 from attention_cases import EPS, assert_close, tolerance_for
 
 import luong
 
-ml_dtypes = pytest.importorskip("ml_dtypes")
 BF16 = np.dtype(ml_dtypes.bfloat16)
 F16 = np.dtype(np.float16)
 HALF = {"float16": F16, "bfloat16": BF16}

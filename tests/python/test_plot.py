@@ -12,15 +12,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.image import imread
 
-matplotlib = pytest.importorskip("matplotlib")
-
-from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.image import imread  # noqa: E402
-
-import luong  # noqa: E402
-from luong.plot import heatmap  # noqa: E402
+import luong
+from luong.plot import heatmap
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

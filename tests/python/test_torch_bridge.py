@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+# PyTorch is optional (a large download CI leaves out): without it these tests skip.
 torch = pytest.importorskip("torch")
 
 from attention_cases import assert_close, tolerance_for  # noqa: E402
