@@ -21,7 +21,7 @@ use crate::config::Attention;
 use crate::dropout::DropoutMask;
 use crate::error::{AttentionError, Result};
 use crate::float::Float;
-use crate::kernel::{Ctx, Item};
+use crate::kernel::{Ctx, Item, KeyCache};
 use crate::mask::{Masks, ValueMask};
 use crate::score::ScoreParams;
 use crate::shape::{self, checked_len, fold, rows_contiguous, Dims, Shapes};
@@ -189,7 +189,7 @@ impl Attention {
             true => Some(uninit::<T>([dims.batch, dims.tq, 2], "row statistics")?),
             false => None,
         };
-        let mut ctx = Ctx {
+        let ctx = Ctx {
             query: query.view(),
             key: key.as_ref().map_or(value.view(), |k| k.view()),
             value: value.view(),
@@ -199,13 +199,9 @@ impl Attention {
                 .active_dropout()
                 .map(|d| (DropoutMask::new(&d), T::of(1.0 - d.rate))),
             dims,
-            packed: Vec::new(),
-            concat_ok: Vec::new(),
-            finite: Vec::new(),
             isa: self.effective_isa(),
             normalize: self.return_scores,
         };
-        T::prepare_fast(&mut ctx, parallel.then_some(&*pool));
         run_items(
             &ctx,
             parallel.then_some(&*pool),
@@ -215,7 +211,6 @@ impl Attention {
                 stats: stats.as_mut().map(|s| s.view_mut()),
             },
         );
-        T::recycle(ctx.packed);
         // SAFETY: the work items cover every row of the three arrays (`run_items` splits all
         // B · Tq rows among them) and each initialises its rows (`init`) before the kernel
         // writes them.
@@ -411,7 +406,9 @@ fn run_items<T: Float>(
     }
     type Rows<'a, T> = ArrayViewMut2<'a, MaybeUninit<T>>;
     type Job<'a, T> = (Item, Rows<'a, T>, Option<Rows<'a, T>>, Option<Rows<'a, T>>);
-    let work = |scratch: &mut Vec<T>, (item, mut out, sc, mut st): Job<'_, T>| {
+    type State<T> = (Vec<T>, KeyCache);
+    let state = || (Vec::new(), T::key_cache());
+    let work = |(scratch, keys): &mut State<T>, (item, mut out, sc, mut st): Job<'_, T>| {
         let out = init(out.as_slice_mut().expect("standard layout"));
         let st = st
             .as_mut()
@@ -419,11 +416,11 @@ fn run_items<T: Float>(
         match sc {
             Some(mut sc) => {
                 let sc = init(sc.as_slice_mut().expect("standard layout"));
-                T::attend_block(ctx, item, sc, out, st)
+                T::attend_block(ctx, item, keys, sc, out, st)
             }
             None => {
                 scratch.resize(item.rows * tv, T::zero());
-                T::attend_block(ctx, item, &mut scratch[..item.rows * tv], out, st)
+                T::attend_block(ctx, item, keys, &mut scratch[..item.rows * tv], out, st)
             }
         }
     };
@@ -434,16 +431,16 @@ fn run_items<T: Float>(
                 .into_iter()
                 .map(|j| std::sync::Mutex::new(Some(j)))
                 .collect();
-            crate::pool::run_indexed(pool, jobs.len(), Vec::new, |scratch, i| {
+            crate::pool::run_indexed(pool, jobs.len(), state, |st, i| {
                 let job = jobs[i].lock().ok().and_then(|mut j| j.take());
                 if let Some(job) = job {
-                    work(scratch, job);
+                    work(st, job);
                 }
             });
         }
         None => {
-            let mut scratch = Vec::new();
-            jobs.into_iter().for_each(|job| work(&mut scratch, job));
+            let mut st = state();
+            jobs.into_iter().for_each(|job| work(&mut st, job));
         }
     }
 }

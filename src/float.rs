@@ -6,7 +6,7 @@
 use std::fmt::{Debug, Display};
 
 use crate::backward::{BackCtx, ItemGrads};
-use crate::kernel::{self, Ctx, Item};
+use crate::kernel::{self, Ctx, Item, KeyCache};
 
 /// A float type the attention stages can run in: `f32` or `f64`.
 ///
@@ -34,9 +34,12 @@ pub trait Float:
     /// as NumPy's cast does.
     fn of(x: f64) -> Self;
 
-    /// Prepares the fast path of a call (packs keys); the portable path needs nothing.
+    /// A work thread's cache of prepared keys for this type's fast path (the portable path
+    /// uses none).
     #[doc(hidden)]
-    fn prepare_fast(_ctx: &mut Ctx<'_, '_, Self>, _pool: Option<&rayon::ThreadPool>) {}
+    fn key_cache() -> KeyCache {
+        KeyCache::default()
+    }
 
     /// `x = e^x` over a slice (SIMD for f32 where the CPU has it).
     #[doc(hidden)]
@@ -66,16 +69,13 @@ pub trait Float:
             .collect()
     }
 
-    /// Takes back a call's prepared buffers for reuse.
-    #[doc(hidden)]
-    fn recycle(_packed: Vec<Self>) {}
-
     /// Runs one work item: the fused fast path where there is one, else the stage functions.
     /// With `stats` (`rows × 2`), writes each row's softmax max and `ln Σ e^(x - max)`.
     #[doc(hidden)]
     fn attend_block(
         ctx: &Ctx<'_, '_, Self>,
         item: Item,
+        _keys: &mut KeyCache,
         scores: &mut [Self],
         out: &mut [Self],
         stats: Option<&mut [Self]>,
@@ -91,23 +91,21 @@ impl Float for f32 {
     fn of(x: f64) -> f32 {
         x as f32
     }
-    fn prepare_fast(ctx: &mut Ctx<'_, '_, f32>, pool: Option<&rayon::ThreadPool>) {
-        kernel::prepare_f32(ctx, pool)
+    fn key_cache() -> KeyCache {
+        KeyCache::recycled()
     }
     fn attend_block(
         ctx: &Ctx<'_, '_, f32>,
         item: Item,
+        keys: &mut KeyCache,
         scores: &mut [f32],
         out: &mut [f32],
         stats: Option<&mut [f32]>,
     ) {
-        kernel::block_f32(ctx, item, scores, out, stats)
+        kernel::block_f32(ctx, item, keys, scores, out, stats)
     }
     fn exp_in_place(xs: &mut [f32]) {
         kernel::exp_scaled(kernel::Isa::detect(), xs, 1.0)
-    }
-    fn recycle(packed: Vec<f32>) {
-        kernel::recycle_f32(packed)
     }
     fn row_dots(a: ndarray::ArrayView2<'_, f32>, b: ndarray::ArrayView2<'_, f32>) -> Vec<f32> {
         kernel::backward::row_dots_f32(a, b)

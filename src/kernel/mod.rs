@@ -93,12 +93,6 @@ pub struct Ctx<'a, 'm, T> {
     pub(crate) params: ScoreParams<T>,
     pub(crate) dropout: Option<(DropoutMask, T)>,
     pub(crate) dims: Dims,
-    /// Filled by `Float::prepare`: Kᵀ panels (dot) or `e^{2s·k}` panels (concat) per batch.
-    pub(crate) packed: Vec<T>,
-    /// Concat: whether batch element b's keys allow the exponential form.
-    pub(crate) concat_ok: Vec<bool>,
-    /// Causal: whether batch element b's keys and values are all finite (`causal_lengths`).
-    pub(crate) finite: Vec<bool>,
     pub(crate) isa: Isa,
     /// Whether the weights are returned (so each row of scores must hold normalised weights).
     pub(crate) normalize: bool,
@@ -180,101 +174,82 @@ fn masked(masks: &Masks<'_>) -> bool {
     masks.value.is_some() || masks.causal
 }
 
-/// Prepares the f32 fast path, per batch element and in parallel on `pool`: packs Kᵀ (dot,
-/// Tq ≥ PACK_MIN_TQ) or `e^{2s·k}` (concat) into panels, and with the causal mask notes whether
-/// keys and values are finite (`causal_lengths`).
-pub(crate) fn prepare_f32(ctx: &mut Ctx<'_, '_, f32>, pool: Option<&rayon::ThreadPool>) {
-    let Dims {
-        batch,
-        tq,
-        tv,
-        d,
-        dv,
-        ..
-    } = ctx.dims;
-    if ctx.isa == Isa::Scalar || tv == 0 || d == 0 || dv == 0 {
-        ctx.isa = Isa::Scalar;
-        return;
-    }
-    let (key, value, params, isa) = (ctx.key, ctx.value, ctx.params, ctx.isa);
-    let causal = ctx.masks.causal;
-    let pack_keys = params.mode == ScoreMode::Concat || tq >= PACK_MIN_TQ;
-    let nr = panel_width(isa);
-    let per_batch = if pack_keys {
-        tv.div_ceil(nr) * d * nr
-    } else {
-        0
-    };
-    let two_s = 2.0 * params.scale.unwrap_or(1.0);
-    // Per batch element: (concat may use exponentials, keys and values are finite).
-    let prep = |b: usize, out: &mut [f32]| -> (bool, bool) {
-        let k = key.index_axis(Axis(0), b);
-        let finite = causal && all_finite(k) && all_finite(value.index_axis(Axis(0), b));
-        let ok = match params.mode {
-            ScoreMode::Dot => {
-                if pack_keys {
-                    gemm::pack_panels(k, nr, out, |x| x);
-                }
-                true
-            }
-            ScoreMode::Concat => {
-                let ok = k.iter().all(|&x| (two_s * x).abs() <= CONCAT_EXP_LIMIT);
-                if ok {
-                    gemm::pack_panels(k, nr, out, |x| x);
-                    exp_scaled(isa, out, two_s);
-                }
-                ok
-            }
-        };
-        (ok, finite)
-    };
-    if !pack_keys && !causal {
-        return;
-    }
-    let mut packed = PACKED.with(|c| c.take());
-    packed.resize(batch * per_batch, 0.0); // every element is written by `pack_panels`
-    let flags: Vec<(bool, bool)> = {
-        use rayon::prelude::*;
-        let run = || -> Vec<(bool, bool)> {
-            if per_batch == 0 {
-                (0..batch)
-                    .into_par_iter()
-                    .map(|b| prep(b, &mut []))
-                    .collect()
-            } else {
-                packed
-                    .par_chunks_mut(per_batch)
-                    .enumerate()
-                    .map(|(b, o)| prep(b, o))
-                    .collect()
-            }
-        };
-        match pool {
-            Some(pool) => pool.install(run),
-            None if per_batch == 0 => (0..batch).map(|b| prep(b, &mut [])).collect(),
-            None => packed
-                .chunks_mut(per_batch)
-                .enumerate()
-                .map(|(b, o)| prep(b, o))
-                .collect(),
+/// What the f32 fast path prepares once per batch element, per thread: Kᵀ packed in panels
+/// (dot, Tq ≥ PACK_MIN_TQ) or `e^{2s·k}` panels (concat), and two flags. Each thread keeps the
+/// batch element it last prepared, so a thread working through its contiguous share of the
+/// items packs each batch element's keys once, and no call waits on a separate packing pass
+/// (which cost a pool hand-off and a barrier per call). A thread that steals an item of another
+/// batch element packs that element again: the same bits, a little more work.
+#[derive(Default)]
+pub struct KeyCache {
+    /// The batch element the buffer holds, if any.
+    b: Option<usize>,
+    packed: Vec<f32>,
+    /// Whether `packed` holds panels (false: the dot scores read key rows in place).
+    has_panels: bool,
+    /// Concat: whether the keys allow the exponential form.
+    concat_ok: bool,
+    /// Causal: whether keys and values are all finite (`causal_lengths`).
+    finite: bool,
+}
+
+impl KeyCache {
+    /// A cache whose buffer is this thread's buffer from its previous call: fresh pages for
+    /// every call cost more in page faults than packing itself.
+    pub(crate) fn recycled() -> Self {
+        KeyCache {
+            packed: PACKED.with(|c| c.take()),
+            ..KeyCache::default()
         }
-    };
-    ctx.packed = packed;
-    ctx.concat_ok = flags.iter().map(|f| f.0).collect();
-    ctx.finite = flags.iter().map(|f| f.1).collect();
+    }
+
+    /// Prepares batch element `b` unless this cache holds it already.
+    fn prepare(&mut self, ctx: &Ctx<'_, '_, f32>, b: usize) {
+        if self.b == Some(b) {
+            return;
+        }
+        let Dims { tq, tv, d, .. } = ctx.dims;
+        let (params, isa) = (ctx.params, ctx.isa);
+        let key = ctx.key.index_axis(Axis(0), b);
+        self.finite =
+            ctx.masks.causal && all_finite(key) && all_finite(ctx.value.index_axis(Axis(0), b));
+        let nr = panel_width(isa);
+        let per_batch = tv.div_ceil(nr) * d * nr;
+        let two_s = 2.0 * params.scale.unwrap_or(1.0);
+        (self.has_panels, self.concat_ok) = match params.mode {
+            ScoreMode::Dot if tq >= PACK_MIN_TQ => {
+                self.packed.resize(per_batch, 0.0); // every element is written below
+                gemm::pack_panels(key, nr, &mut self.packed, |x| x);
+                (true, true)
+            }
+            ScoreMode::Dot => (false, true),
+            ScoreMode::Concat => {
+                let ok = key.iter().all(|&x| (two_s * x).abs() <= CONCAT_EXP_LIMIT);
+                if ok {
+                    self.packed.resize(per_batch, 0.0);
+                    gemm::pack_panels(key, nr, &mut self.packed, |x| x);
+                    exp_scaled(isa, &mut self.packed, two_s);
+                }
+                (ok, ok)
+            }
+        };
+        self.b = Some(b);
+    }
+}
+
+impl Drop for KeyCache {
+    /// Keeps the buffer for this thread's next call (up to 64 MiB).
+    fn drop(&mut self) {
+        let packed = std::mem::take(&mut self.packed);
+        if packed.capacity() > 0 && packed.capacity() <= (64 << 20) / 4 {
+            PACKED.with(|c| c.set(packed));
+        }
+    }
 }
 
 thread_local! {
-    /// The last call's packed keys, kept for the next call on this thread: fresh pages for every
-    /// call cost more in page faults than packing itself.
+    /// The last call's packed keys on this thread (see [`KeyCache::recycled`]).
     static PACKED: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
-}
-
-/// Keeps a call's packed buffer for the next call on this thread (up to 64 MiB).
-pub(crate) fn recycle_f32(packed: Vec<f32>) {
-    if packed.capacity() <= (64 << 20) / 4 {
-        PACKED.with(|c| c.set(packed));
-    }
 }
 
 /// Whether every element is finite; branch-free over contiguous rows so it vectorises.
@@ -338,21 +313,33 @@ fn panel_width(isa: Isa) -> usize {
     }
 }
 
-/// Runs one item on the f32 fast path (or the portable block where it does not apply).
+/// Runs one item on the f32 fast path (or the portable block where it does not apply), with
+/// this thread's key cache.
 pub(crate) fn block_f32(
     ctx: &Ctx<'_, '_, f32>,
     item: Item,
+    keys: &mut KeyCache,
     scores: &mut [f32],
     out: &mut [f32],
     stats: Option<&mut [f32]>,
 ) {
+    let Dims { tv, d, dv, .. } = ctx.dims;
+    if tv == 0 || d == 0 || dv == 0 {
+        return portable_block(ctx, item, scores, out, stats);
+    }
     match ctx.isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Isa::detect` chose Avx512 only after `is_x86_feature_detected!("avx512f")`.
-        Isa::Avx512 => unsafe { block_avx512(ctx, item, scores, out, stats) },
+        Isa::Avx512 => unsafe {
+            keys.prepare(ctx, item.b);
+            block_avx512(ctx, item, keys, scores, out, stats)
+        },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: Avx2 only after detecting avx2 and fma.
-        Isa::Avx2 => unsafe { block_avx2(ctx, item, scores, out, stats) },
+        Isa::Avx2 => unsafe {
+            keys.prepare(ctx, item.b);
+            block_avx2(ctx, item, keys, scores, out, stats)
+        },
         _ => portable_block(ctx, item, scores, out, stats),
     }
 }
@@ -362,6 +349,7 @@ pub(crate) fn block_f32(
 unsafe fn block_avx512(
     ctx: &Ctx<'_, '_, f32>,
     item: Item,
+    keys: &KeyCache,
     scores: &mut [f32],
     out: &mut [f32],
     stats: Option<&mut [f32]>,
@@ -370,6 +358,7 @@ unsafe fn block_avx512(
     block_simd::<simd::Avx512, 2>(
         ctx,
         item,
+        keys,
         scores,
         out,
         stats,
@@ -385,6 +374,7 @@ unsafe fn block_avx512(
 unsafe fn block_avx2(
     ctx: &Ctx<'_, '_, f32>,
     item: Item,
+    keys: &KeyCache,
     scores: &mut [f32],
     out: &mut [f32],
     stats: Option<&mut [f32]>,
@@ -393,6 +383,7 @@ unsafe fn block_avx2(
     block_simd::<simd::Avx2, 2>(
         ctx,
         item,
+        keys,
         scores,
         out,
         stats,
@@ -427,6 +418,7 @@ struct Tiles {
 unsafe fn block_simd<S: simd::Simd, const NVS: usize>(
     ctx: &Ctx<'_, '_, f32>,
     item: Item,
+    keys: &KeyCache,
     scores: &mut [f32],
     out: &mut [f32],
     mut stats: Option<&mut [f32]>,
@@ -440,20 +432,19 @@ unsafe fn block_simd<S: simd::Simd, const NVS: usize>(
     let q0 = q.as_ptr().offset(i0 as isize * q_ld);
     let nr = panel_width(ctx.isa);
     let panel = d * nr;
-    let per_batch = tv.div_ceil(nr) * panel;
     let mut lens = [tv; MAX_ITEM_ROWS];
-    let cols = causal_lengths(ctx, item, &mut lens);
+    let cols = causal_lengths(ctx, item, keys.finite, &mut lens);
 
     // 1. Scores, for the first `cols` keys (the rest are hidden from every row of the block).
     match ctx.params.mode {
-        ScoreMode::Dot if !ctx.packed.is_empty() => {
+        ScoreMode::Dot if keys.has_panels => {
             let g = gemm::Gemm {
                 m: rows,
                 n: cols,
                 k: d,
                 a: q0,
                 lda: q_ld as usize,
-                b: ctx.packed.as_ptr().add(b * per_batch),
+                b: keys.packed.as_ptr(),
                 b_row: nr,
                 b_panel: panel,
                 c: scores.as_mut_ptr(),
@@ -481,7 +472,9 @@ unsafe fn block_simd<S: simd::Simd, const NVS: usize>(
                 );
             }
         }
-        ScoreMode::Concat => concat_scores::<S, NVS>(ctx, item, cols, scores, tiles.scores_mr),
+        ScoreMode::Concat => {
+            concat_scores::<S, NVS>(ctx, item, keys, cols, scores, tiles.scores_mr)
+        }
     }
 
     // 2. Mask, softmax, dropout. Unless the weights are returned, rows stay unnormalised and
@@ -557,11 +550,16 @@ unsafe fn block_simd<S: simd::Simd, const NVS: usize>(
 /// all Tv scores minus 1e9) covers all Tv keys, and a batch element with a non-finite key or
 /// value (NaN · 0 is NaN in Keras's products) skips nothing. Lengths depend on the row alone,
 /// never on the block, so results stay the same for any split.
-fn causal_lengths(ctx: &Ctx<'_, '_, f32>, item: Item, lens: &mut [usize; MAX_ITEM_ROWS]) -> usize {
+fn causal_lengths(
+    ctx: &Ctx<'_, '_, f32>,
+    item: Item,
+    finite: bool,
+    lens: &mut [usize; MAX_ITEM_ROWS],
+) -> usize {
     let tv = ctx.dims.tv;
     let Item { b, i0, rows } = item;
     debug_assert!(rows <= MAX_ITEM_ROWS);
-    if !ctx.masks.causal || !ctx.finite.get(b).copied().unwrap_or(false) {
+    if !ctx.masks.causal || !finite {
         return tv;
     }
     for (r, len) in lens[..rows].iter_mut().enumerate() {
@@ -584,6 +582,7 @@ fn causal_lengths(ctx: &Ctx<'_, '_, f32>, item: Item, lens: &mut [usize; MAX_ITE
 unsafe fn concat_scores<S: simd::Simd, const NVS: usize>(
     ctx: &Ctx<'_, '_, f32>,
     item: Item,
+    keys: &KeyCache,
     cols: usize,
     scores: &mut [f32],
     mr: usize,
@@ -594,7 +593,7 @@ unsafe fn concat_scores<S: simd::Simd, const NVS: usize>(
     let two_s = 2.0 * p.scale.unwrap_or(1.0);
     let q = ctx.query.slice(ndarray::s![b, i0..i0 + rows, ..]);
     let q_ok = q.iter().all(|&x| (two_s * x).abs() <= CONCAT_EXP_LIMIT);
-    if !(q_ok && ctx.concat_ok[b]) {
+    if !(q_ok && keys.concat_ok) {
         let k = ctx.key.index_axis(Axis(0), b);
         for (r, qr) in q.rows().into_iter().enumerate() {
             let qr = qr.to_slice().expect("query rows are contiguous");
@@ -605,14 +604,13 @@ unsafe fn concat_scores<S: simd::Simd, const NVS: usize>(
     let mut eq: Vec<f32> = q.iter().copied().collect();
     exp_scaled_simd::<S>(&mut eq, two_s);
     let nr = panel_width(ctx.isa);
-    let per_batch = tv.div_ceil(nr) * d * nr;
     let g = gemm::Gemm {
         m: rows,
         n: cols,
         k: d,
         a: eq.as_ptr(),
         lda: d,
-        b: ctx.packed.as_ptr().add(b * per_batch),
+        b: keys.packed.as_ptr(),
         b_row: nr,
         b_panel: d * nr,
         c: scores.as_mut_ptr(),
