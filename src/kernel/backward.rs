@@ -120,17 +120,15 @@ unsafe fn item_simd<S: simd::Simd, const NVS: usize, const NVC: usize>(
     let mut d_scale = 0.0f64;
     for j0 in keys.clone().step_by(kb) {
         let c = kb.min(keys.end - j0);
-        gemm::pack_panels(
+        gemm::pack::<S>(
             k.slice(s![j0..j0 + c, ..]),
             nr,
             &mut kt[..c.div_ceil(nr) * d * nr],
-            |x| x,
         );
-        gemm::pack_panels(
+        gemm::pack::<S>(
             v.slice(s![j0..j0 + c, ..]),
             nr,
             &mut vt[..c.div_ceil(nr) * dv * nr],
-            |x| x,
         );
         for (jj, row) in kc.chunks_exact_mut(d).take(c).enumerate() {
             let key = std::slice::from_raw_parts(k.as_ptr().add((j0 + jj) * k_ld), d);

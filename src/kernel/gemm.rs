@@ -236,15 +236,61 @@ unsafe fn tile<
     }
 }
 
-/// Packs the transpose of `key` (`(Tv, D)`, contiguous rows), mapped through `f`, into panels
-/// of `nr` columns: panel p holds `[D][nr]`, zero-padded past Tv. `out` has
+/// Packs the transpose of `key` (`(Tv, D)`, contiguous rows) into panels of `nr` columns as
+/// [`pack_panels`] does, with gathers on ISA `S` when the row stride allows them.
+///
+/// # Safety
+/// `S`'s instructions must be available; `nr` is a multiple of `S::LANES`; `out` has
 /// `Tv.div_ceil(nr) · D · nr` elements.
-pub(crate) fn pack_panels(
-    key: ArrayView2<'_, f32>,
+#[inline(always)]
+pub(crate) unsafe fn pack<S: Simd>(key: ArrayView2<'_, f32>, nr: usize, out: &mut [f32]) {
+    let (tv, d) = key.dim();
+    let ld = key.stride_of(ndarray::Axis(0));
+    match usize::try_from(ld) {
+        Ok(ld) if ld.saturating_mul(S::LANES) < 1 << 31 && key.stride_of(ndarray::Axis(1)) == 1 => {
+            pack_panels_simd::<S>(key.as_ptr(), ld, tv, d, nr, out)
+        }
+        _ => pack_panels(key, nr, out),
+    }
+}
+
+/// [`pack_panels`] with strided gathers on ISA `S` (`nr` a multiple of `S::LANES`): each vector
+/// of a panel row is one gather down `LANES` key rows. Partial panels gather with a mask whose
+/// off lanes read nothing and give 0, which is the padding.
+///
+/// # Safety
+/// `S`'s instructions must be available; `key` has `tv` rows of `d` readable floats at stride
+/// `ld`, with `(LANES - 1) · ld < 2^31`; `out` has `tv.div_ceil(nr) · d · nr` elements.
+#[inline(always)]
+pub(crate) unsafe fn pack_panels_simd<S: Simd>(
+    key: *const f32,
+    ld: usize,
+    tv: usize,
+    d: usize,
     nr: usize,
     out: &mut [f32],
-    f: impl Fn(f32) -> f32,
 ) {
+    let l = S::LANES;
+    debug_assert!(nr % l == 0 && out.len() == tv.div_ceil(nr) * d * nr);
+    for (p, panel) in out.chunks_exact_mut(d * nr).enumerate() {
+        for v in 0..nr / l {
+            let j0 = p * nr + v * l;
+            let m = S::mask(tv.saturating_sub(j0));
+            let src = key.wrapping_add(j0 * ld); // read only through the mask's lanes
+            for x in 0..d {
+                S::store(
+                    panel.as_mut_ptr().add(x * nr + v * l),
+                    S::gather(src.wrapping_add(x), ld, m),
+                );
+            }
+        }
+    }
+}
+
+/// Packs the transpose of `key` (`(Tv, D)`) into panels of `nr` columns: panel p holds
+/// `[D][nr]`, zero-padded past Tv. `out` has `Tv.div_ceil(nr) · D · nr` elements. The portable
+/// form of [`pack`], which tests hold equal.
+pub(crate) fn pack_panels(key: ArrayView2<'_, f32>, nr: usize, out: &mut [f32]) {
     let (tv, d) = key.dim();
     debug_assert_eq!(out.len(), tv.div_ceil(nr) * d * nr);
     for (p, panel) in out.chunks_exact_mut(d * nr).enumerate() {
@@ -252,12 +298,59 @@ pub(crate) fn pack_panels(
         for j in 0..keys {
             let row = key.row(p * nr + j);
             for (x, &v) in row.iter().enumerate() {
-                panel[x * nr + j] = f(v);
+                panel[x * nr + j] = v;
             }
         }
         if keys < nr {
             for x in 0..d {
                 panel[x * nr + keys..(x + 1) * nr].fill(0.0);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel::Isa;
+
+    /// The gathering packer equals the portable one on every ISA this CPU has: partial panels
+    /// (Tv not a multiple of the panel or of the lanes), strided rows (a key view sliced out of
+    /// wider rows), and a single key.
+    #[test]
+    fn simd_packing_equals_portable() {
+        let wide = ndarray::Array2::from_shape_fn((77, 40), |(i, j)| (i * 40 + j) as f32 - 0.5);
+        for (tv, d) in [(77usize, 40usize), (77, 33), (1, 7), (16, 16), (35, 1)] {
+            let key = wide.slice(ndarray::s![..tv, ..d]);
+            for nr in [16, 32, 64] {
+                let len = tv.div_ceil(nr) * d * nr;
+                let mut want = vec![f32::NAN; len];
+                pack_panels(key, nr, &mut want);
+                assert!(want.iter().all(|x| !x.is_nan()), "every element written");
+                #[cfg(target_arch = "x86_64")]
+                {
+                    #[target_feature(enable = "avx512f")]
+                    unsafe fn avx512(k: ArrayView2<'_, f32>, nr: usize, out: &mut [f32]) {
+                        pack::<crate::kernel::simd::Avx512>(k, nr, out)
+                    }
+                    #[target_feature(enable = "avx2,fma")]
+                    unsafe fn avx2(k: ArrayView2<'_, f32>, nr: usize, out: &mut [f32]) {
+                        pack::<crate::kernel::simd::Avx2>(k, nr, out)
+                    }
+                    let best = Isa::detect();
+                    let mut got = vec![f32::NAN; len];
+                    if best == Isa::Avx512 {
+                        // SAFETY: detected; nr is a multiple of 16; `got` has the panel length.
+                        unsafe { avx512(key, nr, &mut got) };
+                        assert_eq!(got, want, "avx512, Tv {tv}, D {d}, NR {nr}");
+                    }
+                    if best != Isa::Scalar {
+                        got.fill(f32::NAN);
+                        // SAFETY: AVX2 + FMA are present whenever the best ISA is not scalar.
+                        unsafe { avx2(key, nr, &mut got) };
+                        assert_eq!(got, want, "avx2, Tv {tv}, D {d}, NR {nr}");
+                    }
+                }
             }
         }
     }

@@ -219,7 +219,7 @@ impl KeyCache {
         (self.has_panels, self.concat_ok) = match params.mode {
             ScoreMode::Dot if tq >= PACK_MIN_TQ => {
                 self.packed.resize(per_batch, 0.0); // every element is written below
-                gemm::pack_panels(key, nr, &mut self.packed, |x| x);
+                pack_keys(isa, key, nr, &mut self.packed);
                 (true, true)
             }
             ScoreMode::Dot => (false, true),
@@ -227,7 +227,7 @@ impl KeyCache {
                 let ok = key.iter().all(|&x| (two_s * x).abs() <= CONCAT_EXP_LIMIT);
                 if ok {
                     self.packed.resize(per_batch, 0.0);
-                    gemm::pack_panels(key, nr, &mut self.packed, |x| x);
+                    pack_keys(isa, key, nr, &mut self.packed);
                     exp_scaled(isa, &mut self.packed, two_s);
                 }
                 (ok, ok)
@@ -263,6 +263,30 @@ fn all_finite(a: ndarray::ArrayView2<'_, f32>) -> bool {
         Some(row) => nonfinite(row) == 0,
         None => r.iter().all(|x| x.is_finite()),
     })
+}
+
+/// Kᵀ in panels of `nr` columns ([`gemm::pack`]) on the given ISA.
+fn pack_keys(isa: Isa, key: ndarray::ArrayView2<'_, f32>, nr: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f")]
+        unsafe fn avx512(key: ndarray::ArrayView2<'_, f32>, nr: usize, out: &mut [f32]) {
+            gemm::pack::<simd::Avx512>(key, nr, out)
+        }
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2(key: ndarray::ArrayView2<'_, f32>, nr: usize, out: &mut [f32]) {
+            gemm::pack::<simd::Avx2>(key, nr, out)
+        }
+        match isa {
+            // SAFETY: the ISA was detected (`Isa::detect`); `nr` is `panel_width(isa)`, a
+            // multiple of the lanes, and callers size `out` for it.
+            Isa::Avx512 => return unsafe { avx512(key, nr, out) },
+            // SAFETY: as above.
+            Isa::Avx2 => return unsafe { avx2(key, nr, out) },
+            Isa::Scalar => {}
+        }
+    }
+    gemm::pack_panels(key, nr, out)
 }
 
 /// `x = e^{c·x}` over a buffer, on the given ISA.

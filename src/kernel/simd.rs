@@ -27,6 +27,9 @@ pub(crate) trait Simd: Copy {
     unsafe fn mask(n: usize) -> Self::M;
     unsafe fn load_masked(p: *const f32, m: Self::M) -> Self::V;
     unsafe fn store_masked(p: *mut f32, m: Self::M, v: Self::V);
+    /// Lane i is `p[i · ld]` for the lanes of `m`, 0 elsewhere (a strided gather; the lanes of
+    /// `m` must be readable and `(LANES - 1) · ld < 2^31`).
+    unsafe fn gather(p: *const f32, ld: usize, m: Self::M) -> Self::V;
     /// `a · b + c`, one rounding.
     unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
     /// `c - a · b`, one rounding.
@@ -118,6 +121,14 @@ impl Simd for Avx512 {
     #[inline(always)]
     unsafe fn store_masked(p: *mut f32, m: __mmask16, v: __m512) {
         _mm512_mask_storeu_ps(p, m, v)
+    }
+    #[inline(always)]
+    unsafe fn gather(p: *const f32, ld: usize, m: __mmask16) -> __m512 {
+        let idx = _mm512_mullo_epi32(
+            _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+            _mm512_set1_epi32(ld as i32),
+        );
+        _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), m, idx, p)
     }
     #[inline(always)]
     unsafe fn fma(a: __m512, b: __m512, c: __m512) -> __m512 {
@@ -214,6 +225,14 @@ impl Simd for Avx2 {
     #[inline(always)]
     unsafe fn store_masked(p: *mut f32, m: __m256i, v: __m256) {
         _mm256_maskstore_ps(p, m, v)
+    }
+    #[inline(always)]
+    unsafe fn gather(p: *const f32, ld: usize, m: __m256i) -> __m256 {
+        let idx = _mm256_mullo_epi32(
+            _mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0),
+            _mm256_set1_epi32(ld as i32),
+        );
+        _mm256_mask_i32gather_ps::<4>(_mm256_setzero_ps(), p, idx, _mm256_castsi256_ps(m))
     }
     #[inline(always)]
     unsafe fn fma(a: __m256, b: __m256, c: __m256) -> __m256 {
