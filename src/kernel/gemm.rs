@@ -271,7 +271,7 @@ pub(crate) unsafe fn pack_panels_simd<S: Simd>(
     out: &mut [f32],
 ) {
     let l = S::LANES;
-    debug_assert!(nr % l == 0 && out.len() == tv.div_ceil(nr) * d * nr);
+    debug_assert!(nr.is_multiple_of(l) && out.len() == tv.div_ceil(nr) * d * nr);
     for (p, panel) in out.chunks_exact_mut(d * nr).enumerate() {
         for v in 0..nr / l {
             let j0 = p * nr + v * l;
