@@ -55,7 +55,7 @@ unsafe fn item_avx512(
     keys: Range<usize>,
     g: ItemGrads<'_, f32>,
 ) -> Partials {
-    // The forward's tiles: 12 × 32 for the transposed-B products, 6 × 64 for the others.
+    // Tiles: 12 × 32 for the transposed-B products, 6 × 64 for the others.
     item_simd::<simd::Avx512, 2, 4>(ctx, b, keys, g, (12, 6))
 }
 
