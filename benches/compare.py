@@ -4,7 +4,12 @@
 
 Every contender of a row runs in this one process, interleaved call by call (the order rotates
 each round), and the table quotes medians and ratios: this machine is shared and noisy, so only
-ratios measured together mean anything. Peers that are not installed are skipped and named.
+ratios measured together mean anything. Every timed call starts after a 2 ms pause (`--pause`):
+PyTorch's OpenMP workers spin-wait for about a millisecond after each call, and back to back
+they take the cores from whichever contender runs next (measured: luong 2.0 -> 2.6 ms at
+(8, 512, 512, 64), 0.6 -> 1.1 ms at (32, 128, 128, 64) right after an SDPA call). Turning
+the spin off instead (OMP_WAIT_POLICY=passive) would slow torch itself (0.43 -> 0.52 ms at
+decode), so torch keeps its default. Peers that are not installed are skipped and named.
 PyTorch runs on the CPU with `torch.set_num_threads(2)`; its SDPA gets its best layout (4-D
 `(B, 1, T, D)` inputs, `scale=1.0`, the same boolean mask). Keras runs on JAX, its fastest CPU
 backend, under `jax.jit`. FLOP counts are 4·B·Tq·Tv·D (two products).
@@ -22,10 +27,6 @@ from collections.abc import Callable
 from typing import Any
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
-# PyTorch's OpenMP workers spin after each call by default and steal the cores from whichever
-# contender runs next in the interleaved loop (measured: luong 2.96 -> 4.11 ms right after an
-# SDPA call); passive waiting leaves torch's own time unchanged (2.4-2.7 ms either way).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # The same for NumPy's OpenBLAS workers (luong 2.5 -> 4.8 ms interleaved with the NumPy
 # reference); a short spin leaves NumPy's own time unchanged (12.0 vs 11.5 ms).
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
@@ -36,6 +37,7 @@ import luong
 from luong.reference import reference_attention
 
 THREADS = 2
+PAUSE = 0.002  # seconds before each timed call (see the module docstring); --pause sets it
 
 
 def optional(name: str) -> Any:
@@ -54,8 +56,12 @@ if torch is not None:
 luong.set_num_threads(THREADS)
 
 
-def interleaved(fns: dict[str, Callable[[], Any]], calls: int) -> dict[str, float]:
-    """Median seconds per contender, calls interleaved and the order rotated each round."""
+def interleaved(
+    fns: dict[str, Callable[[], Any]], calls: int, pause: float | None = None
+) -> dict[str, float]:
+    """Median seconds per contender, calls interleaved and the order rotated each round, each
+    call after `pause` seconds (default PAUSE)."""
+    pause = PAUSE if pause is None else pause
     names = list(fns)
     for n in names:  # warm up: first-call costs (jit, allocation, thread start) are not measured
         for _ in range(2):
@@ -63,6 +69,8 @@ def interleaved(fns: dict[str, Callable[[], Any]], calls: int) -> dict[str, floa
     times: dict[str, list[float]] = {n: [] for n in names}
     for i in range(calls):
         for n in names[i % len(names):] + names[: i % len(names)]:
+            if pause:
+                time.sleep(pause)
             t = time.perf_counter()
             fns[n]()
             times[n].append(time.perf_counter() - t)
@@ -71,7 +79,7 @@ def interleaved(fns: dict[str, Callable[[], Any]], calls: int) -> dict[str, floa
 
 def measure(
     row: str, shape: tuple[int, int, int, int], ours: Callable[[], Any],
-    groups: list[dict[str, Callable[[], Any]]], calls: int,
+    groups: list[dict[str, Callable[[], Any]]], calls: int, pause: float | None = None,
 ) -> dict[str, Any]:
     """Interleaves luong with each group of peers; ratios come from within a group. JAX runs in
     a group of its own: its worker pool spins after each call and slows whatever runs next
@@ -79,7 +87,7 @@ def measure(
     peers: list[tuple[str, float, float]] = []
     ours_time = None
     for group in groups or [{}]:
-        times = interleaved({"luong": ours, **group}, calls)
+        times = interleaved({"luong": ours, **group}, calls, pause)
         ours_time = times["luong"] if ours_time is None else ours_time
         peers += [(n, t, t / times["luong"]) for n, t in times.items() if n != "luong"]
     return {"row": row, "shape": shape, "luong": ours_time, "peers": peers}
@@ -229,7 +237,9 @@ def rows_small(calls: int) -> list[dict[str, Any]]:
         klayer = keras.layers.Attention()
         jax_group["keras (jax, eager call)"] = lambda: np.asarray(klayer([q, v, k]))
     groups = [g for g in (main, jax_group) if g]
-    return [measure("small call", shape, lambda: layer([q, v, k]), groups, calls * 10)]
+    # No pause: these calls use no worker threads (luong runs calls under 1 MFLOP on the calling
+    # thread), and a pause before a 10 us call measures cold caches instead of the call.
+    return [measure("small call", shape, lambda: layer([q, v, k]), groups, calls * 10, pause=0.0)]
 
 
 def rows_threads(calls: int) -> list[dict[str, Any]]:
@@ -303,14 +313,18 @@ def chart(rows: list[dict[str, Any]], path: str) -> None:
 
 
 def main() -> int:
+    global PAUSE
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--calls", type=int, default=30, help="interleaved rounds per row (median)")
     ap.add_argument("--chart", default="benches/compare.png", help="PNG path ('' for none)")
     ap.add_argument("--quick", action="store_true", help="fewer rows (for a smoke run)")
+    ap.add_argument("--pause", type=float, default=PAUSE, help="seconds before each timed call")
     args = ap.parse_args()
+    PAUSE = args.pause
     print(f"# luong {luong.__version__}, python {sys.version.split()[0]}, "
           f"torch {getattr(torch, '__version__', '-')}, jax {getattr(jax, '__version__', '-')}, "
-          f"keras {getattr(keras, '__version__', '-')}; {THREADS} threads; {args.calls} calls")
+          f"keras {getattr(keras, '__version__', '-')}; {THREADS} threads; {args.calls} calls; "
+          f"{args.pause * 1e3:g} ms pause before each call")
     rows = rows_dot(args.calls, args.quick)
     if not args.quick:
         rows += rows_masked(args.calls) + rows_scores(args.calls) + rows_concat(args.calls)

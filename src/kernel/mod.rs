@@ -15,6 +15,8 @@ pub(crate) mod backward;
 mod gemm;
 mod rows;
 mod simd;
+#[cfg(test)]
+mod mb;
 
 use std::sync::OnceLock;
 
