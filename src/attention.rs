@@ -213,7 +213,8 @@ impl Attention {
         );
         // SAFETY: the work items cover every row of the three arrays (`run_items` splits all
         // B · Tq rows among them) and each initialises its rows (`init`) before the kernel
-        // writes them.
+        // writes them; or the split-keys path took the call (no scores array) and its merge
+        // writes every element of the output and the statistics (`kernel::decode::merge`).
         let (output, scores, stats) = unsafe {
             (
                 output.assume_init(),
@@ -378,6 +379,10 @@ fn run_items<T: Float>(
     let Dims {
         batch, tq, tv, dv, ..
     } = ctx.dims;
+    let mut outs = outs;
+    if outs.scores.is_none() && T::run_split(ctx, pool, &mut outs.output, outs.stats.as_mut()) {
+        return;
+    }
     let threads = pool.map_or(1, |p| p.current_num_threads());
     // Enough items for load balance (8 per thread), at most 64 rows, and a scores block of at
     // most 1 MiB so it stays in L2 between the softmax and the combine.

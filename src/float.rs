@@ -69,6 +69,18 @@ pub trait Float:
             .collect()
     }
 
+    /// Runs a whole call on the split-keys decoding path when it applies to this type and call
+    /// (`kernel::decode`), writing every row of `output` and `stats`; false when it does not.
+    #[doc(hidden)]
+    fn run_split(
+        _ctx: &Ctx<'_, '_, Self>,
+        _pool: Option<&rayon::ThreadPool>,
+        _output: &mut ndarray::ArrayViewMut3<'_, std::mem::MaybeUninit<Self>>,
+        _stats: Option<&mut ndarray::ArrayViewMut3<'_, std::mem::MaybeUninit<Self>>>,
+    ) -> bool {
+        false
+    }
+
     /// Runs one work item: the fused fast path where there is one, else the stage functions.
     /// With `stats` (`rows × 2`), writes each row's softmax max and `ln Σ e^(x - max)`.
     #[doc(hidden)]
@@ -93,6 +105,14 @@ impl Float for f32 {
     }
     fn key_cache() -> KeyCache {
         KeyCache::recycled()
+    }
+    fn run_split(
+        ctx: &Ctx<'_, '_, f32>,
+        pool: Option<&rayon::ThreadPool>,
+        output: &mut ndarray::ArrayViewMut3<'_, std::mem::MaybeUninit<f32>>,
+        stats: Option<&mut ndarray::ArrayViewMut3<'_, std::mem::MaybeUninit<f32>>>,
+    ) -> bool {
+        kernel::decode::run_split(ctx, pool, output, stats)
     }
     fn attend_block(
         ctx: &Ctx<'_, '_, f32>,

@@ -290,3 +290,122 @@ fn float32_within_1e_5_relative_of_float64() {
         );
     }
 }
+
+/// Decoding shapes (Tq < 8, Tv over 2 chunks of 1024 keys) take the split-keys path
+/// (`kernel::decode`): chunk statistics merged in a fixed order. It must equal the portable path
+/// within rounding (outputs and the saved statistics), keep NaN rows NaN without spreading,
+/// give a chunk of -inf scores weight 0, zero query-masked rows, and be bitwise identical for
+/// 1, 2 and 3 threads.
+#[test]
+fn decode_split_keys_equal_portable_path() {
+    let mut rng = Rng(47);
+    let shapes = [
+        Shape {
+            b: 3,
+            tq: 1,
+            tv: 2500,
+            d: 40,
+            dv: 24,
+        },
+        Shape {
+            b: 2,
+            tq: 5,
+            tv: 3000,
+            d: 64,
+            dv: 64,
+        },
+        Shape {
+            b: 1,
+            tq: 7,
+            tv: 4096,
+            d: 17,
+            dv: 65,
+        },
+        Shape {
+            b: 2,
+            tq: 2,
+            tv: 2049,
+            d: 64,
+            dv: 16,
+        },
+    ];
+    for s in shapes {
+        let mut c = case(s, &mut rng, 1.0);
+        // Row 0 of batch 0: NaN in the query. Batch element `last`: every key but the last has
+        // -inf in dimension 0 and the queries are positive there, so every score but the last
+        // is -inf (whole chunks of them) and each row's output is the last value row.
+        c.q[[0, 0, 0]] = f32::NAN;
+        let last = s.b - 1;
+        c.q.slice_mut(ndarray::s![last, .., 0])
+            .mapv_inplace(f32::abs);
+        c.k.slice_mut(ndarray::s![last, ..s.tv - 1, 0])
+            .fill(f32::NEG_INFINITY);
+        for query_mask in [false, true] {
+            let masks = Masks {
+                query: query_mask.then(|| c.qm.view()),
+                ..Masks::default()
+            };
+            let attn = Attention::new(ScoreMode::Dot).scale(0.4);
+            let label = format!("{s:?} query mask {query_mask}");
+            let want = attn
+                .clone()
+                .isa(Isa::Scalar)
+                .forward_saved(c.q.view(), c.v.view(), Some(c.k.view()), &masks)
+                .unwrap();
+            let got = attn
+                .forward_saved(c.q.view(), c.v.view(), Some(c.k.view()), &masks)
+                .unwrap();
+            // NaN exactly where the portable path has it (the NaN query row, unless masked).
+            for (g, w) in got.output.iter().zip(want.output.iter()) {
+                assert_eq!(g.is_nan(), w.is_nan(), "{label}: NaN pattern");
+            }
+            let finite = |a: &Array3<f32>| a.mapv(|x| if x.is_nan() { 0.0 } else { x });
+            let tol = tolerance(ScoreMode::Dot, s, 1.0, 0.4);
+            assert_close(
+                &format!("{label} output"),
+                finite(&got.output).view(),
+                finite(&want.output).view(),
+                tol,
+                tol,
+            );
+            assert_close(
+                &format!("{label} statistics"),
+                finite(&got.stats).view(),
+                finite(&want.stats).view(),
+                tol,
+                tol,
+            );
+            for i in 0..s.tq {
+                if (last, i) != (0, 0) && c.qm[[last, i]] | !query_mask {
+                    let row = got.output.slice(ndarray::s![last, i, ..]);
+                    let v_last = c.v.slice(ndarray::s![last, s.tv - 1, ..]);
+                    assert_eq!(row, v_last, "{label}: chunks of -inf scores get weight 0");
+                }
+            }
+            if query_mask {
+                for ((b, i), &keep) in c.qm.indexed_iter() {
+                    if !keep {
+                        assert!(
+                            got.output
+                                .slice(ndarray::s![b, i, ..])
+                                .iter()
+                                .all(|&x| x == 0.0),
+                            "{label}: masked query row ({b}, {i}) must be exactly 0"
+                        );
+                    }
+                }
+            }
+            let mut runs = Vec::new();
+            for threads in [1, 2, 3] {
+                luong::set_num_threads(threads).unwrap();
+                let r = attn
+                    .forward(c.q.view(), c.v.view(), Some(c.k.view()), &masks)
+                    .unwrap();
+                runs.push(r.output.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
+            }
+            luong::set_num_threads(2).unwrap();
+            assert_eq!(runs[1], runs[0], "{label}: 2 threads vs 1");
+            assert_eq!(runs[2], runs[0], "{label}: 3 threads vs 1");
+        }
+    }
+}

@@ -12,11 +12,10 @@
 //! README's performance table.
 
 pub(crate) mod backward;
+pub(crate) mod decode;
 mod gemm;
 mod rows;
 mod simd;
-#[cfg(test)]
-mod mb;
 
 use std::sync::OnceLock;
 
