@@ -236,5 +236,6 @@ unsafe fn chunk_simd<S: simd::Simd, const NV: usize>(
         c: part.as_mut_ptr().add(2),
         ldc: stride,
     };
-    gemm::gemm::<S, _, NV>(&g, gemm::Dot { scale: None }, mr);
+    // Value rows stream from memory too: prefetched 8 rows ahead (1-3% more).
+    gemm::gemm::<S, _, NV>(&g, gemm::DotPrefetch::<8>, mr);
 }

@@ -16,6 +16,8 @@ use super::simd::Simd;
 
 /// What a tile accumulates per k, and how it finishes.
 pub(crate) trait Op<S: Simd>: Copy {
+    /// How many B rows ahead the tile prefetches (0: none), for B streamed from memory.
+    const PREFETCH: usize = 0;
     unsafe fn step(&self, acc: S::V, a: S::V, b: S::V) -> S::V;
     unsafe fn finish(&self, acc: S::V) -> S::V;
 }
@@ -37,6 +39,23 @@ impl<S: Simd> Op<S> for Dot {
             Some(s) => S::mul(acc, S::splat(s)),
             None => acc,
         }
+    }
+}
+
+/// [`Dot`] with B prefetched `PF` rows ahead: the decoding combine streams value rows from
+/// memory once, with too few query rows for the loads to hide the latency.
+#[derive(Clone, Copy)]
+pub(crate) struct DotPrefetch<const PF: usize>;
+
+impl<S: Simd, const PF: usize> Op<S> for DotPrefetch<PF> {
+    const PREFETCH: usize = PF;
+    #[inline(always)]
+    unsafe fn step(&self, acc: S::V, a: S::V, b: S::V) -> S::V {
+        S::fma(a, b, acc)
+    }
+    #[inline(always)]
+    unsafe fn finish(&self, acc: S::V) -> S::V {
+        acc
     }
 }
 
@@ -194,6 +213,9 @@ unsafe fn tile<
         }
         for kk in 0..t.k {
             let bp = t.b.add(kk * t.b_row);
+            if O::PREFETCH > 0 {
+                S::prefetch(bp.wrapping_add(O::PREFETCH * t.b_row));
+            }
             let bv: [S::V; NV] = std::array::from_fn(|v| S::load(bp.add(v * l)));
             let at = t.a.wrapping_add(kk * t.lda); // read only with TA
             for (r, row) in acc.iter_mut().enumerate() {
@@ -219,6 +241,9 @@ unsafe fn tile<
         }
         for kk in 0..t.k {
             let bp = t.b.add(kk * t.b_row);
+            if O::PREFETCH > 0 {
+                S::prefetch(bp.wrapping_add(O::PREFETCH * t.b_row));
+            }
             let bv: [S::V; NV] = std::array::from_fn(|v| S::load_masked(bp.add(v * l), masks[v]));
             let at = t.a.wrapping_add(kk * t.lda); // read only with TA
             for (r, row) in acc.iter_mut().enumerate() {

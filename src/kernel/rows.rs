@@ -78,6 +78,9 @@ unsafe fn exp_in_place<S: Simd>(p: *mut f32, max: S::V) -> S::V {
     e
 }
 
+/// How many key rows ahead [`dot_rows`] prefetches.
+const KEY_PREFETCH_ROWS: usize = 6;
+
 /// `out[j] = (query · key_j) × scale` for key rows `key_j` (each `query.len()` contiguous floats,
 /// row j at `key + j·ld`). Lane partial sums, then a fixed-order
 /// horizontal sum.
@@ -98,6 +101,10 @@ pub(crate) unsafe fn dot_rows<S: Simd>(
     let m = S::mask(d - full);
     for (j, o) in out.iter_mut().enumerate() {
         let k = key.add(j * ld);
+        // Key rows stream from memory once each (decoding: one query row per batch element);
+        // asking for row j + 6 now hides the latency the few FMAs per row cannot (measured
+        // 7-13% at (8,1,4096,64) on 1 and 2 threads). A prefetch past the end does not fault.
+        S::prefetch(key.wrapping_add((j + KEY_PREFETCH_ROWS) * ld));
         let mut acc = S::zero();
         let mut x = 0;
         while x < full {

@@ -30,6 +30,16 @@ pub(crate) trait Simd: Copy {
     /// Lane i is `p[i · ld]` for the lanes of `m`, 0 elsewhere (a strided gather; the lanes of
     /// `m` must be readable and `(LANES - 1) · ld < 2^31`).
     unsafe fn gather(p: *const f32, ld: usize, m: Self::M) -> Self::V;
+    /// Hints the 256 bytes from `p` into L1 (no fault, whatever `p` is).
+    #[inline(always)]
+    unsafe fn prefetch(p: *const f32) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let p = p as *const i8;
+            _mm_prefetch::<_MM_HINT_T0>(p);
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(128));
+        }
+    }
     /// `a · b + c`, one rounding.
     unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
     /// `c - a · b`, one rounding.
