@@ -29,6 +29,7 @@ fn forward(c: &mut Criterion) {
         (2, 2048, 2048, 64),
         (32, 128, 128, 64),
         (8, 1, 4096, 64),
+        (1, 1, 8192, 64),
     ];
     for (b, tq, tv, d) in shapes {
         let (q, k, v) = inputs(b, tq, tv, d);
