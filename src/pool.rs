@@ -5,7 +5,8 @@
 //! one) so that luong's thread count never changes a host program's own rayon work. Results do
 //! not depend on the size: each output row is computed by one thread in a fixed order.
 
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use rayon::{ThreadPool, ThreadPoolBuilder};
 
@@ -102,22 +103,29 @@ pub(crate) fn run_indexed<S>(
     work: impl Fn(&mut S, usize) + Sync,
 ) {
     let threads = pool.current_num_threads().clamp(1, n.max(1));
+    let gate = Arc::new(Gate::default());
     // Share t is `next..end` of `shares[t]`; a thread takes `next` of its own share, or `end - 1`
-    // of the share with the most left.
-    let shares: Vec<std::sync::Mutex<(usize, usize)>> = (0..threads)
-        .map(|t| std::sync::Mutex::new((t * n / threads, (t + 1) * n / threads)))
+    // of the share with the most left. Nothing is taken once the call is closed (which on the
+    // normal path happens only after every share is empty; on the caller's unwind it stops the
+    // helpers after their current item). Locks are taken in index order, at most two at once.
+    let shares: Vec<Mutex<(usize, usize)>> = (0..threads)
+        .map(|t| Mutex::new((t * n / threads, (t + 1) * n / threads)))
         .collect();
+    let lock = |t: usize| shares[t].lock().unwrap_or_else(|e| e.into_inner());
     let take = |own: usize| -> Option<usize> {
+        if gate.is_closed() {
+            return None;
+        }
         {
-            let mut s = shares[own].lock().ok()?;
+            let mut s = lock(own);
             if s.0 < s.1 {
                 s.0 += 1;
                 return Some(s.0 - 1);
             }
         }
         let mut best: Option<std::sync::MutexGuard<'_, (usize, usize)>> = None;
-        for share in &shares {
-            let s = share.lock().ok()?;
+        for t in 0..threads {
+            let s = lock(t);
             if s.1 > s.0 && best.as_ref().is_none_or(|b| s.1 - s.0 > b.1 - b.0) {
                 best = Some(s);
             }
@@ -136,20 +144,19 @@ pub(crate) fn run_indexed<S>(
     if threads == 1 {
         return drain(0);
     }
-    let gate = Arc::new(Gate::default());
     let task: &(dyn Fn(usize) + Sync) = &drain;
-    // SAFETY (of the helpers' use of `task`): a helper calls it only after `Gate::enter`
-    // succeeded, and `Closer` (below, also on unwind) closes the gate and then waits until every
-    // helper that entered has left, so `task` and everything it borrows outlive every call.
     let task: *const (dyn Fn(usize) + Sync + '_) = task;
-    // SAFETY: only the trait object's lifetime bound changes (same pointer, same vtable); the
-    // comment above says why no use outlives the borrow.
+    // SAFETY: only the trait object's lifetime bound changes (same pointer, same vtable). A
+    // helper calls `task` only after `Gate::enter` succeeded, and `closer` (declared after
+    // everything `task` borrows, so dropped first, also on unwind) closes the gate and waits
+    // until every helper that entered has left: no use outlives the borrow.
     let task = Task(unsafe {
         std::mem::transmute::<
             *const (dyn Fn(usize) + Sync + '_),
             *const (dyn Fn(usize) + Sync + 'static),
         >(task)
     });
+    let closer = Closer(&gate);
     for t in 1..threads {
         let gate = Arc::clone(&gate);
         pool.spawn(move || {
@@ -161,13 +168,23 @@ pub(crate) fn run_indexed<S>(
             // `Closer::drop` and `task` is alive (see above).
             let result =
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unsafe { (*task.0)(t) }));
-            if let Err(payload) = result {
-                *gate.panic.lock().unwrap_or_else(|e| e.into_inner()) = Some(payload);
-            }
+            // Keep the first panic and close the call so every thread stops after its current
+            // item; drop any other payload only after leaving (its Drop may panic too).
+            let extra = result.err().and_then(|payload| {
+                gate.state.fetch_or(CLOSED, Ordering::AcqRel);
+                let mut slot = gate.panic.lock().unwrap_or_else(|e| e.into_inner());
+                match *slot {
+                    None => {
+                        *slot = Some(payload);
+                        None
+                    }
+                    Some(_) => Some(payload),
+                }
+            });
             gate.leave();
+            drop(extra);
         });
     }
-    let closer = Closer(&gate);
     drain(0);
     drop(closer);
     let payload = gate.panic.lock().unwrap_or_else(|e| e.into_inner()).take();
@@ -183,32 +200,51 @@ struct Task(*const (dyn Fn(usize) + Sync));
 unsafe impl Send for Task {}
 
 /// Which helpers are inside a call: the count of those that entered, and a closed bit after
-/// which none may enter.
+/// which none may enter; the caller to wake when the last one leaves a closed call; the first
+/// helper panic.
 #[derive(Default)]
 struct Gate {
-    state: std::sync::atomic::AtomicUsize,
-    panic: std::sync::Mutex<Option<Box<dyn std::any::Any + Send>>>,
+    state: AtomicUsize,
+    waiter: Mutex<Option<std::thread::Thread>>,
+    panic: Mutex<Option<Box<dyn std::any::Any + Send>>>,
 }
 
 const CLOSED: usize = 1 << (usize::BITS - 1);
 
 impl Gate {
+    fn is_closed(&self) -> bool {
+        self.state.load(Ordering::Relaxed) & CLOSED != 0
+    }
     fn enter(&self) -> bool {
-        use std::sync::atomic::Ordering::{AcqRel, Acquire};
-        let mut s = self.state.load(Acquire);
+        let mut s = self.state.load(Ordering::Acquire);
         loop {
             if s & CLOSED != 0 {
                 return false;
             }
-            match self.state.compare_exchange_weak(s, s + 1, AcqRel, Acquire) {
+            match self
+                .state
+                .compare_exchange_weak(s, s + 1, Ordering::AcqRel, Ordering::Acquire)
+            {
                 Ok(_) => return true,
                 Err(now) => s = now,
             }
         }
     }
     fn leave(&self) {
-        self.state
-            .fetch_sub(1, std::sync::atomic::Ordering::Release);
+        if self.state.fetch_sub(1, Ordering::Release) == CLOSED | 1 {
+            // The last one out of a closed call: wake the caller if it went to sleep.
+            if let Some(t) = self
+                .waiter
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+            {
+                t.unpark();
+            }
+        }
+    }
+    fn inside(&self) -> usize {
+        self.state.load(Ordering::Acquire) & !CLOSED
     }
 }
 
@@ -217,17 +253,24 @@ struct Closer<'a>(&'a Gate);
 
 impl Drop for Closer<'_> {
     fn drop(&mut self) {
-        use std::sync::atomic::Ordering::{AcqRel, Acquire};
-        self.0.state.fetch_or(CLOSED, AcqRel);
-        // The helpers inside are finishing one item each: spin, then yield if it takes long.
-        let mut spins = 0u32;
-        while self.0.state.load(Acquire) & !CLOSED != 0 {
-            if spins < 1 << 14 {
+        let gate = self.0;
+        gate.state.fetch_or(CLOSED, Ordering::AcqRel);
+        // The helpers inside are finishing one item each (tens to hundreds of µs): spin for up
+        // to 0.3 ms, since waking a parked thread costs tens of µs on this VM, then park until
+        // the last one leaves. The count is checked again after registering, so a leave in
+        // between is not missed; the timeout is a backstop.
+        let start = std::time::Instant::now();
+        while start.elapsed() < std::time::Duration::from_micros(300) {
+            for _ in 0..64 {
+                if gate.inside() == 0 {
+                    return;
+                }
                 std::hint::spin_loop();
-                spins += 1;
-            } else {
-                std::thread::yield_now();
             }
+        }
+        *gate.waiter.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::thread::current());
+        while gate.inside() != 0 {
+            std::thread::park_timeout(std::time::Duration::from_micros(200));
         }
     }
 }
@@ -261,25 +304,86 @@ mod tests {
         }
     }
 
-    /// A panic in `work`, on whichever thread takes the index, reaches the caller.
+    /// No `work` runs after `run_indexed` returns, however late a helper wakes: each call's
+    /// items check a flag (owned, not borrowed) that the caller sets once the call returned.
+    #[test]
+    fn no_work_after_return() {
+        let pool = build(2).unwrap();
+        let late = Arc::new(AtomicUsize::new(0));
+        let mut helped = 0;
+        for call in 0..20_000usize {
+            let returned = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let (r, l) = (Arc::clone(&returned), Arc::clone(&late));
+            let helper_items = AtomicUsize::new(0);
+            run_indexed(
+                &pool,
+                1 + call % 4,
+                || (),
+                |_, _| {
+                    // A few µs per item, so that helpers sometimes wake in time to take one.
+                    let t = std::time::Instant::now();
+                    while t.elapsed() < std::time::Duration::from_micros(3) {
+                        std::hint::spin_loop();
+                    }
+                    if r.load(Ordering::SeqCst) {
+                        l.fetch_add(1, Ordering::SeqCst);
+                    }
+                    if std::thread::current()
+                        .name()
+                        .is_some_and(|n| n.starts_with("luong-"))
+                    {
+                        helper_items.fetch_add(1, Ordering::Relaxed);
+                    }
+                },
+            );
+            returned.store(true, Ordering::SeqCst);
+            helped += helper_items.load(Ordering::Relaxed);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20)); // let late helpers run
+        assert_eq!(
+            late.load(Ordering::SeqCst),
+            0,
+            "work ran after run_indexed returned"
+        );
+        assert!(
+            helped > 0,
+            "no helper ever took an item: the race was not exercised"
+        );
+    }
+
+    /// A panic in `work` reaches the caller, from a helper thread and from the caller itself,
+    /// and stops the call early (2000 items of 1 ms would take a second; the panic hook's
+    /// backtrace printing, during which the other thread goes on, takes far less).
     #[test]
     fn run_indexed_propagates_a_panic() {
         let pool = build(2).unwrap();
-        for bad in [0usize, 9] {
+        let on_helper = || {
+            std::thread::current()
+                .name()
+                .is_some_and(|n| n.starts_with("luong-"))
+        };
+        for helper in [true, false] {
+            let ran = AtomicUsize::new(0);
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 run_indexed(
                     &pool,
-                    10,
+                    2000,
                     || (),
-                    |_, i| {
-                        if i == bad {
-                            panic!("index {i}");
+                    |_, _| {
+                        ran.fetch_add(1, Ordering::SeqCst);
+                        if on_helper() == helper {
+                            panic!("on a helper: {helper}");
                         }
                         std::thread::sleep(std::time::Duration::from_millis(1));
                     },
                 )
             }));
-            assert!(r.is_err(), "the panic at index {bad} was lost");
+            assert!(r.is_err(), "the panic (on a helper: {helper}) was lost");
+            let ran = ran.load(Ordering::SeqCst);
+            assert!(
+                ran < 2000,
+                "a panic (on a helper: {helper}) did not stop the call: {ran} items ran"
+            );
         }
     }
 }
