@@ -158,3 +158,34 @@ def test_rss_flat_over_many_calls() -> None:
     burst(100_000)
     growth_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
     assert growth_kb < 8 * 1024, f"peak RSS grew by {growth_kb} KiB over 100,000 calls"
+
+
+def test_concat_with_scores_peak_memory_is_near_its_results() -> None:
+    """Issue goal: extra peak memory of concat with returned scores at (8, 512, 512, 64) stays
+    under 2x the bytes of output + scores (Keras builds a (B, Tq, Tv, D) tensor there: 537 MB).
+    Measured in a fresh process: the peak resident size (reset just before the call) minus the
+    resident size before it."""
+    import subprocess
+    import sys
+
+    code = """
+import numpy as np, luong
+def status(field):  # kB in /proc/self/status
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+rng = np.random.default_rng(0)
+q, k, v = (rng.standard_normal((8, 512, 64), dtype=np.float32) for _ in range(3))
+luong.attention(q[:1, :8], v[:1, :8], k[:1, :8], score_mode="concat")  # load, start the pool
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # resets the peak (VmHWM) to the current resident size
+before = status("VmRSS")
+out, w = luong.attention(q, v, k, score_mode="concat", scale=0.5, return_attention_scores=True)
+print(status("VmHWM") - before, out.nbytes + w.nbytes)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    grown, results = map(int, done.stdout.split())
+    assert results == 8 * 512 * (64 + 512) * 4
+    assert grown < 2 * results, f"peak RSS grew by {grown} bytes for {results} bytes of results"
+    # The results themselves must show up in the growth (else the measurement saw nothing).
+    assert grown > results // 2, f"peak RSS grew by only {grown} bytes: not measured"
