@@ -346,66 +346,72 @@ fn decode_split_keys_equal_portable_path() {
                 ..Masks::default()
             };
             let attn = Attention::new(ScoreMode::Dot).scale(0.4);
-            let label = format!("{s:?} query mask {query_mask}");
             let want = attn
                 .clone()
                 .isa(Isa::Scalar)
                 .forward_saved(c.q.view(), c.v.view(), Some(c.k.view()), &masks)
                 .unwrap();
-            let got = attn
-                .forward_saved(c.q.view(), c.v.view(), Some(c.k.view()), &masks)
-                .unwrap();
-            // NaN exactly where the portable path has it (the NaN query row, unless masked).
-            for (g, w) in got.output.iter().zip(want.output.iter()) {
-                assert_eq!(g.is_nan(), w.is_nan(), "{label}: NaN pattern");
-            }
-            let finite = |a: &Array3<f32>| a.mapv(|x| if x.is_nan() { 0.0 } else { x });
-            let tol = tolerance(ScoreMode::Dot, s, 1.0, 0.4);
-            assert_close(
-                &format!("{label} output"),
-                finite(&got.output).view(),
-                finite(&want.output).view(),
-                tol,
-                tol,
-            );
-            assert_close(
-                &format!("{label} statistics"),
-                finite(&got.stats).view(),
-                finite(&want.stats).view(),
-                tol,
-                tol,
-            );
-            for i in 0..s.tq {
-                if (last, i) != (0, 0) && c.qm[[last, i]] | !query_mask {
-                    let row = got.output.slice(ndarray::s![last, i, ..]);
-                    let v_last = c.v.slice(ndarray::s![last, s.tv - 1, ..]);
-                    assert_eq!(row, v_last, "{label}: chunks of -inf scores get weight 0");
+            for isa in [Isa::Avx2, Isa::Avx512] {
+                let attn = attn.clone().isa(isa);
+                if attn.effective_isa() != isa {
+                    continue; // this CPU lacks it
                 }
-            }
-            if query_mask {
-                for ((b, i), &keep) in c.qm.indexed_iter() {
-                    if !keep {
-                        assert!(
-                            got.output
-                                .slice(ndarray::s![b, i, ..])
-                                .iter()
-                                .all(|&x| x == 0.0),
-                            "{label}: masked query row ({b}, {i}) must be exactly 0"
-                        );
+                let label = format!("{s:?} {isa:?} query mask {query_mask}");
+                let got = attn
+                    .forward_saved(c.q.view(), c.v.view(), Some(c.k.view()), &masks)
+                    .unwrap();
+                // NaN exactly where the portable path has it (the NaN query row, unless masked).
+                for (g, w) in got.output.iter().zip(want.output.iter()) {
+                    assert_eq!(g.is_nan(), w.is_nan(), "{label}: NaN pattern");
+                }
+                let finite = |a: &Array3<f32>| a.mapv(|x| if x.is_nan() { 0.0 } else { x });
+                let tol = tolerance(ScoreMode::Dot, s, 1.0, 0.4);
+                assert_close(
+                    &format!("{label} output"),
+                    finite(&got.output).view(),
+                    finite(&want.output).view(),
+                    tol,
+                    tol,
+                );
+                assert_close(
+                    &format!("{label} statistics"),
+                    finite(&got.stats).view(),
+                    finite(&want.stats).view(),
+                    tol,
+                    tol,
+                );
+                for i in 0..s.tq {
+                    if (last, i) != (0, 0) && c.qm[[last, i]] | !query_mask {
+                        let row = got.output.slice(ndarray::s![last, i, ..]);
+                        let v_last = c.v.slice(ndarray::s![last, s.tv - 1, ..]);
+                        assert_eq!(row, v_last, "{label}: chunks of -inf scores get weight 0");
                     }
                 }
+                if query_mask {
+                    for ((b, i), &keep) in c.qm.indexed_iter() {
+                        if !keep {
+                            assert!(
+                                got.output
+                                    .slice(ndarray::s![b, i, ..])
+                                    .iter()
+                                    .all(|&x| x == 0.0),
+                                "{label}: masked query row ({b}, {i}) must be exactly 0"
+                            );
+                        }
+                    }
+                }
+                let mut runs = Vec::new();
+                for threads in [1, 2, 3] {
+                    luong::set_num_threads(threads).unwrap();
+                    let r = attn
+                        .forward(c.q.view(), c.v.view(), Some(c.k.view()), &masks)
+                        .unwrap();
+                    runs.push(r.output.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
+                }
+                luong::set_num_threads(2).unwrap();
+                assert_eq!(runs[1], runs[0], "{label}: 2 threads vs 1");
+                assert_eq!(runs[2], runs[0], "{label}: 3 threads vs 1");
             }
-            let mut runs = Vec::new();
-            for threads in [1, 2, 3] {
-                luong::set_num_threads(threads).unwrap();
-                let r = attn
-                    .forward(c.q.view(), c.v.view(), Some(c.k.view()), &masks)
-                    .unwrap();
-                runs.push(r.output.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
-            }
-            luong::set_num_threads(2).unwrap();
-            assert_eq!(runs[1], runs[0], "{label}: 2 threads vs 1");
-            assert_eq!(runs[2], runs[0], "{label}: 3 threads vs 1");
         }
     }
 }
