@@ -212,8 +212,9 @@ impl Attention {
             },
         );
         // SAFETY: the work items cover every row of the three arrays (`run_items` splits all
-        // B · Tq rows among them) and each initialises its rows (`init`) before the kernel
-        // writes them; or the split-keys path took the call (no scores array) and its merge
+        // B · Tq rows among them); each initialises its output and statistics rows (`init`)
+        // before the kernel writes them, and its scores rows are written in full by the item
+        // (`Float::attend_block`: the packed product and a zeroed tail, or `init`); or the split-keys path took the call (no scores array) and its merge
         // writes every element of the output and the statistics (`kernel::decode::merge`).
         let (output, scores, stats) = unsafe {
             (
@@ -411,20 +412,22 @@ fn run_items<T: Float>(
     }
     type Rows<'a, T> = ArrayViewMut2<'a, MaybeUninit<T>>;
     type Job<'a, T> = (Item, Rows<'a, T>, Option<Rows<'a, T>>, Option<Rows<'a, T>>);
-    type State<T> = (Vec<T>, KeyCache);
+    type State<T> = (Vec<MaybeUninit<T>>, KeyCache);
     let state = || (Vec::new(), T::key_cache());
     let work = |(scratch, keys): &mut State<T>, (item, mut out, sc, mut st): Job<'_, T>| {
         let out = init(out.as_slice_mut().expect("standard layout"));
         let st = st
             .as_mut()
             .map(|s| init(s.as_slice_mut().expect("standard layout")));
+        // The scores rows (the returned weights' or per-thread scratch) go in uninitialised:
+        // the item writes each entry before it reads it.
         match sc {
             Some(mut sc) => {
-                let sc = init(sc.as_slice_mut().expect("standard layout"));
+                let sc = sc.as_slice_mut().expect("standard layout");
                 T::attend_block(ctx, item, keys, sc, out, st)
             }
             None => {
-                scratch.resize(item.rows * tv, T::zero());
+                scratch.resize(item.rows * tv, MaybeUninit::uninit());
                 T::attend_block(ctx, item, keys, &mut scratch[..item.rows * tv], out, st)
             }
         }

@@ -82,16 +82,18 @@ pub trait Float:
     }
 
     /// Runs one work item: the fused fast path where there is one, else the stage functions.
-    /// With `stats` (`rows × 2`), writes each row's softmax max and `ln Σ e^(x - max)`.
+    /// `scores` (`rows × Tv`) may be uninitialised: the item writes every entry before reading
+    /// it. With `stats` (`rows × 2`), writes each row's softmax max and `ln Σ e^(x - max)`.
     #[doc(hidden)]
     fn attend_block(
         ctx: &Ctx<'_, '_, Self>,
         item: Item,
         _keys: &mut KeyCache,
-        scores: &mut [Self],
+        scores: &mut [std::mem::MaybeUninit<Self>],
         out: &mut [Self],
         stats: Option<&mut [Self]>,
     ) {
+        let scores = crate::attention::init(scores);
         kernel::portable_block(ctx, item, scores, out, stats)
     }
 }
@@ -118,7 +120,7 @@ impl Float for f32 {
         ctx: &Ctx<'_, '_, f32>,
         item: Item,
         keys: &mut KeyCache,
-        scores: &mut [f32],
+        scores: &mut [std::mem::MaybeUninit<f32>],
         out: &mut [f32],
         stats: Option<&mut [f32]>,
     ) {

@@ -17,6 +17,7 @@ mod gemm;
 mod rows;
 mod simd;
 
+use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
 use ndarray::{ArrayView3, Axis};
@@ -358,13 +359,13 @@ pub(crate) fn block_f32(
     ctx: &Ctx<'_, '_, f32>,
     item: Item,
     keys: &mut KeyCache,
-    scores: &mut [f32],
+    scores: &mut [MaybeUninit<f32>],
     out: &mut [f32],
     stats: Option<&mut [f32]>,
 ) {
     let Dims { tv, d, dv, .. } = ctx.dims;
     if tv == 0 || d == 0 || dv == 0 {
-        return portable_block(ctx, item, scores, out, stats);
+        return portable_block(ctx, item, crate::attention::init(scores), out, stats);
     }
     match ctx.isa {
         #[cfg(target_arch = "x86_64")]
@@ -379,7 +380,7 @@ pub(crate) fn block_f32(
             keys.prepare(ctx, item.b);
             block_avx2(ctx, item, keys, scores, out, stats)
         },
-        _ => portable_block(ctx, item, scores, out, stats),
+        _ => portable_block(ctx, item, crate::attention::init(scores), out, stats),
     }
 }
 
@@ -389,7 +390,7 @@ unsafe fn block_avx512(
     ctx: &Ctx<'_, '_, f32>,
     item: Item,
     keys: &KeyCache,
-    scores: &mut [f32],
+    scores: &mut [MaybeUninit<f32>],
     out: &mut [f32],
     stats: Option<&mut [f32]>,
 ) {
@@ -414,7 +415,7 @@ unsafe fn block_avx2(
     ctx: &Ctx<'_, '_, f32>,
     item: Item,
     keys: &KeyCache,
-    scores: &mut [f32],
+    scores: &mut [MaybeUninit<f32>],
     out: &mut [f32],
     stats: Option<&mut [f32]>,
 ) {
@@ -458,7 +459,7 @@ unsafe fn block_simd<S: simd::Simd, const NVS: usize>(
     ctx: &Ctx<'_, '_, f32>,
     item: Item,
     keys: &KeyCache,
-    scores: &mut [f32],
+    scores: &mut [MaybeUninit<f32>],
     out: &mut [f32],
     mut stats: Option<&mut [f32]>,
     tiles: Tiles,
@@ -475,8 +476,12 @@ unsafe fn block_simd<S: simd::Simd, const NVS: usize>(
     let cols = causal_lengths(ctx, item, keys.finite, &mut lens);
 
     // 1. Scores, for the first `cols` keys (the rest are hidden from every row of the block).
-    match ctx.params.mode {
+    //    `scores` may be uninitialised (the returned weights' rows): the packed product writes
+    //    every row's first `cols` entries and the rest are zeroed here, so no pass writes zeros
+    //    first; the other score paths work on slices and get a zeroed block.
+    let scores: &mut [f32] = match ctx.params.mode {
         ScoreMode::Dot if keys.has_panels => {
+            let sc = scores.as_mut_ptr().cast::<f32>();
             let g = gemm::Gemm {
                 m: rows,
                 n: cols,
@@ -486,7 +491,7 @@ unsafe fn block_simd<S: simd::Simd, const NVS: usize>(
                 b: keys.packed.as_ptr(),
                 b_row: nr,
                 b_panel: panel,
-                c: scores.as_mut_ptr(),
+                c: sc,
                 ldc: tv,
             };
             gemm::gemm::<S, _, NVS>(
@@ -496,7 +501,20 @@ unsafe fn block_simd<S: simd::Simd, const NVS: usize>(
                 },
                 tiles.scores_mr,
             );
+            if cols < tv {
+                for r in 0..rows {
+                    std::ptr::write_bytes(sc.add(r * tv + cols), 0, tv - cols);
+                }
+            }
+            // SAFETY: every one of the `rows · Tv` entries was just written (the product the
+            // first `cols` of each row, `write_bytes` the rest), and MaybeUninit<f32> has f32's
+            // layout.
+            std::slice::from_raw_parts_mut(sc, rows * tv)
         }
+        _ => crate::attention::init(&mut scores[..rows * tv]),
+    };
+    match ctx.params.mode {
+        ScoreMode::Dot if keys.has_panels => {} // done above
         ScoreMode::Dot => {
             let k = ctx.key.index_axis(Axis(0), b);
             for r in 0..rows {
