@@ -293,9 +293,10 @@ fn float32_within_1e_5_relative_of_float64() {
 
 /// Decoding shapes (Tq < 8, Tv over 2 chunks of 1024 keys) take the split-keys path
 /// (`kernel::decode`): chunk statistics merged in a fixed order. It must equal the portable path
-/// within rounding (outputs and the saved statistics), keep NaN rows NaN without spreading,
-/// give a chunk of -inf scores weight 0, zero query-masked rows, and be bitwise identical for
-/// 1, 2 and 3 threads.
+/// within rounding (outputs and the saved statistics) with no mask, a query mask, a key mask
+/// (with a fully masked row), a full score mask and the causal mask, keep NaN rows NaN without
+/// spreading, give a chunk of -inf scores weight 0, zero query-masked rows, and be bitwise
+/// identical for 1, 2 and 3 threads.
 #[test]
 fn decode_split_keys_equal_portable_path() {
     let mut rng = Rng(47);
@@ -340,10 +341,16 @@ fn decode_split_keys_equal_portable_path() {
             .mapv_inplace(f32::abs);
         c.k.slice_mut(ndarray::s![last, ..s.tv - 1, 0])
             .fill(f32::NEG_INFINITY);
-        for query_mask in [false, true] {
+        for variant in 0..5 {
+            let query_mask = variant == 1 || variant == 4;
             let masks = Masks {
                 query: query_mask.then(|| c.qm.view()),
-                ..Masks::default()
+                value: match variant {
+                    2 | 4 => Some(ValueMask::Keys(c.keys.view())), // row 0 fully masked
+                    3 => Some(ValueMask::Scores(c.full.view())),
+                    _ => None,
+                },
+                causal: variant == 4,
             };
             let attn = Attention::new(ScoreMode::Dot).scale(0.4);
             let want = attn
@@ -356,7 +363,7 @@ fn decode_split_keys_equal_portable_path() {
                 if attn.effective_isa() != isa {
                     continue; // this CPU lacks it
                 }
-                let label = format!("{s:?} {isa:?} query mask {query_mask}");
+                let label = format!("{s:?} {isa:?} mask variant {variant}");
                 let got = attn
                     .forward_saved(c.q.view(), c.v.view(), Some(c.k.view()), &masks)
                     .unwrap();

@@ -8,8 +8,10 @@
 //! `M = max_c m_c`, `S = Σ_c e^{m_c - M} s_c`, `out = (Σ_c e^{m_c - M} o_c) · (1 / S)`.
 //!
 //! The chunking depends on Tv alone, so results are the same for any thread count and any
-//! batch size. Used for f32 dot scores without masks on keys, dropout or returned weights (the
-//! general block handles those).
+//! batch size. Used for f32 dot scores without dropout or returned weights (the general block
+//! handles those). Masks on keys and the causal mask apply per chunk exactly as to a whole row
+//! (`mask_cols`: masked and hidden scores get the bias subtracted), so every Keras corner (a
+//! fully masked row, NaN keys behind the causal mask) comes out as in one pass.
 
 use std::mem::MaybeUninit;
 use std::ops::Range;
@@ -18,6 +20,7 @@ use ndarray::{ArrayViewMut3, Axis};
 
 use super::{gemm, rows, simd, Ctx, Isa, PACK_MIN_TQ};
 use crate::config::ScoreMode;
+use crate::mask::mask_cols;
 use crate::shape::Dims;
 
 /// Keys per chunk: 1024 keys of D = Dv = 64 are 512 KiB of keys and values, enough work
@@ -34,9 +37,7 @@ fn chunks(ctx: &Ctx<'_, '_, f32>) -> Option<usize> {
         && d > 0
         && dv > 0
         && !ctx.normalize
-        && ctx.dropout.is_none()
-        && ctx.masks.value.is_none()
-        && !ctx.masks.causal;
+        && ctx.dropout.is_none();
     let n = tv.div_ceil(SPLIT_KEYS);
     (applies && n >= 2).then_some(n)
 }
@@ -221,6 +222,15 @@ unsafe fn chunk_simd<S: simd::Simd, const NV: usize>(
             s,
             ctx.params.scale,
         );
+        if ctx.masks.value.is_some() || ctx.masks.causal {
+            mask_cols(
+                s,
+                keys.start,
+                ctx.masks.keys_of_row(b, r),
+                ctx.masks.causal.then_some(r),
+                ctx.params.mask_bias,
+            );
+        }
         let (max, sum) = rows::softmax_row::<S>(s, false);
         (part[r * stride], part[r * stride + 1]) = (max, sum);
     }
