@@ -375,12 +375,11 @@ fn take_rows<'a, T>(
 fn run_items<T: Float>(
     ctx: &Ctx<'_, '_, T>,
     pool: Option<&rayon::ThreadPool>,
-    outs: Outputs<'_, T>,
+    mut outs: Outputs<'_, T>,
 ) {
     let Dims {
         batch, tq, tv, dv, ..
     } = ctx.dims;
-    let mut outs = outs;
     if outs.scores.is_none() && T::run_split(ctx, pool, &mut outs.output, outs.stats.as_mut()) {
         return;
     }

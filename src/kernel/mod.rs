@@ -367,19 +367,16 @@ pub(crate) fn block_f32(
     if tv == 0 || d == 0 || dv == 0 {
         return portable_block(ctx, item, crate::attention::init(scores), out, stats);
     }
+    if ctx.isa != Isa::Scalar {
+        keys.prepare(ctx, item.b);
+    }
     match ctx.isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Isa::detect` chose Avx512 only after `is_x86_feature_detected!("avx512f")`.
-        Isa::Avx512 => unsafe {
-            keys.prepare(ctx, item.b);
-            block_avx512(ctx, item, keys, scores, out, stats)
-        },
+        Isa::Avx512 => unsafe { block_avx512(ctx, item, keys, scores, out, stats) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: Avx2 only after detecting avx2 and fma.
-        Isa::Avx2 => unsafe {
-            keys.prepare(ctx, item.b);
-            block_avx2(ctx, item, keys, scores, out, stats)
-        },
+        Isa::Avx2 => unsafe { block_avx2(ctx, item, keys, scores, out, stats) },
         _ => portable_block(ctx, item, crate::attention::init(scores), out, stats),
     }
 }
@@ -511,11 +508,8 @@ unsafe fn block_simd<S: simd::Simd, const NVS: usize>(
             // layout.
             std::slice::from_raw_parts_mut(sc, rows * tv)
         }
-        _ => crate::attention::init(&mut scores[..rows * tv]),
-    };
-    match ctx.params.mode {
-        ScoreMode::Dot if keys.has_panels => {} // done above
         ScoreMode::Dot => {
+            let scores = crate::attention::init(&mut scores[..rows * tv]);
             let k = ctx.key.index_axis(Axis(0), b);
             for r in 0..rows {
                 let qr = std::slice::from_raw_parts(q0.offset(r as isize * q_ld), d);
@@ -528,11 +522,14 @@ unsafe fn block_simd<S: simd::Simd, const NVS: usize>(
                     ctx.params.scale,
                 );
             }
+            scores
         }
         ScoreMode::Concat => {
-            concat_scores::<S, NVS>(ctx, item, keys, cols, scores, tiles.scores_mr)
+            let scores = crate::attention::init(&mut scores[..rows * tv]);
+            concat_scores::<S, NVS>(ctx, item, keys, cols, scores, tiles.scores_mr);
+            scores
         }
-    }
+    };
 
     // 2. Mask, softmax, dropout. Unless the weights are returned, rows stay unnormalised and
     //    the output rows are scaled by 1/sum after the combine.
