@@ -2,14 +2,22 @@
 
     python benches/compare.py [--calls 30] [--chart benches/compare.png] [--quick]
 
-Every contender of a row runs in this one process, interleaved call by call (the order rotates
-each round), and the table quotes medians and ratios: this machine is shared and noisy, so only
-ratios measured together mean anything. Every timed call starts after a 2 ms pause (`--pause`):
-PyTorch's OpenMP workers spin-wait for about a millisecond after each call, and back to back
-they take the cores from whichever contender runs next (measured: luong 2.0 -> 2.6 ms at
-(8, 512, 512, 64), 0.6 -> 1.1 ms at (32, 128, 128, 64) right after an SDPA call). Turning
-the spin off instead (OMP_WAIT_POLICY=passive) would slow torch itself (0.43 -> 0.52 ms at
-decode), so torch keeps its default. Peers that are not installed are skipped and named.
+Every contender of a row runs in this one process, and the contenders take turns in short runs:
+a run is one untimed call then `--run` (4) timed calls back to back, and runs alternate, in an
+order that rotates each round, until each contender has `--calls` timed calls. The table quotes
+medians and ratios: this machine is shared and noisy, so only ratios measured together mean
+anything. Runs rather than single calls, because PyTorch's OpenMP workers spin for 2-7 ms of CPU
+after each call (GNU OpenMP's default; measured with process_time around a sleep) and go to
+sleep after about 5 ms, and both ways of interleaving single calls are unfair to someone:
+- back to back, or after a pause shorter than the spin, torch's spinning worker takes a core
+  from the next contender (luong 1.95 -> 2.54 ms at (8, 512, 512, 64) after SDPA, 2 ms pause);
+- after a longer pause torch wakes a sleeping worker and pays 1.4-7 ms for it (SDPA at
+  (32, 128, 128, 64): 0.81 ms back to back, 5.9 ms after a 10 ms pause).
+Runs give each library the steady state of a program that calls it in a loop; each run starts
+after a `--gap` (20 ms) so the previous contender's workers are idle, and its first call, which
+wakes them, is not timed. Shortening torch's spin (GOMP_SPINCOUNT) or turning it off
+(OMP_WAIT_POLICY=passive) would slow torch itself, so torch keeps its default. Peers that are
+not installed are skipped and named.
 PyTorch runs on the CPU with `torch.set_num_threads(2)`; its SDPA gets its best layout (4-D
 `(B, 1, T, D)` inputs, `scale=1.0`, the same boolean mask). Keras runs on JAX, its fastest CPU
 backend, under `jax.jit`. FLOP counts are 4·B·Tq·Tv·D (two products).
@@ -37,7 +45,8 @@ import luong
 from luong.reference import reference_attention
 
 THREADS = 2
-PAUSE = 0.002  # seconds before each timed call (see the module docstring); --pause sets it
+RUN = 4  # timed calls per run (see the module docstring); --run sets it
+GAP = 0.02  # seconds of sleep before each run; --gap sets it
 
 
 def optional(name: str) -> Any:
@@ -57,29 +66,34 @@ luong.set_num_threads(THREADS)
 
 
 def interleaved(
-    fns: dict[str, Callable[[], Any]], calls: int, pause: float | None = None
+    fns: dict[str, Callable[[], Any]], calls: int, run: int | None = None, gap: float | None = None
 ) -> dict[str, float]:
-    """Median seconds per contender, calls interleaved and the order rotated each round, each
-    call after `pause` seconds (default PAUSE)."""
-    pause = PAUSE if pause is None else pause
+    """Median seconds per call for each contender: the contenders take turns in runs of one
+    untimed call and `run` timed ones, each run after `gap` seconds of sleep, the order rotated
+    each round (defaults RUN and GAP; `run=1, gap=0` interleaves single calls)."""
+    run = RUN if run is None else run
+    gap = GAP if gap is None else gap
     names = list(fns)
     for n in names:  # warm up: first-call costs (jit, allocation, thread start) are not measured
         for _ in range(2):
             fns[n]()
     times: dict[str, list[float]] = {n: [] for n in names}
-    for i in range(calls):
+    for i in range(-(-calls // run)):
         for n in names[i % len(names):] + names[: i % len(names)]:
-            if pause:
-                time.sleep(pause)
-            t = time.perf_counter()
-            fns[n]()
-            times[n].append(time.perf_counter() - t)
+            if gap:
+                time.sleep(gap)
+                fns[n]()  # wakes the contender's workers; not timed
+            for _ in range(run):
+                t = time.perf_counter()
+                fns[n]()
+                times[n].append(time.perf_counter() - t)
     return {n: statistics.median(ts) for n, ts in times.items()}
 
 
 def measure(
     row: str, shape: tuple[int, int, int, int], ours: Callable[[], Any],
-    groups: list[dict[str, Callable[[], Any]]], calls: int, pause: float | None = None,
+    groups: list[dict[str, Callable[[], Any]]], calls: int, run: int | None = None,
+    gap: float | None = None,
 ) -> dict[str, Any]:
     """Interleaves luong with each group of peers; ratios come from within a group. JAX runs in
     a group of its own: its worker pool spins after each call and slows whatever runs next
@@ -87,7 +101,7 @@ def measure(
     peers: list[tuple[str, float, float]] = []
     ours_time = None
     for group in groups or [{}]:
-        times = interleaved({"luong": ours, **group}, calls, pause)
+        times = interleaved({"luong": ours, **group}, calls, run, gap)
         ours_time = times["luong"] if ours_time is None else ours_time
         peers += [(n, t, t / times["luong"]) for n, t in times.items() if n != "luong"]
     return {"row": row, "shape": shape, "luong": ours_time, "peers": peers}
@@ -240,9 +254,11 @@ def rows_small(calls: int) -> list[dict[str, Any]]:
         klayer = keras.layers.Attention()
         jax_group["keras (jax, eager call)"] = lambda: np.asarray(klayer([q, v, k]))
     groups = [g for g in (main, jax_group) if g]
-    # No pause: these calls use no worker threads (luong runs calls under 1 MFLOP on the calling
-    # thread), and a pause before a 10 us call measures cold caches instead of the call.
-    return [measure("small call", shape, lambda: layer([q, v, k]), groups, calls * 10, pause=0.0)]
+    # Single calls interleaved, no sleep: these calls use no worker threads (luong runs calls
+    # under 1 MFLOP on the calling thread), and a sleep before a 10 us call measures cold
+    # caches instead of the call.
+    small = measure("small call", shape, lambda: layer([q, v, k]), groups, calls * 10, 1, 0.0)
+    return [small]
 
 
 def rows_threads(calls: int) -> list[dict[str, Any]]:
@@ -316,18 +332,21 @@ def chart(rows: list[dict[str, Any]], path: str) -> None:
 
 
 def main() -> int:
-    global PAUSE
+    global RUN, GAP
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--calls", type=int, default=30, help="interleaved rounds per row (median)")
+    ap.add_argument(
+        "--calls", type=int, default=30, help="timed calls per contender and row (median)"
+    )
     ap.add_argument("--chart", default="benches/compare.png", help="PNG path ('' for none)")
     ap.add_argument("--quick", action="store_true", help="fewer rows (for a smoke run)")
-    ap.add_argument("--pause", type=float, default=PAUSE, help="seconds before each timed call")
+    ap.add_argument("--run", type=int, default=RUN, help="timed calls per run, back to back")
+    ap.add_argument("--gap", type=float, default=GAP, help="seconds of sleep before each run")
     args = ap.parse_args()
-    PAUSE = args.pause
+    RUN, GAP = args.run, args.gap
     print(f"# luong {luong.__version__}, python {sys.version.split()[0]}, "
           f"torch {getattr(torch, '__version__', '-')}, jax {getattr(jax, '__version__', '-')}, "
           f"keras {getattr(keras, '__version__', '-')}; {THREADS} threads; {args.calls} calls; "
-          f"{args.pause * 1e3:g} ms pause before each call")
+          f"runs of 1 + {args.run} calls, {args.gap * 1e3:g} ms apart")
     rows = rows_dot(args.calls, args.quick)
     if not args.quick:
         rows += rows_masked(args.calls) + rows_scores(args.calls) + rows_concat(args.calls)
