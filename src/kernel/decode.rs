@@ -231,7 +231,7 @@ unsafe fn chunk_simd<S: simd::Simd, const NV: usize>(
                 ctx.params.mask_bias,
             );
         }
-        let (max, sum) = rows::softmax_row::<S>(s, false);
+        let (max, sum) = rows::softmax_row::<S>(s, false, None);
         (part[r * stride], part[r * stride + 1]) = (max, sum);
     }
     let g = gemm::Gemm {

@@ -20,6 +20,17 @@ pub(crate) trait Op<S: Simd>: Copy {
     const PREFETCH: usize = 0;
     unsafe fn step(&self, acc: S::V, a: S::V, b: S::V) -> S::V;
     unsafe fn finish(&self, acc: S::V) -> S::V;
+    /// Sees the finished vectors of C's row `row` (of the whole product) as the tile stores
+    /// them; `valid` masks the lanes inside C when the panel is partial. Default: nothing.
+    #[inline(always)]
+    unsafe fn see_row<const NV: usize>(
+        &self,
+        row: usize,
+        xs: &[S::V; NV],
+        valid: Option<&[S::M; NV]>,
+    ) {
+        let _ = (row, xs, valid);
+    }
 }
 
 /// `Σ_k a·b`, then `× scale` (Keras multiplies the finished dot product by the scale).
@@ -39,6 +50,45 @@ impl<S: Simd> Op<S> for Dot {
             Some(s) => S::mul(acc, S::splat(s)),
             None => acc,
         }
+    }
+}
+
+/// [`Dot`] that also keeps, for each row i of C, a vector of running maxima at
+/// `max + i·LANES` (lane-wise over the row's columns; the caller starts them at -inf and takes
+/// the horizontal max at the end). The softmax then starts from the row max instead of reading
+/// the scores once more to find it.
+#[derive(Clone, Copy)]
+pub(crate) struct DotMax {
+    pub dot: Dot,
+    pub max: *mut f32,
+}
+
+impl<S: Simd> Op<S> for DotMax {
+    #[inline(always)]
+    unsafe fn step(&self, acc: S::V, a: S::V, b: S::V) -> S::V {
+        S::fma(a, b, acc)
+    }
+    #[inline(always)]
+    unsafe fn finish(&self, acc: S::V) -> S::V {
+        <Dot as Op<S>>::finish(&self.dot, acc)
+    }
+    #[inline(always)]
+    unsafe fn see_row<const NV: usize>(
+        &self,
+        row: usize,
+        xs: &[S::V; NV],
+        valid: Option<&[S::M; NV]>,
+    ) {
+        let p = self.max.add(row * S::LANES);
+        let mut m = S::load(p);
+        for (v, &x) in xs.iter().enumerate() {
+            let x = match valid {
+                Some(masks) => S::select(masks[v], x, S::splat(f32::NEG_INFINITY)),
+                None => x,
+            };
+            m = S::max(m, x);
+        }
+        S::store(p, m);
     }
 }
 
@@ -139,6 +189,7 @@ pub(crate) unsafe fn gemm_with<
             let a = if TA { g.a.add(i) } else { g.a.add(i * g.lda) };
             let c = g.c.add(i * g.ldc + p * nr);
             let t = Tile {
+                row0: i,
                 a,
                 lda: g.lda,
                 b,
@@ -171,6 +222,8 @@ pub(crate) unsafe fn gemm_with<
 }
 
 struct Tile {
+    /// The tile's first row in C (for [`Op::see_row`]).
+    row0: usize,
     a: *const f32,
     lda: usize,
     b: *const f32,
@@ -226,9 +279,11 @@ unsafe fn tile<
             }
         }
         for (r, row) in acc.iter().enumerate() {
-            for (v, &x) in row.iter().enumerate() {
-                S::store(t.c.add(r * t.ldc + v * l), op.finish(x));
+            let xs: [S::V; NV] = std::array::from_fn(|v| op.finish(row[v]));
+            for (v, &x) in xs.iter().enumerate() {
+                S::store(t.c.add(r * t.ldc + v * l), x);
             }
+            op.see_row(t.row0 + r, &xs, None);
         }
     } else {
         let masks: [S::M; NV] = std::array::from_fn(|v| S::mask(t.cols.saturating_sub(v * l)));
@@ -254,9 +309,11 @@ unsafe fn tile<
             }
         }
         for (r, row) in acc.iter().enumerate() {
-            for (v, &x) in row.iter().enumerate() {
-                S::store_masked(t.c.add(r * t.ldc + v * l), masks[v], op.finish(x));
+            let xs: [S::V; NV] = std::array::from_fn(|v| op.finish(row[v]));
+            for (v, &x) in xs.iter().enumerate() {
+                S::store_masked(t.c.add(r * t.ldc + v * l), masks[v], x);
             }
+            op.see_row(t.row0 + r, &xs, Some(&masks));
         }
     }
 }

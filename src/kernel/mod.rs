@@ -13,6 +13,7 @@
 
 pub(crate) mod backward;
 pub(crate) mod decode;
+
 mod gemm;
 mod rows;
 mod simd;
@@ -476,6 +477,10 @@ unsafe fn block_simd<S: simd::Simd, const NVS: usize>(
     //    `scores` may be uninitialised (the returned weights' rows): the packed product writes
     //    every row's first `cols` entries and the rest are zeroed here, so no pass writes zeros
     //    first; the other score paths work on slices and get a zeroed block.
+    // Without masks the packed product also finds each row's max (lane-wise, per row) as it
+    // stores the scores, and the softmax skips its pass to find it.
+    let fused_max = keys.has_panels && ctx.params.mode == ScoreMode::Dot && !masked(ctx.masks);
+    let mut row_max = [f32::NEG_INFINITY; MAX_ITEM_ROWS * 16];
     let scores: &mut [f32] = match ctx.params.mode {
         ScoreMode::Dot if keys.has_panels => {
             let sc = scores.as_mut_ptr().cast::<f32>();
@@ -491,13 +496,15 @@ unsafe fn block_simd<S: simd::Simd, const NVS: usize>(
                 c: sc,
                 ldc: tv,
             };
-            gemm::gemm::<S, _, NVS>(
-                &g,
-                gemm::Dot {
-                    scale: ctx.params.scale,
-                },
-                tiles.scores_mr,
-            );
+            let dot = gemm::Dot {
+                scale: ctx.params.scale,
+            };
+            if fused_max {
+                let max = row_max.as_mut_ptr();
+                gemm::gemm::<S, _, NVS>(&g, gemm::DotMax { dot, max }, tiles.scores_mr);
+            } else {
+                gemm::gemm::<S, _, NVS>(&g, dot, tiles.scores_mr);
+            }
             if cols < tv {
                 for r in 0..rows {
                     std::ptr::write_bytes(sc.add(r * tv + cols), 0, tv - cols);
@@ -548,7 +555,18 @@ unsafe fn block_simd<S: simd::Simd, const NVS: usize>(
                 .map(|k| k.slice_move(ndarray::s![..len]));
             mask_row(s, keys, ctx.masks.causal.then_some(i), ctx.params.mask_bias);
         }
-        let (max, sum) = rows::softmax_row::<S>(s, normalize);
+        let known_max = if fused_max {
+            let m = S::hmax(S::load(row_max.as_ptr().add(r * S::LANES)));
+            debug_assert!(
+                s.iter().any(|x| x.is_nan())
+                    || m == s.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x)),
+                "the product's row max is the row's max"
+            );
+            Some(m)
+        } else {
+            None
+        };
+        let (max, sum) = rows::softmax_row::<S>(s, normalize, known_max);
         if !normalize {
             inv[r] = 1.0 / sum;
         }

@@ -3,7 +3,8 @@
 
 use super::simd::Simd;
 
-/// Softmax of `row` in place: the max, then `e^(x - max)` and its sum. Returns `(max, sum)`;
+/// Softmax of `row` in place: the max (unless `known_max` gives it: the exact max of the row,
+/// from the scores product's epilogue), then `e^(x - max)` and its sum. Returns `(max, sum)`;
 /// with `normalize` the row is multiplied by `1 / sum` (the weights), else it is left as
 /// `e^(x - max)` for the caller to scale the combined output instead (one multiply per Dv, not
 /// per Tv). The backward recomputes the weights from `max` and `ln sum`.
@@ -16,7 +17,11 @@ use super::simd::Simd;
 /// `S`'s instructions must be available. All loads and stores are within `row` (whole vectors
 /// of the body) or the 16-float `pad` (the tail), so no pointer leaves its slice.
 #[inline(always)]
-pub(crate) unsafe fn softmax_row<S: Simd>(row: &mut [f32], normalize: bool) -> (f32, f32) {
+pub(crate) unsafe fn softmax_row<S: Simd>(
+    row: &mut [f32],
+    normalize: bool,
+    known_max: Option<f32>,
+) -> (f32, f32) {
     let l = S::LANES;
     let (body, tail) = row.split_at_mut(row.len() - row.len() % l);
     // The tail is processed as a full vector padded with -inf (e^-inf = 0 adds nothing).
@@ -27,18 +32,23 @@ pub(crate) unsafe fn softmax_row<S: Simd>(row: &mut [f32], normalize: bool) -> (
     // (No closures here: they would not inherit the caller's target features and would not
     // inline; plain loops do.)
     // Four independent maxima (and sums below) hide the latency; all start from the padded tail.
-    let first = S::load(pad.as_ptr());
-    let (mut m0, mut m1, mut m2, mut m3) = (first, first, first, first);
-    for x in (0..quads.len()).step_by(4 * l) {
-        m0 = S::max(m0, S::load(p.add(x)));
-        m1 = S::max(m1, S::load(p.add(x + l)));
-        m2 = S::max(m2, S::load(p.add(x + 2 * l)));
-        m3 = S::max(m3, S::load(p.add(x + 3 * l)));
-    }
-    for c in singles.chunks_exact(l) {
-        m0 = S::max(m0, S::load(c.as_ptr()));
-    }
-    let row_max = S::hmax(S::max(S::max(m0, m1), S::max(m2, m3)));
+    let row_max = match known_max {
+        Some(m) => m,
+        None => {
+            let first = S::load(pad.as_ptr());
+            let (mut m0, mut m1, mut m2, mut m3) = (first, first, first, first);
+            for x in (0..quads.len()).step_by(4 * l) {
+                m0 = S::max(m0, S::load(p.add(x)));
+                m1 = S::max(m1, S::load(p.add(x + l)));
+                m2 = S::max(m2, S::load(p.add(x + 2 * l)));
+                m3 = S::max(m3, S::load(p.add(x + 3 * l)));
+            }
+            for c in singles.chunks_exact(l) {
+                m0 = S::max(m0, S::load(c.as_ptr()));
+            }
+            S::hmax(S::max(S::max(m0, m1), S::max(m2, m3)))
+        }
+    };
     let max = S::splat(row_max);
     let (mut s0, mut s1, mut s2, mut s3) = (S::zero(), S::zero(), S::zero(), S::zero());
     for x in (0..quads.len()).step_by(4 * l) {
