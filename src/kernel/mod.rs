@@ -13,7 +13,6 @@
 
 pub(crate) mod backward;
 pub(crate) mod decode;
-
 mod gemm;
 mod rows;
 mod simd;
