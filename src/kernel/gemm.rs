@@ -66,7 +66,7 @@ pub(crate) struct DotMax {
 impl<S: Simd> Op<S> for DotMax {
     #[inline(always)]
     unsafe fn step(&self, acc: S::V, a: S::V, b: S::V) -> S::V {
-        S::fma(a, b, acc)
+        <Dot as Op<S>>::step(&self.dot, acc, a, b)
     }
     #[inline(always)]
     unsafe fn finish(&self, acc: S::V) -> S::V {
