@@ -265,9 +265,11 @@ unsafe fn exp_shifted<S: simd::Simd>(xs: &mut [f32], max: f32, ln_sum: f32) {
         S::store(ch.as_mut_ptr(), S::exp(S::sub(S::sub(x, mv), lv)));
     }
     let tail = chunks.into_remainder();
-    let m = S::mask(tail.len());
-    let x = S::load_masked(tail.as_ptr(), m);
-    S::store_masked(tail.as_mut_ptr(), m, S::exp(S::sub(S::sub(x, mv), lv)));
+    if !tail.is_empty() {
+        let m = S::mask(tail.len());
+        let x = S::load_masked(tail.as_ptr(), m);
+        S::store_masked(tail.as_mut_ptr(), m, S::exp(S::sub(S::sub(x, mv), lv)));
+    }
 }
 
 /// One row of an unmasked block without dropout, in one pass: `p = e^((raw·scale - max) -
