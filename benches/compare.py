@@ -8,7 +8,7 @@ order that rotates each round, until each contender has `--calls` timed calls. T
 medians and ratios: this machine is shared and noisy, so only ratios measured together mean
 anything. Runs rather than single calls, because PyTorch's OpenMP workers spin for 2-7 ms of CPU
 after each call (GNU OpenMP's default; measured with process_time around a sleep) and go to
-sleep after about 5 ms, and both ways of interleaving single calls are unfair to someone:
+sleep 5-10 ms after it, and both ways of interleaving single calls are unfair to someone:
 - back to back, or after a pause shorter than the spin, torch's spinning worker takes a core
   from the next contender (luong 1.95 -> 2.54 ms at (8, 512, 512, 64) after SDPA, 2 ms pause);
 - after a longer pause torch wakes a sleeping worker and pays 1.4-7 ms for it (SDPA at
