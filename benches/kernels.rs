@@ -83,7 +83,7 @@ fn isas(c: &mut Criterion) {
     g.sample_size(20);
     let (q, k, v) = inputs(4, 256, 256, 64);
     g.throughput(Throughput::Elements(4 * 256 * 256));
-    for isa in [Isa::Scalar, Isa::Avx2, Isa::Avx512] {
+    for isa in [Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Amx] {
         let attn = Attention::new(ScoreMode::Dot).isa(isa);
         if attn.effective_isa() != isa {
             continue;

@@ -128,6 +128,7 @@ impl Attention {
         match self.isa {
             Some(Isa::Scalar) => Isa::Scalar,
             Some(Isa::Avx2) if best != Isa::Scalar => Isa::Avx2,
+            Some(Isa::Avx512) if best == Isa::Amx => Isa::Avx512,
             _ => best,
         }
     }

@@ -84,7 +84,7 @@ fn compare_isas(label: &str, attn: &Attention, c: &Case, masks: &Masks<'_>, tol:
     let want = portable
         .forward(c.q.view(), c.v.view(), Some(c.k.view()), masks)
         .unwrap();
-    for isa in [Isa::Avx2, Isa::Avx512] {
+    for isa in [Isa::Avx2, Isa::Avx512, Isa::Amx] {
         let fast = attn.clone().isa(isa);
         if fast.effective_isa() != isa {
             continue; // this CPU lacks it
@@ -197,7 +197,7 @@ fn causal_skipping_keeps_keras_semantics() {
         causal: true,
         ..Masks::default()
     };
-    for isa in [Isa::Scalar, Isa::Avx2, Isa::Avx512] {
+    for isa in [Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Amx] {
         let out = Attention::default()
             .isa(isa)
             .forward(c.q.view(), c.v.view(), Some(c.k.view()), &masks)
@@ -358,7 +358,7 @@ fn decode_split_keys_equal_portable_path() {
                 .isa(Isa::Scalar)
                 .forward_saved(c.q.view(), c.v.view(), Some(c.k.view()), &masks)
                 .unwrap();
-            for isa in [Isa::Avx2, Isa::Avx512] {
+            for isa in [Isa::Avx2, Isa::Avx512, Isa::Amx] {
                 let attn = attn.clone().isa(isa);
                 if attn.effective_isa() != isa {
                     continue; // this CPU lacks it

@@ -39,7 +39,7 @@ pub(crate) fn item_f32(
     match ctx.isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Isa::detect` chose Avx512 only after `is_x86_feature_detected!("avx512f")`.
-        Isa::Avx512 if fast => unsafe { item_avx512(ctx, b, keys, g) },
+        Isa::Avx512 | Isa::Amx if fast => unsafe { item_avx512(ctx, b, keys, g) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: Avx2 only after detecting avx2 and fma.
         Isa::Avx2 if fast => unsafe { item_avx2(ctx, b, keys, g) },

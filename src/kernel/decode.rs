@@ -175,7 +175,7 @@ fn chunk_f32(
         match ctx.isa {
             // SAFETY: the ISA was detected (`Isa::detect`); sizes as `chunk_simd` needs
             // (`run_split` sizes the scratch and the partial rows).
-            Isa::Avx512 => return unsafe { avx512(ctx, b, keys, scratch, part) },
+            Isa::Avx512 | Isa::Amx => return unsafe { avx512(ctx, b, keys, scratch, part) },
             // SAFETY: as above.
             Isa::Avx2 => return unsafe { avx2(ctx, b, keys, scratch, part) },
             Isa::Scalar => {}

@@ -11,6 +11,8 @@
 //! What the fast path buys at (8, 512, 512, 64), 2 threads, float32: see `benches/` and the
 //! README's performance table.
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
 pub(crate) mod backward;
 pub(crate) mod decode;
 mod gemm;
@@ -34,6 +36,11 @@ use crate::softmax::softmax_row;
 /// The instruction sets the f32 kernels can use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Isa {
+    /// AVX-512F, with the forward's two dot products on AMX tiles (AMX-TILE and AMX-BF16, where
+    /// the OS grants the tile state): each f32 operand split into three bfloat16 parts, six tile
+    /// products per f32 product, error at or below an f32 FMA chain's (see `kernel::amx`).
+    /// Everything else runs as [`Isa::Avx512`].
+    Amx,
     /// AVX-512F: 16 lanes, masked loads, `vscalefps`.
     Avx512,
     /// AVX2 and FMA: 8 lanes.
@@ -45,6 +52,7 @@ pub enum Isa {
 impl Isa {
     /// The best set this CPU supports, or what `LUONG_ISA` (`avx512`, `avx2`, `scalar`) asks for
     /// when the CPU supports it (to test and benchmark every path on one machine). Detected once.
+    /// [`Isa::Amx`] asks Linux for the tile state the first time (`arch_prctl`).
     pub fn detect() -> Isa {
         static ISA: OnceLock<Isa> = OnceLock::new();
         *ISA.get_or_init(|| {
@@ -52,6 +60,7 @@ impl Isa {
             match std::env::var("LUONG_ISA").ok().as_deref() {
                 Some("scalar") => Isa::Scalar,
                 Some("avx2") if best != Isa::Scalar => Isa::Avx2,
+                Some("avx512") if best == Isa::Amx => Isa::Avx512,
                 _ => best,
             }
         })
@@ -61,7 +70,11 @@ impl Isa {
         #[cfg(target_arch = "x86_64")]
         {
             if is_x86_feature_detected!("avx512f") {
-                return Isa::Avx512;
+                return if amx::available() {
+                    Isa::Amx
+                } else {
+                    Isa::Avx512
+                };
             }
             if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
                 return Isa::Avx2;
@@ -193,6 +206,11 @@ pub struct KeyCache {
     concat_ok: bool,
     /// Causal: whether keys and values are all finite (`causal_lengths`).
     finite: bool,
+    /// [`Isa::Amx`]: keys and values in tile layout, when `amx_ready` (the dot mode with
+    /// packed keys, and every key and value split exactly); else the AVX-512 path runs.
+    #[cfg(target_arch = "x86_64")]
+    amx: amx::Packed,
+    amx_ready: bool,
 }
 
 impl KeyCache {
@@ -201,6 +219,8 @@ impl KeyCache {
     pub(crate) fn recycled() -> Self {
         KeyCache {
             packed: PACKED.with(|c| c.take()),
+            #[cfg(target_arch = "x86_64")]
+            amx: AMX_PACKED.with(|c| c.take()),
             ..KeyCache::default()
         }
     }
@@ -215,6 +235,34 @@ impl KeyCache {
         let key = ctx.key.index_axis(Axis(0), b);
         self.finite =
             ctx.masks.causal && all_finite(key) && all_finite(ctx.value.index_axis(Axis(0), b));
+        self.b = Some(b);
+        self.amx_ready = false;
+        #[cfg(target_arch = "x86_64")]
+        if isa == Isa::Amx && params.mode == ScoreMode::Dot && tq >= PACK_MIN_TQ {
+            let value = ctx.value.index_axis(Axis(0), b);
+            let splits = |a: ndarray::ArrayView2<'_, f32>| {
+                a.rows().into_iter().all(|r| {
+                    amx::splits_exactly(r.to_slice().expect("key and value rows are contiguous"))
+                })
+            };
+            if splits(key) && splits(value) {
+                let (ld, ldv) = (key.stride_of(Axis(0)), value.stride_of(Axis(0)));
+                // SAFETY: Isa::Amx was detected (AVX-512F and the tile state); the views' rows
+                // are contiguous with non-negative strides, `tv` rows of `d` (keys) and `dv`
+                // (values) floats (`shape::check_qkv`).
+                unsafe {
+                    self.amx.pack(
+                        key.as_ptr(),
+                        ld as usize,
+                        value.as_ptr(),
+                        ldv as usize,
+                        (tv, d, ctx.dims.dv),
+                    )
+                };
+                (self.has_panels, self.concat_ok, self.amx_ready) = (false, true, true);
+                return;
+            }
+        }
         let nr = fwd_panel_width(isa);
         let per_batch = tv.div_ceil(nr) * d * nr;
         let two_s = 2.0 * params.scale.unwrap_or(1.0);
@@ -238,7 +286,6 @@ impl KeyCache {
                 (ok, ok)
             }
         };
-        self.b = Some(b);
     }
 }
 
@@ -249,12 +296,22 @@ impl Drop for KeyCache {
         if packed.capacity() > 0 && packed.capacity() <= (64 << 20) / 4 {
             PACKED.with(|c| c.set(packed));
         }
+        #[cfg(target_arch = "x86_64")]
+        AMX_PACKED.with(|c| c.set(std::mem::take(&mut self.amx)));
     }
 }
 
 thread_local! {
     /// The last call's packed keys on this thread (see [`KeyCache::recycled`]).
     static PACKED: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+#[cfg(target_arch = "x86_64")]
+thread_local! {
+    /// The last call's keys and values in tile layout on this thread.
+    static AMX_PACKED: std::cell::Cell<amx::Packed> = std::cell::Cell::default();
+    /// The tile kernels' per-item scratch on this thread.
+    static AMX_SCRATCH: std::cell::RefCell<amx::Scratch> = std::cell::RefCell::default();
 }
 
 /// Whether every element is finite; branch-free over contiguous rows so it vectorises.
@@ -285,7 +342,7 @@ fn pack_keys(isa: Isa, key: ndarray::ArrayView2<'_, f32>, nr: usize, out: &mut [
         match isa {
             // SAFETY: the ISA was detected (`Isa::detect`); `nr` is `panel_width(isa)`, a
             // multiple of the lanes, and callers size `out` for it.
-            Isa::Avx512 => return unsafe { avx512(key, nr, out) },
+            Isa::Avx512 | Isa::Amx => return unsafe { avx512(key, nr, out) },
             // SAFETY: as above.
             Isa::Avx2 => return unsafe { avx2(key, nr, out) },
             Isa::Scalar => {}
@@ -308,7 +365,7 @@ pub(crate) fn exp_scaled(isa: Isa, xs: &mut [f32], c: f32) {
         }
         match isa {
             // SAFETY: the ISA was detected (`Isa::detect`).
-            Isa::Avx512 => return unsafe { avx512(xs, c) },
+            Isa::Avx512 | Isa::Amx => return unsafe { avx512(xs, c) },
             // SAFETY: as above.
             Isa::Avx2 => return unsafe { avx2(xs, c) },
             Isa::Scalar => {}
@@ -338,7 +395,7 @@ unsafe fn exp_scaled_simd<S: simd::Simd>(xs: &mut [f32], c: f32) {
 /// The backward's panel width (its score tiles are 12 × 32 on AVX-512).
 fn panel_width(isa: Isa) -> usize {
     match isa {
-        Isa::Avx512 => 32,
+        Isa::Avx512 | Isa::Amx => 32,
         _ => 16,
     }
 }
@@ -348,7 +405,7 @@ fn panel_width(isa: Isa) -> usize {
 /// (2,2048,2048,64); the same for concat).
 fn fwd_panel_width(isa: Isa) -> usize {
     match isa {
-        Isa::Avx512 => 64,
+        Isa::Avx512 | Isa::Amx => 64,
         _ => 16,
     }
 }
@@ -361,7 +418,7 @@ pub(crate) fn block_f32(
     keys: &mut KeyCache,
     scores: &mut [MaybeUninit<f32>],
     out: &mut [f32],
-    stats: Option<&mut [f32]>,
+    mut stats: Option<&mut [f32]>,
 ) {
     let Dims { tv, d, dv, .. } = ctx.dims;
     if tv == 0 || d == 0 || dv == 0 {
@@ -374,6 +431,14 @@ pub(crate) fn block_f32(
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Isa::detect` chose Avx512 only after `is_x86_feature_detected!("avx512f")`.
         Isa::Avx512 => unsafe { block_avx512(ctx, item, keys, scores, out, stats) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: Isa::Amx implies AVX-512F and the tile state (`amx::available`); `prepare`
+        // packed this batch element's keys and values for the tiles when `amx_ready`.
+        Isa::Amx => unsafe {
+            if !(keys.amx_ready && block_amx(ctx, item, keys, scores, out, stats.as_deref_mut())) {
+                block_avx512(ctx, item, keys, scores, out, stats)
+            }
+        },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: Avx2 only after detecting avx2 and fma.
         Isa::Avx2 => unsafe { block_avx2(ctx, item, keys, scores, out, stats) },
@@ -461,7 +526,7 @@ unsafe fn block_simd<S: simd::Simd, const NVS: usize>(
     mut stats: Option<&mut [f32]>,
     tiles: Tiles,
 ) {
-    let Dims { tq, tv, d, dv, .. } = ctx.dims;
+    let Dims { tv, d, dv, .. } = ctx.dims;
     let Item { b, i0, rows } = item;
     debug_assert!(scores.len() >= rows * tv && out.len() >= rows * dv);
     let q = ctx.query.index_axis(Axis(0), b);
@@ -544,35 +609,26 @@ unsafe fn block_simd<S: simd::Simd, const NVS: usize>(
     let mut inv = [1.0f32; MAX_ITEM_ROWS];
     let normalize = ctx.normalize;
     for r in 0..rows {
-        let i = i0 + r;
         let (row, len) = (&mut scores[r * tv..(r + 1) * tv], lens[r]);
-        let s = &mut row[..len];
-        if masked(ctx.masks) {
-            let keys = ctx
-                .masks
-                .keys_of_row(b, i)
-                .map(|k| k.slice_move(ndarray::s![..len]));
-            mask_row(s, keys, ctx.masks.causal.then_some(i), ctx.params.mask_bias);
-        }
         let known_max = if fused_max {
             let m = S::hmax(S::load(row_max.as_ptr().add(r * S::LANES)));
             debug_assert!(
-                s.iter().any(|x| x.is_nan())
-                    || m == s.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x)),
+                row[..len].iter().any(|x| x.is_nan())
+                    || m == row[..len].iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x)),
                 "the product's row max is the row's max"
             );
             Some(m)
         } else {
             None
         };
-        let (max, sum) = rows::softmax_row::<S>(s, normalize, known_max);
-        if !normalize {
-            inv[r] = 1.0 / sum;
-        }
-        if let Some(st) = stats.as_deref_mut() {
-            (st[2 * r], st[2 * r + 1]) = (max, sum.ln());
-        }
-        apply_dropout_row(ctx, (b * tq + i) * tv, s);
+        inv[r] = finish_fast_row::<S>(
+            ctx,
+            item,
+            r,
+            &mut row[..len],
+            known_max,
+            stats.as_deref_mut(),
+        );
         row[len..if normalize { tv } else { cols }].fill(0.0);
     }
 
@@ -604,14 +660,120 @@ unsafe fn block_simd<S: simd::Simd, const NVS: usize>(
         }
         k0 += kc;
     }
-    for r in 0..rows {
-        let o = &mut out[r * dv..(r + 1) * dv];
-        if !ctx.masks.query_keeps(b, i0 + r) {
+    finish_out_rows(ctx, item, out, &inv);
+}
+
+/// Step 2 of a fast item for its row `r`, `s` the row's first `lens[r]` scores: mask, softmax,
+/// statistics (`stats`, the item's `rows × 2`), dropout. Returns what the combined output row is
+/// to be multiplied by: `1 / sum` unless the weights are normalised in place (then 1).
+///
+/// # Safety
+/// `S`'s instructions must be available.
+#[inline(always)]
+unsafe fn finish_fast_row<S: simd::Simd>(
+    ctx: &Ctx<'_, '_, f32>,
+    item: Item,
+    r: usize,
+    s: &mut [f32],
+    known_max: Option<f32>,
+    stats: Option<&mut [f32]>,
+) -> f32 {
+    let Dims { tq, tv, .. } = ctx.dims;
+    let (b, i) = (item.b, item.i0 + r);
+    if masked(ctx.masks) {
+        let keys = ctx
+            .masks
+            .keys_of_row(b, i)
+            .map(|k| k.slice_move(ndarray::s![..s.len()]));
+        mask_row(s, keys, ctx.masks.causal.then_some(i), ctx.params.mask_bias);
+    }
+    let (max, sum) = rows::softmax_row::<S>(s, ctx.normalize, known_max);
+    if let Some(st) = stats {
+        (st[2 * r], st[2 * r + 1]) = (max, sum.ln());
+    }
+    apply_dropout_row(ctx, (b * tq + i) * tv, s);
+    if ctx.normalize {
+        1.0
+    } else {
+        1.0 / sum
+    }
+}
+
+/// The last step of a fast item: each output row times its `inv` (from [`finish_fast_row`]), or
+/// zeros where the query mask drops the row.
+fn finish_out_rows(ctx: &Ctx<'_, '_, f32>, item: Item, out: &mut [f32], inv: &[f32]) {
+    let dv = ctx.dims.dv;
+    for (r, o) in out[..item.rows * dv].chunks_exact_mut(dv).enumerate() {
+        if !ctx.masks.query_keeps(item.b, item.i0 + r) {
             o.fill(0.0);
-        } else if !normalize {
+        } else if inv[r] != 1.0 {
             o.iter_mut().for_each(|x| *x *= inv[r]);
         }
     }
+}
+
+/// One item on AMX tiles ([`amx`]): scores product on tiles into scratch, then row by row the
+/// scale, [`finish_fast_row`], the returned weights and the weights' three-part split, then the
+/// combine on tiles. Returns false, touching nothing, when a query row of the item does not
+/// split exactly ([`amx::splits_exactly`]); the caller then runs the AVX-512 path.
+///
+/// # Safety
+/// [`Isa::Amx`] was detected; `keys` was prepared with `amx_ready` for batch element `item.b`.
+/// Sizes as [`block_simd`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn block_amx(
+    ctx: &Ctx<'_, '_, f32>,
+    item: Item,
+    keys: &KeyCache,
+    scores: &mut [MaybeUninit<f32>],
+    out: &mut [f32],
+    mut stats: Option<&mut [f32]>,
+) -> bool {
+    let Dims { tv, d, dv, .. } = ctx.dims;
+    let Item { b, i0, rows } = item;
+    debug_assert!(scores.len() >= rows * tv && out.len() >= rows * dv);
+    let q = ctx.query.index_axis(Axis(0), b);
+    let q_ld = q.stride_of(Axis(0)) as usize;
+    let q0 = q.as_ptr().add(i0 * q_ld);
+    let q_row = |r: usize| std::slice::from_raw_parts(q0.add(r * q_ld), d);
+    if !(0..rows).all(|r| amx::splits_exactly(q_row(r))) {
+        return false;
+    }
+    let mut lens = [tv; MAX_ITEM_ROWS];
+    let cols = causal_lengths(ctx, item, keys.finite, &mut lens);
+    let weights = scores.as_mut_ptr().cast::<f32>();
+    let mut inv = [1.0f32; MAX_ITEM_ROWS];
+    AMX_SCRATCH.with_borrow_mut(|scratch| {
+        let tiles = amx::Tiles::configure();
+        let dp = amx::split_queries(scratch, q0, q_ld, rows, d);
+        let (raw, ld) = amx::scores(&tiles, scratch, &keys.amx, (rows, cols, dp));
+        let (kp, parts) = amx::weight_parts(scratch, rows, cols);
+        for r in 0..rows {
+            let len = lens[r];
+            // SAFETY: the scores scratch holds `⌈rows/32⌉·32` rows of `ld ≥ cols ≥ len` floats,
+            // and no other reference to it lives while this row is used.
+            let s = std::slice::from_raw_parts_mut(raw.add(r * ld), len);
+            if let Some(c) = ctx.params.scale {
+                s.iter_mut().for_each(|x| *x *= c); // Keras scales the finished dot product
+            }
+            inv[r] = finish_fast_row::<simd::Avx512>(ctx, item, r, s, None, stats.as_deref_mut());
+            amx::split_weights(parts, r, s, kp);
+            if ctx.normalize {
+                // The returned weights: this row of `scores` (`rows · Tv`, possibly
+                // uninitialised) is written in full here.
+                let w = weights.add(r * tv);
+                std::ptr::copy_nonoverlapping(s.as_ptr(), w, len);
+                std::ptr::write_bytes(w.add(len), 0, tv - len);
+            }
+        }
+        let (o, ldo) = amx::combine(&tiles, scratch, &keys.amx, (rows, kp, dv));
+        for r in 0..rows {
+            std::ptr::copy_nonoverlapping(o.add(r * ldo), out.as_mut_ptr().add(r * dv), dv);
+        }
+    });
+    finish_out_rows(ctx, item, out, &inv);
+    true
 }
 
 /// With the causal mask, each row's softmax and the combine only need the keys the row can see:
