@@ -201,6 +201,7 @@ impl Attention {
             dims,
             isa: self.effective_isa(),
             normalize: self.return_scores,
+            amx_min_flop: crate::kernel::amx_min_flop(self.isa),
         };
         run_items(
             &ctx,

@@ -116,7 +116,8 @@ impl Attention {
 
     /// Runs on the given instruction set instead of the best one the CPU has (`LUONG_ISA`):
     /// for tests and benchmarks that compare the paths. A set the CPU lacks falls back to the
-    /// best it has; [`Isa::Scalar`] is always available.
+    /// best it has; [`Isa::Scalar`] is always available. [`Isa::Amx`] asked for here runs calls
+    /// of every size on tiles (chosen automatically, only calls of 24 MFLOP or more do).
     pub fn isa(mut self, isa: Isa) -> Self {
         self.isa = Some(isa);
         self

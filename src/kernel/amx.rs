@@ -4,7 +4,8 @@
 //! f32 operand `x` is split into three bf16 parts, `x = x0 + x1 + x2` (each part the nearest
 //! bf16 to what the earlier parts leave: exact for `2^-100 ≤ |x| < 2^127`, as 3 × 8 bits hold
 //! f32's 24), and the six cross products `xi · yj` with `i + j ≤ 2` are accumulated: as
-//! `|x1| ≤ 2^-9 |x|` and `|x2| ≤ 2^-18 |x|`, the three dropped ones sum to at most `2^-25 |x y|`. Measured on 64 × 512 × 64
+//! `|x1| ≤ 2^-8 |x|` and `|x2| ≤ 2^-16 |x|`, the three dropped ones sum to at most about
+//! `2^-23 |x y|`, and much less on average. Measured on 64 × 512 × 64
 //! and 64 × 64 × 512 products: the largest error is 7–9e-8 of `Σ |x y|`, against 1.8–2.2e-7
 //! for a sequential f32 FMA chain. A tile multiply does 16 × 16 × 32 multiply-adds; with six per
 //! product this core's AMX unit still runs the products at about twice its AVX-512 FMA rate.
@@ -23,13 +24,17 @@
 //!
 //! Availability ([`available`]): the CPU has AMX-TILE and AMX-BF16, the OS enables their state
 //! in XCR0, and Linux grants this process the tile data (`arch_prctl(ARCH_REQ_XCOMP_PERM)`).
-//! Callers use these kernels only for operands the split holds exactly ([`splits_exactly`]):
-//! finite, below `2^127` (a larger value can round up to infinity), and the batch's products
-//! then see the same infinities and NaNs an f32 product would not get from them.
+//! The packers report whether the split held every query, key and value exactly: finite and
+//! below `2^127` (a larger value can round up to infinity, and infinity splits into NaN); when
+//! not, the caller runs the AVX-512 path, so infinities and NaN in the inputs give what they
+//! give there.
 
 use std::arch::asm;
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
+
+use super::rows::max_of_row;
+use super::simd::{Avx512, Simd};
 
 /// Whether this process can run the tile kernels (checked once; asks Linux for the tile state).
 pub(crate) fn available() -> bool {
@@ -79,14 +84,6 @@ fn os_grants_tiles() -> bool {
 #[cfg(not(target_os = "linux"))]
 fn os_grants_tiles() -> bool {
     false
-}
-
-/// Whether the three-part split of every element of `xs` is exact (see the module docs):
-/// finite, and below `2^127` in magnitude. Branch-free over the slice so it vectorises.
-pub(crate) fn splits_exactly(xs: &[f32]) -> bool {
-    xs.iter().fold(0u32, |acc, x| {
-        acc | ((x.to_bits() & 0x7fff_ffff >= 0x7f00_0000) as u32)
-    }) == 0
 }
 
 /// A 64-byte aligned buffer of bf16 (as `u16`) that keeps its allocation between uses.
@@ -148,22 +145,33 @@ unsafe fn round_bf16(x: __m512) -> __m512 {
     _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32(-65536)))
 }
 
-/// The three parts of 16 floats, each an f32 with its low 16 bits zero.
+/// The three parts of 16 floats, each an f32 whose low 16 bits are zero. The last needs no
+/// rounding: `x - x0` is a multiple of x's ulp below half a bf16 ulp of x (16 bits), and taking
+/// its nearest bf16 leaves at most 8 bits.
 #[inline(always)]
 unsafe fn split3(x: __m512) -> [__m512; 3] {
     let p0 = round_bf16(x);
     let r1 = _mm512_sub_ps(x, p0);
     let p1 = round_bf16(r1);
-    let p2 = round_bf16(_mm512_sub_ps(r1, p1));
-    [p0, p1, p2]
+    [p0, p1, _mm512_sub_ps(r1, p1)]
 }
 
-/// VNNI pairs: lane n holds `even[n]` in its low half and `odd[n]` in its high half.
+/// The lanes whose split is not exact: not finite, or `|x| ≥ 2^127`.
+#[inline(always)]
+unsafe fn inexact(x: __m512) -> __mmask16 {
+    let abs = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7fff_ffff));
+    _mm512_cmpge_epu32_mask(abs, _mm512_set1_epi32(0x7f00_0000))
+}
+
+/// VNNI pairs: lane n holds the top half of `even[n]` in its low half and the top half of
+/// `odd[n]` in its high half.
 #[inline(always)]
 unsafe fn pair(even: __m512, odd: __m512) -> __m512i {
-    _mm512_or_si512(
+    // (even >> 16) | (odd & 0xffff0000): the truth table of A | (B & C) is 0xf8.
+    _mm512_ternarylogic_epi32::<0xf8>(
         _mm512_srli_epi32::<16>(_mm512_castps_si512(even)),
         _mm512_castps_si512(odd),
+        _mm512_set1_epi32(-65536),
     )
 }
 
@@ -172,28 +180,21 @@ unsafe fn pair(even: __m512, odd: __m512) -> __m512i {
 /// element `16 + j` to `2j + 1` ([`pair`] of the block's halves: no shuffles); the tile layout
 /// orders k the same way ([`block_row`]), so the products sum the same terms.
 ///
+/// Returns whether the split was exact ([`inexact`]).
+///
 /// # Safety
 /// AVX-512F; `src` has `len` readable floats; each `dst[p]` is 64-byte aligned with `padded`
 /// writable elements.
 #[inline(always)]
-unsafe fn split_row(src: *const f32, len: usize, padded: usize, dst: [*mut u16; 3]) {
-    let mask = |x: usize| -> __mmask16 { ((1u32 << len.saturating_sub(x).min(16)) - 1) as u16 };
-    let mut x = 0;
+unsafe fn split_row(src: *const f32, len: usize, padded: usize, dst: [*mut u16; 3]) -> bool {
+    let (mut x, mut bad) = (0, 0);
     while x < padded {
-        let (lo, hi) = if x + 32 <= len {
-            (_mm512_loadu_ps(src.add(x)), _mm512_loadu_ps(src.add(x + 16)))
-        } else {
-            (
-                _mm512_maskz_loadu_ps(mask(x), src.add(x.min(len))),
-                _mm512_maskz_loadu_ps(mask(x + 16), src.add((x + 16).min(len))),
-            )
-        };
-        let (lo, hi) = (split3(lo), split3(hi));
-        for p in 0..3 {
-            _mm512_store_si512(dst[p].add(x).cast(), pair(lo[p], hi[p]));
-        }
+        let v = load32(src, x, len, 0.0);
+        bad |= inexact(v[0]) | inexact(v[1]);
+        store_parts(dst, x, v);
         x += 32;
     }
+    bad == 0
 }
 
 /// The two k (of `32 ks ..`) that row `r` of a tile pairs, in the order [`split_row`] gives.
@@ -203,7 +204,7 @@ fn block_row(ks: usize, r: usize) -> (usize, usize) {
 }
 
 /// Query rows `q0 + r · ld` (`rows × d`) into the rows layout of `s.q`, `d` padded to a multiple
-/// of 32; returns that padded width.
+/// of 32; returns that padded width, or None when a query does not split exactly.
 ///
 /// # Safety
 /// AVX-512F; the rows are readable for `d` floats each.
@@ -214,22 +215,22 @@ pub(crate) unsafe fn split_queries(
     ld: usize,
     rows: usize,
     d: usize,
-) -> usize {
+) -> Option<usize> {
     let dp = d.next_multiple_of(32);
     for b in &mut s.q {
         b.reserve(rows.next_multiple_of(32) * dp);
     }
     let dst = [s.q[0].mut_ptr(), s.q[1].mut_ptr(), s.q[2].mut_ptr()];
+    let mut exact = true;
     for r in 0..rows {
-        let d_r = dst.map(|p| p.add(r * dp));
-        split_row(q0.add(r * ld), d, dp, d_r);
+        exact &= split_row(q0.add(r * ld), d, dp, dst.map(|p| p.add(r * dp)));
     }
-    dp
+    exact.then_some(dp)
 }
 
 impl Packed {
     /// Packs Kᵀ from key rows `key + j · ld` (`tv × d`) and V from value rows `value + j · ldv`
-    /// (`tv × dv`).
+    /// (`tv × dv`). Returns whether every key and value split exactly ([`inexact`]).
     ///
     /// # Safety
     /// AVX-512F; the rows are readable for `d` (keys) and `dv` (values) floats each.
@@ -241,7 +242,8 @@ impl Packed {
         value: *const f32,
         ldv: usize,
         (tv, d, dv): (usize, usize, usize),
-    ) {
+    ) -> bool {
+        let mut bad = 0;
         // Kᵀ: element (k, n) = key[n][k]; tile row r of (nt, ks) pairs the two dims of
         // `block_row(ks, r)` of keys 16 nt .. 16 nt + 16, gathered down the key rows.
         let (k_kt, k_nt) = (d.div_ceil(32), tv.div_ceil(32) * 2);
@@ -264,8 +266,10 @@ impl Packed {
             for ks in 0..k_kt {
                 for r in 0..16 {
                     let (k0, k1) = block_row(ks, r);
-                    let even = split3(gather_column(base, lanes, m, k0, d));
-                    let odd = split3(gather_column(base, lanes, m, k1, d));
+                    let even = gather_column(base, lanes, m, k0, d);
+                    let odd = gather_column(base, lanes, m, k1, d);
+                    bad |= inexact(even) | inexact(odd);
+                    let (even, odd) = (split3(even), split3(odd));
                     let at = (nt * k_kt + ks) * 512 + r * 32;
                     for p in 0..3 {
                         _mm512_store_si512(dst[p].add(at).cast(), pair(even[p], odd[p]));
@@ -290,8 +294,10 @@ impl Packed {
             for ks in 0..v_kt {
                 for r in 0..16 {
                     let (k0, k1) = block_row(ks, r);
-                    let even = split3(load_row(value, ldv, m, (k0, col), tv));
-                    let odd = split3(load_row(value, ldv, m, (k1, col), tv));
+                    let even = load_row(value, ldv, m, (k0, col), tv);
+                    let odd = load_row(value, ldv, m, (k1, col), tv);
+                    bad |= inexact(even) | inexact(odd);
+                    let (even, odd) = (split3(even), split3(odd));
                     let at = (nt * v_kt + ks) * 512 + r * 32;
                     for p in 0..3 {
                         _mm512_store_si512(dst[p].add(at).cast(), pair(even[p], odd[p]));
@@ -300,6 +306,7 @@ impl Packed {
             }
         }
         (self.k_kt, self.v_kt) = (k_kt, v_kt);
+        bad == 0
     }
 }
 
@@ -495,7 +502,104 @@ pub(crate) fn weight_parts(s: &mut Scratch, rows: usize, cols: usize) -> (usize,
 /// AVX-512F; `parts` and `kp` come from [`weight_parts`] for at least `r + 1` rows.
 #[target_feature(enable = "avx512f")]
 pub(crate) unsafe fn split_weights(parts: [*mut u16; 3], r: usize, w: &[f32], kp: usize) {
+    // Weights are finite or NaN (a NaN row gives a NaN output row either way).
     split_row(w.as_ptr(), w.len(), kp, parts.map(|p| p.add(r * kp)));
+}
+
+/// 32 floats of `src` from `x` as two vectors, lanes at or past `len` set to `fill`.
+///
+/// # Safety
+/// AVX-512F; `src` has `len` readable floats.
+#[inline(always)]
+unsafe fn load32(src: *const f32, x: usize, len: usize, fill: f32) -> [__m512; 2] {
+    if x + 32 <= len {
+        return [
+            _mm512_loadu_ps(src.add(x)),
+            _mm512_loadu_ps(src.add(x + 16)),
+        ];
+    }
+    let mask = |x: usize| -> __mmask16 { ((1u32 << len.saturating_sub(x).min(16)) - 1) as u16 };
+    let f = _mm512_set1_ps(fill);
+    [
+        _mm512_mask_loadu_ps(f, mask(x), src.add(x.min(len))),
+        _mm512_mask_loadu_ps(f, mask(x + 16), src.add((x + 16).min(len))),
+    ]
+}
+
+/// Stores `v` to `dst + x ..`, only the lanes before `len`.
+///
+/// # Safety
+/// AVX-512F; `dst` has `len` writable floats.
+#[inline(always)]
+unsafe fn store32(dst: *mut f32, x: usize, len: usize, v: [__m512; 2]) {
+    let mask = |x: usize| -> __mmask16 { ((1u32 << len.saturating_sub(x).min(16)) - 1) as u16 };
+    _mm512_mask_storeu_ps(dst.add(x.min(len)), mask(x), v[0]);
+    _mm512_mask_storeu_ps(dst.add((x + 16).min(len)), mask(x + 16), v[1]);
+}
+
+/// Splits 32 floats (two vectors) into the three parts at `dst[p] + x` (see [`split_row`]).
+///
+/// # Safety
+/// AVX-512F; each `dst[p] + x` is 64-byte aligned with 32 writable elements.
+#[inline(always)]
+unsafe fn store_parts(dst: [*mut u16; 3], x: usize, v: [__m512; 2]) {
+    let (lo, hi) = (split3(v[0]), split3(v[1]));
+    for p in 0..3 {
+        _mm512_store_si512(dst[p].add(x).cast(), pair(lo[p], hi[p]));
+    }
+}
+
+/// The softmax of one row of (masked) scores straight into row `r` of the weight parts (width
+/// `kp`, zero past the row): `e^(x - max)` as it is computed when `weights` is None (the caller
+/// scales the output row by `1 / sum`), else the normalised weights, also written to `weights`
+/// (`row.len()` floats, the returned scores). Returns `(max, sum)` as
+/// [`super::rows::softmax_row`] does, and as there NaN anywhere makes the row's output NaN.
+/// `row` is left holding `e^(x - max)`.
+///
+/// # Safety
+/// AVX-512F; `parts` and `kp` come from [`weight_parts`] for at least `r + 1` rows, and
+/// `kp ≥ row.len()`; `weights` has `row.len()` writable floats.
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn softmax_split(
+    row: &mut [f32],
+    weights: Option<*mut f32>,
+    parts: [*mut u16; 3],
+    r: usize,
+    kp: usize,
+) -> (f32, f32) {
+    let len = row.len();
+    let max = max_of_row::<Avx512>(row);
+    let (mv, src) = (_mm512_set1_ps(max), row.as_mut_ptr());
+    let dst = parts.map(|p| p.add(r * kp));
+    let (mut s0, mut s1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+    let mut x = 0;
+    while x < kp {
+        // Past the row: e^-inf = 0, zero weight parts.
+        let [lo, hi] = load32(src, x, len, f32::NEG_INFINITY);
+        let e = [
+            Avx512::exp(_mm512_sub_ps(lo, mv)),
+            Avx512::exp(_mm512_sub_ps(hi, mv)),
+        ];
+        (s0, s1) = (_mm512_add_ps(s0, e[0]), _mm512_add_ps(s1, e[1]));
+        match weights {
+            None => store_parts(dst, x, e),
+            Some(_) => store32(src, x, len, e),
+        }
+        x += 32;
+    }
+    let sum = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+    if let Some(w) = weights {
+        let inv = _mm512_set1_ps(1.0 / sum);
+        let mut x = 0;
+        while x < kp {
+            let [lo, hi] = load32(src, x, len, 0.0);
+            let v = [_mm512_mul_ps(lo, inv), _mm512_mul_ps(hi, inv)];
+            store32(w, x, len, v);
+            store_parts(dst, x, v);
+            x += 32;
+        }
+    }
+    (max, sum)
 }
 
 /// `O = P V` for `rows` weight rows (split, `kp` wide) and the value parts; returns O
@@ -518,4 +622,270 @@ pub(crate) unsafe fn combine(
     let b = [values.v[0].ptr(), values.v[1].ptr(), values.v[2].ptr()];
     product(tiles, a, kp, b, values.v_kt, kp / 32, (mb, nb), c, ldc);
     (c, ldc)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bf16_at(p: *const u16, i: usize) -> f64 {
+        // SAFETY: callers index inside the buffers they sized.
+        f32::from_bits((unsafe { *p.add(i) } as u32) << 16) as f64
+    }
+
+    /// A deterministic stream of floats over many binades (xorshift).
+    struct Floats(u64);
+    impl Floats {
+        fn next_bits(&mut self) -> u32 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            (self.0 >> 32) as u32
+        }
+        /// Uniform in [-1, 1) times `scale`.
+        fn uniform(&mut self, scale: f32) -> f32 {
+            (self.next_bits() as f64 / 2f64.powi(31) - 1.0) as f32 * scale
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn split16(x: &[f32; 16]) -> ([[f32; 16]; 3], u16) {
+        let v = _mm512_loadu_ps(x.as_ptr());
+        let mut out = [[0f32; 16]; 3];
+        for (o, p) in out.iter_mut().zip(split3(v)) {
+            _mm512_storeu_ps(o.as_mut_ptr(), p);
+        }
+        (out, inexact(v))
+    }
+
+    /// Every float the packers accept is the exact sum of its three parts, each a bf16 (low 16
+    /// bits zero) within the bounds the module's error argument uses; the rest are flagged.
+    #[test]
+    fn three_parts_hold_each_float_exactly() {
+        if !is_x86_feature_detected!("avx512f") {
+            return; // no AVX-512F, no tiles: nothing here runs on this CPU
+        }
+        let mut rng = Floats(0x9e37_79b9_7f4a_7c15);
+        let mut xs: Vec<f32> = (0..20_000)
+            .map(|_| {
+                // Any sign and mantissa, exponents 2^-100 .. 2^126.
+                let bits = rng.next_bits();
+                let exp = 27 + bits % 227; // biased exponent 27 ..= 253
+                f32::from_bits((bits & 0x807f_ffff) | (exp << 23))
+            })
+            .collect();
+        xs.extend([
+            0.0,
+            -0.0,
+            1.0,
+            -1.5,
+            f32::from_bits(0x7eff_ffff),
+            2f32.powi(-100),
+        ]);
+        xs.resize(xs.len().next_multiple_of(16), 1.0);
+        for chunk in xs.chunks_exact(16) {
+            let x: [f32; 16] = chunk.try_into().unwrap();
+            // SAFETY: AVX-512F was detected above.
+            let (parts, bad) = unsafe { split16(&x) };
+            assert_eq!(bad, 0, "{x:?}");
+            for (l, &xl) in x.iter().enumerate() {
+                let p = [parts[0][l], parts[1][l], parts[2][l]];
+                assert!(p.iter().all(|v| v.to_bits() & 0xffff == 0), "{xl:e}: {p:?}");
+                let sum = p[0] as f64 + p[1] as f64 + p[2] as f64;
+                assert_eq!(sum, xl as f64, "{xl:e} = {p:?}");
+                let ax = (xl as f64).abs();
+                assert!((p[1] as f64).abs() <= ax * 2f64.powi(-8), "{xl:e}: {p:?}");
+                assert!((p[2] as f64).abs() <= ax * 2f64.powi(-16), "{xl:e}: {p:?}");
+            }
+        }
+        let big = 2f32.powi(127);
+        let odd = [
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            big,
+            -big,
+            f32::MAX,
+        ];
+        let mut x = [1.0f32; 16];
+        x[..odd.len()].copy_from_slice(&odd);
+        // SAFETY: as above.
+        let (_, bad) = unsafe { split16(&x) };
+        assert_eq!(
+            bad,
+            (1 << odd.len()) - 1,
+            "exactly the lanes that do not split"
+        );
+    }
+
+    /// `C = Σ_{i+j≤2} A_i B_j` computed from the layouts alone, in f64, as `product` walks them.
+    fn emulate(
+        a: [*const u16; 3],
+        lda: usize,
+        b: [*const u16; 3],
+        b_kt: usize,
+        kt: usize,
+        (m, n): (usize, usize),
+    ) -> Vec<f64> {
+        let mut c = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut acc = 0.0;
+                for (ai, &pa) in a.iter().enumerate() {
+                    for &pb in &b[..3 - ai] {
+                        for ks in 0..kt {
+                            let tile = ((j / 16) * b_kt + ks) * 512;
+                            for r in 0..16 {
+                                for e in 0..2 {
+                                    let x = bf16_at(pa, i * lda + ks * 32 + 2 * r + e);
+                                    let y = bf16_at(pb, tile + r * 32 + (j % 16) * 2 + e);
+                                    acc += x * y;
+                                }
+                            }
+                        }
+                    }
+                }
+                c[i * n + j] = acc;
+            }
+        }
+        c
+    }
+
+    /// `Σ_k x[i][k] y[k][j]` and `Σ_k |x y|` in f64 for row-major `x` (`m × k`, stride `ldx`) and
+    /// `y` given as `y(k, j)`.
+    fn exact(
+        x: &[f32],
+        ldx: usize,
+        y: impl Fn(usize, usize) -> f32,
+        (m, k, n): (usize, usize, usize),
+    ) -> (Vec<f64>, Vec<f64>) {
+        let (mut c, mut abs) = (vec![0f64; m * n], vec![0f64; m * n]);
+        for i in 0..m {
+            for j in 0..n {
+                for t in 0..k {
+                    let p = x[i * ldx + t] as f64 * y(t, j) as f64;
+                    c[i * n + j] += p;
+                    abs[i * n + j] += p.abs();
+                }
+            }
+        }
+        (c, abs)
+    }
+
+    fn assert_within(label: &str, got: &[f64], want: &[f64], abs: &[f64], rel: f64) {
+        for (i, ((g, w), a)) in got.iter().zip(want).zip(abs).enumerate() {
+            assert!(
+                (g - w).abs() <= rel * a,
+                "{label}[{i}]: {g} vs {w} (Σ|terms| {a})"
+            );
+        }
+    }
+
+    /// The packers' layouts hold the products: emulating the tile walk over them gives Q Kᵀ and
+    /// P V to the split's accuracy, with strided inputs, sizes off every tile multiple, and
+    /// scratch left dirty by a larger call (so every pad must be written as zeros). Where the
+    /// tiles are available the tile kernels give the emulated sums to f32 accumulation.
+    #[test]
+    fn tile_layouts_hold_the_products() {
+        if !is_x86_feature_detected!("avx512f") {
+            return; // no AVX-512F, no tiles: nothing here runs on this CPU
+        }
+        let mut rng = Floats(7);
+        let mut s = Scratch::default();
+        let mut packed = Packed::default();
+        // Dirty the buffers with a larger problem of large values.
+        let dirty: Vec<f32> = (0..200 * 96).map(|_| rng.uniform(3e4)).collect();
+        // SAFETY: AVX-512F was detected; the dirty rows are 96 floats, 200 of them.
+        unsafe {
+            assert!(split_queries(&mut s, dirty.as_ptr(), 96, 64, 96).is_some());
+            assert!(packed.pack(dirty.as_ptr(), 96, dirty.as_ptr(), 96, (200, 96, 96)));
+            let (kp, parts) = weight_parts(&mut s, 64, 200);
+            for r in 0..64 {
+                split_weights(parts, r, &dirty[r * 96..r * 96 + 96], kp);
+            }
+        }
+        for (rows, d, tv, dv) in [
+            (37usize, 40usize, 77usize, 24usize),
+            (64, 64, 128, 64),
+            (5, 7, 3, 1),
+        ] {
+            let (ldq, ldk, ldv) = (d + 3, d + 1, dv + 5);
+            let q: Vec<f32> = (0..rows * ldq).map(|_| rng.uniform(2.0)).collect();
+            let k: Vec<f32> = (0..tv * ldk).map(|_| rng.uniform(2.0)).collect();
+            let v: Vec<f32> = (0..tv * ldv).map(|_| rng.uniform(1.0)).collect();
+            let p: Vec<f32> = (0..rows * tv).map(|_| rng.uniform(0.5) + 0.5).collect();
+            // SAFETY: AVX-512F; every row is readable for its length (strides ≥ lengths).
+            let (dp, kp, parts) = unsafe {
+                let dp = split_queries(&mut s, q.as_ptr(), ldq, rows, d).unwrap();
+                assert!(packed.pack(k.as_ptr(), ldk, v.as_ptr(), ldv, (tv, d, dv)));
+                let (kp, parts) = weight_parts(&mut s, rows, tv);
+                for r in 0..rows {
+                    split_weights(parts, r, &p[r * tv..(r + 1) * tv], kp);
+                }
+                (dp, kp, parts)
+            };
+            let label = format!("rows {rows}, D {d}, Tv {tv}, Dv {dv}");
+            let qa = [s.q[0].ptr(), s.q[1].ptr(), s.q[2].ptr()];
+            let kb = [packed.k[0].ptr(), packed.k[1].ptr(), packed.k[2].ptr()];
+            let pa = parts.map(|x| x as *const u16);
+            let vb = [packed.v[0].ptr(), packed.v[1].ptr(), packed.v[2].ptr()];
+            let s_emul = emulate(qa, dp, kb, packed.k_kt, packed.k_kt, (rows, tv));
+            let (want, abs) = exact(&q, ldq, |t, j| k[j * ldk + t], (rows, d, tv));
+            assert_within(
+                &format!("{label}: scores"),
+                &s_emul,
+                &want,
+                &abs,
+                2f64.powi(-22),
+            );
+            let o_emul = emulate(pa, kp, vb, packed.v_kt, kp / 32, (rows, dv));
+            let (want, abs) = exact(&p, tv, |t, j| v[t * ldv + j], (rows, tv, dv));
+            assert_within(
+                &format!("{label}: combine"),
+                &o_emul,
+                &want,
+                &abs,
+                2f64.powi(-22),
+            );
+            if !available() {
+                continue; // the layouts are checked; this CPU has no tiles to run them
+            }
+            // SAFETY: available() holds; the buffers were sized above for these shapes.
+            unsafe {
+                let tiles = Tiles::configure();
+                let (c, ldc) = scores(&tiles, &mut s, &packed, (rows, tv, dp));
+                let got: Vec<f64> = (0..rows * tv)
+                    .map(|x| *c.add((x / tv) * ldc + x % tv) as f64)
+                    .collect();
+                assert_within(
+                    &format!("{label}: tile scores"),
+                    &got,
+                    &s_emul,
+                    &abs_of(&q, ldq, &k, ldk, (rows, d, tv)),
+                    2f64.powi(-20),
+                );
+                let (o, ldo) = combine(&tiles, &mut s, &packed, (rows, kp, dv));
+                let got: Vec<f64> = (0..rows * dv)
+                    .map(|x| *o.add((x / dv) * ldo + x % dv) as f64)
+                    .collect();
+                assert_within(
+                    &format!("{label}: tile combine"),
+                    &got,
+                    &o_emul,
+                    &abs,
+                    2f64.powi(-20),
+                );
+            }
+        }
+    }
+
+    fn abs_of(
+        q: &[f32],
+        ldq: usize,
+        k: &[f32],
+        ldk: usize,
+        (m, d, n): (usize, usize, usize),
+    ) -> Vec<f64> {
+        exact(q, ldq, |t, j| k[j * ldk + t], (m, d, n)).1
+    }
 }

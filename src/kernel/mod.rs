@@ -50,8 +50,9 @@ pub enum Isa {
 }
 
 impl Isa {
-    /// The best set this CPU supports, or what `LUONG_ISA` (`avx512`, `avx2`, `scalar`) asks for
-    /// when the CPU supports it (to test and benchmark every path on one machine). Detected once.
+    /// The best set this CPU supports, or what `LUONG_ISA` (`amx`, `avx512`, `avx2`, `scalar`)
+    /// asks for when the CPU supports it (to test and benchmark every path on one machine;
+    /// `amx` also runs calls of every size on tiles). Detected once.
     /// [`Isa::Amx`] asks Linux for the tile state the first time (`arch_prctl`).
     pub fn detect() -> Isa {
         static ISA: OnceLock<Isa> = OnceLock::new();
@@ -91,6 +92,26 @@ pub(crate) const PACK_MIN_TQ: usize = 8;
 /// Keys per chunk of the combine: 128 value rows of 64 floats are 32 KiB, inside L1 (48 KiB).
 const COMBINE_KEYS: usize = 128;
 
+/// [`Isa::Amx`] runs a call on tiles only from this much work (4·B·Tq·Tv·D): a core's tile unit
+/// takes about 3 µs to warm up after a millisecond unused (the first 128 tile products after a
+/// 1 ms pause took 30 ns each instead of 4.5), which smaller calls do not recover. Measured with
+/// 2 threads, back to back: (1, 256, 256, 64), 17 MFLOP, 76 µs on tiles against 71 on AVX-512;
+/// (2, 256, 256, 64) and (8, 128, 128, 64), 34 MFLOP, 95 against 111 and 103 against 118.
+pub(crate) const AMX_MIN_FLOP: usize = 24_000_000;
+
+/// The least work a call runs on tiles, for an explicitly requested ISA (`None`: the automatic
+/// choice): every size when [`Isa::Amx`] is asked for by the builder or by `LUONG_ISA=amx`
+/// (for tests and benchmarks), else [`AMX_MIN_FLOP`].
+pub(crate) fn amx_min_flop(requested: Option<Isa>) -> usize {
+    static ENV: OnceLock<bool> = OnceLock::new();
+    let env = *ENV.get_or_init(|| std::env::var("LUONG_ISA").is_ok_and(|v| v == "amx"));
+    if requested == Some(Isa::Amx) || (requested.is_none() && env) {
+        0
+    } else {
+        AMX_MIN_FLOP
+    }
+}
+
 /// The most query rows of one work item.
 pub(crate) const MAX_ITEM_ROWS: usize = 64;
 
@@ -111,6 +132,9 @@ pub struct Ctx<'a, 'm, T> {
     pub(crate) isa: Isa,
     /// Whether the weights are returned (so each row of scores must hold normalised weights).
     pub(crate) normalize: bool,
+    /// [`Isa::Amx`]: the least work (4·B·Tq·Tv·D) run on tiles: [`AMX_MIN_FLOP`], or 0 when
+    /// the caller asked for tiles (`Attention::isa(Isa::Amx)`, `LUONG_ISA=amx`).
+    pub(crate) amx_min_flop: usize,
 }
 
 /// A block of query rows `i0 .. i0 + rows` of batch element `b`.
@@ -238,27 +262,29 @@ impl KeyCache {
         self.b = Some(b);
         self.amx_ready = false;
         #[cfg(target_arch = "x86_64")]
-        if isa == Isa::Amx && params.mode == ScoreMode::Dot && tq >= PACK_MIN_TQ {
+        let flop = [ctx.dims.batch, tq, tv, d]
+            .iter()
+            .fold(4usize, |a, &x| a.saturating_mul(x));
+        if isa == Isa::Amx
+            && params.mode == ScoreMode::Dot
+            && tq >= PACK_MIN_TQ
+            && flop >= ctx.amx_min_flop
+        {
             let value = ctx.value.index_axis(Axis(0), b);
-            let splits = |a: ndarray::ArrayView2<'_, f32>| {
-                a.rows().into_iter().all(|r| {
-                    amx::splits_exactly(r.to_slice().expect("key and value rows are contiguous"))
-                })
+            let (ld, ldv) = (key.stride_of(Axis(0)), value.stride_of(Axis(0)));
+            // SAFETY: Isa::Amx was detected (AVX-512F and the tile state); the views' rows are
+            // contiguous with non-negative strides, `tv` rows of `d` (keys) and `dv` (values)
+            // floats (`shape::check_qkv`).
+            let exact = unsafe {
+                self.amx.pack(
+                    key.as_ptr(),
+                    ld as usize,
+                    value.as_ptr(),
+                    ldv as usize,
+                    (tv, d, ctx.dims.dv),
+                )
             };
-            if splits(key) && splits(value) {
-                let (ld, ldv) = (key.stride_of(Axis(0)), value.stride_of(Axis(0)));
-                // SAFETY: Isa::Amx was detected (AVX-512F and the tile state); the views' rows
-                // are contiguous with non-negative strides, `tv` rows of `d` (keys) and `dv`
-                // (values) floats (`shape::check_qkv`).
-                unsafe {
-                    self.amx.pack(
-                        key.as_ptr(),
-                        ld as usize,
-                        value.as_ptr(),
-                        ldv as usize,
-                        (tv, d, ctx.dims.dv),
-                    )
-                };
+            if exact {
                 (self.has_panels, self.concat_ok, self.amx_ready) = (false, true, true);
                 return;
             }
@@ -680,13 +706,7 @@ unsafe fn finish_fast_row<S: simd::Simd>(
 ) -> f32 {
     let Dims { tq, tv, .. } = ctx.dims;
     let (b, i) = (item.b, item.i0 + r);
-    if masked(ctx.masks) {
-        let keys = ctx
-            .masks
-            .keys_of_row(b, i)
-            .map(|k| k.slice_move(ndarray::s![..s.len()]));
-        mask_row(s, keys, ctx.masks.causal.then_some(i), ctx.params.mask_bias);
-    }
+    mask_fast_row(ctx, item, r, s);
     let (max, sum) = rows::softmax_row::<S>(s, ctx.normalize, known_max);
     if let Some(st) = stats {
         (st[2 * r], st[2 * r + 1]) = (max, sum.ln());
@@ -696,6 +716,18 @@ unsafe fn finish_fast_row<S: simd::Simd>(
         1.0
     } else {
         1.0 / sum
+    }
+}
+
+/// The value mask and the causal mask on row `r` of a fast item (its first `s.len()` scores).
+fn mask_fast_row(ctx: &Ctx<'_, '_, f32>, item: Item, r: usize, s: &mut [f32]) {
+    if masked(ctx.masks) {
+        let i = item.i0 + r;
+        let keys = ctx
+            .masks
+            .keys_of_row(item.b, i)
+            .map(|k| k.slice_move(ndarray::s![..s.len()]));
+        mask_row(s, keys, ctx.masks.causal.then_some(i), ctx.params.mask_bias);
     }
 }
 
@@ -714,8 +746,8 @@ fn finish_out_rows(ctx: &Ctx<'_, '_, f32>, item: Item, out: &mut [f32], inv: &[f
 
 /// One item on AMX tiles ([`amx`]): scores product on tiles into scratch, then row by row the
 /// scale, [`finish_fast_row`], the returned weights and the weights' three-part split, then the
-/// combine on tiles. Returns false, touching nothing, when a query row of the item does not
-/// split exactly ([`amx::splits_exactly`]); the caller then runs the AVX-512 path.
+/// combine on tiles. Returns false, touching nothing the caller reads, when a query row of the
+/// item does not split exactly (`amx::split_queries`); the caller then runs the AVX-512 path.
 ///
 /// # Safety
 /// [`Isa::Amx`] was detected; `keys` was prepared with `amx_ready` for batch element `item.b`.
@@ -736,17 +768,15 @@ unsafe fn block_amx(
     let q = ctx.query.index_axis(Axis(0), b);
     let q_ld = q.stride_of(Axis(0)) as usize;
     let q0 = q.as_ptr().add(i0 * q_ld);
-    let q_row = |r: usize| std::slice::from_raw_parts(q0.add(r * q_ld), d);
-    if !(0..rows).all(|r| amx::splits_exactly(q_row(r))) {
-        return false;
-    }
     let mut lens = [tv; MAX_ITEM_ROWS];
     let cols = causal_lengths(ctx, item, keys.finite, &mut lens);
     let weights = scores.as_mut_ptr().cast::<f32>();
     let mut inv = [1.0f32; MAX_ITEM_ROWS];
-    AMX_SCRATCH.with_borrow_mut(|scratch| {
+    let done = AMX_SCRATCH.with_borrow_mut(|scratch| {
+        let Some(dp) = amx::split_queries(scratch, q0, q_ld, rows, d) else {
+            return false;
+        };
         let tiles = amx::Tiles::configure();
-        let dp = amx::split_queries(scratch, q0, q_ld, rows, d);
         let (raw, ld) = amx::scores(&tiles, scratch, &keys.amx, (rows, cols, dp));
         let (kp, parts) = amx::weight_parts(scratch, rows, cols);
         for r in 0..rows {
@@ -757,13 +787,25 @@ unsafe fn block_amx(
             if let Some(c) = ctx.params.scale {
                 s.iter_mut().for_each(|x| *x *= c); // Keras scales the finished dot product
             }
-            inv[r] = finish_fast_row::<simd::Avx512>(ctx, item, r, s, None, stats.as_deref_mut());
-            amx::split_weights(parts, r, s, kp);
+            // The returned weights: this row of `scores` (`rows · Tv`, possibly uninitialised)
+            // is written in full here.
+            let w = weights.add(r * tv);
+            if ctx.dropout.is_none() {
+                mask_fast_row(ctx, item, r, s);
+                let (max, sum) = amx::softmax_split(s, ctx.normalize.then_some(w), parts, r, kp);
+                if let Some(st) = stats.as_deref_mut() {
+                    (st[2 * r], st[2 * r + 1]) = (max, sum.ln());
+                }
+                inv[r] = if ctx.normalize { 1.0 } else { 1.0 / sum };
+            } else {
+                inv[r] =
+                    finish_fast_row::<simd::Avx512>(ctx, item, r, s, None, stats.as_deref_mut());
+                amx::split_weights(parts, r, s, kp);
+                if ctx.normalize {
+                    std::ptr::copy_nonoverlapping(s.as_ptr(), w, len);
+                }
+            }
             if ctx.normalize {
-                // The returned weights: this row of `scores` (`rows · Tv`, possibly
-                // uninitialised) is written in full here.
-                let w = weights.add(r * tv);
-                std::ptr::copy_nonoverlapping(s.as_ptr(), w, len);
                 std::ptr::write_bytes(w.add(len), 0, tv - len);
             }
         }
@@ -771,9 +813,12 @@ unsafe fn block_amx(
         for r in 0..rows {
             std::ptr::copy_nonoverlapping(o.add(r * ldo), out.as_mut_ptr().add(r * dv), dv);
         }
+        true
     });
-    finish_out_rows(ctx, item, out, &inv);
-    true
+    if done {
+        finish_out_rows(ctx, item, out, &inv);
+    }
+    done
 }
 
 /// With the causal mask, each row's softmax and the combine only need the keys the row can see:

@@ -29,25 +29,10 @@ pub(crate) unsafe fn softmax_row<S: Simd>(
     pad[..tail.len()].copy_from_slice(tail);
     let (quads, singles) = body.split_at_mut(body.len() - body.len() % (4 * l));
     let p = quads.as_mut_ptr();
-    // (No closures here: they would not inherit the caller's target features and would not
-    // inline; plain loops do.)
-    // Four independent maxima (and sums below) hide the latency; all start from the padded tail.
+    // Four independent sums hide the latency (and maxima, in `row_max`).
     let row_max = match known_max {
         Some(m) => m,
-        None => {
-            let first = S::load(pad.as_ptr());
-            let (mut m0, mut m1, mut m2, mut m3) = (first, first, first, first);
-            for x in (0..quads.len()).step_by(4 * l) {
-                m0 = S::max(m0, S::load(p.add(x)));
-                m1 = S::max(m1, S::load(p.add(x + l)));
-                m2 = S::max(m2, S::load(p.add(x + 2 * l)));
-                m3 = S::max(m3, S::load(p.add(x + 3 * l)));
-            }
-            for c in singles.chunks_exact(l) {
-                m0 = S::max(m0, S::load(c.as_ptr()));
-            }
-            S::hmax(S::max(S::max(m0, m1), S::max(m2, m3)))
-        }
+        None => row_max::<S>(quads, singles, &pad),
     };
     let max = S::splat(row_max);
     let (mut s0, mut s1, mut s2, mut s3) = (S::zero(), S::zero(), S::zero(), S::zero());
@@ -77,6 +62,45 @@ pub(crate) unsafe fn softmax_row<S: Simd>(
     }
     tail.copy_from_slice(&pad[..tail.len()]);
     (row_max, sum)
+}
+
+/// The max of a row given as its whole groups of four vectors (`quads`), the whole vectors after
+/// them (`singles`) and its tail padded with -inf (`pad`). Four independent maxima hide the
+/// latency; all start from the padded tail.
+///
+/// # Safety
+/// `S`'s instructions must be available; `quads` holds whole groups of `4 · LANES` floats.
+#[inline(always)]
+pub(crate) unsafe fn row_max<S: Simd>(quads: &[f32], singles: &[f32], pad: &[f32; 16]) -> f32 {
+    let (l, p) = (S::LANES, quads.as_ptr());
+    // (No closures here: they would not inherit the caller's target features and would not
+    // inline; plain loops do.)
+    let first = S::load(pad.as_ptr());
+    let (mut m0, mut m1, mut m2, mut m3) = (first, first, first, first);
+    for x in (0..quads.len()).step_by(4 * l) {
+        m0 = S::max(m0, S::load(p.add(x)));
+        m1 = S::max(m1, S::load(p.add(x + l)));
+        m2 = S::max(m2, S::load(p.add(x + 2 * l)));
+        m3 = S::max(m3, S::load(p.add(x + 3 * l)));
+    }
+    for c in singles.chunks_exact(l) {
+        m0 = S::max(m0, S::load(c.as_ptr()));
+    }
+    S::hmax(S::max(S::max(m0, m1), S::max(m2, m3)))
+}
+
+/// [`row_max`] of a whole row.
+///
+/// # Safety
+/// `S`'s instructions must be available.
+#[inline(always)]
+pub(crate) unsafe fn max_of_row<S: Simd>(row: &[f32]) -> f32 {
+    let l = S::LANES;
+    let (body, tail) = row.split_at(row.len() - row.len() % l);
+    let mut pad = [f32::NEG_INFINITY; 16];
+    pad[..tail.len()].copy_from_slice(tail);
+    let (quads, singles) = body.split_at(body.len() - body.len() % (4 * l));
+    row_max::<S>(quads, singles, &pad)
 }
 
 /// `p[..LANES] = e^(p[..LANES] - max)`, returning the new vector.
