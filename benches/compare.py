@@ -343,7 +343,8 @@ def main() -> int:
     ap.add_argument("--gap", type=float, default=GAP, help="seconds of sleep before each run")
     args = ap.parse_args()
     RUN, GAP = args.run, args.gap
-    print(f"# luong {luong.__version__}, python {sys.version.split()[0]}, "
+    print(f"# luong {luong.__version__} ({luong.kernel_isa()} kernels), "
+          f"python {sys.version.split()[0]}, "
           f"torch {getattr(torch, '__version__', '-')}, jax {getattr(jax, '__version__', '-')}, "
           f"keras {getattr(keras, '__version__', '-')}; {THREADS} threads; {args.calls} calls; "
           f"runs of 1 + {args.run} calls, {args.gap * 1e3:g} ms apart")

@@ -417,6 +417,13 @@ fn get_num_threads() -> usize {
     crate::num_threads()
 }
 
+/// The instruction set the float32 kernels run on (`Isa::detect`): "amx", "avx512", "avx2" or
+/// "scalar".
+#[pyfunction]
+fn kernel_isa() -> &'static str {
+    crate::Isa::detect().name()
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -425,5 +432,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(backward, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(kernel_isa, m)?)?;
     Ok(())
 }

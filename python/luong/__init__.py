@@ -19,6 +19,7 @@ __all__ = [
     "attention_vjp",
     "set_num_threads",
     "get_num_threads",
+    "kernel_isa",
     "__version__",
 ]
 
@@ -35,3 +36,11 @@ def set_num_threads(threads: int) -> None:
 def get_num_threads() -> int:
     """The number of worker threads (from `LUONG_NUM_THREADS`, the machine, or the last set)."""
     return _core.get_num_threads()
+
+
+def kernel_isa() -> str:
+    """The instruction set luong's float32 kernels run on in this process: "amx" (AVX-512 with
+    the two products on AMX tiles, for calls of 24 MFLOP or more), "avx512", "avx2" or "scalar".
+    The best the CPU has, or what the environment variable `LUONG_ISA` asks for (tests and
+    benchmarks use it to compare the paths; results agree within float32 rounding)."""
+    return _core.kernel_isa()

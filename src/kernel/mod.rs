@@ -67,6 +67,16 @@ impl Isa {
         })
     }
 
+    /// The name `LUONG_ISA` takes for this set: `amx`, `avx512`, `avx2` or `scalar`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Amx => "amx",
+            Isa::Avx512 => "avx512",
+            Isa::Avx2 => "avx2",
+            Isa::Scalar => "scalar",
+        }
+    }
+
     fn best() -> Isa {
         #[cfg(target_arch = "x86_64")]
         {

@@ -103,3 +103,25 @@ def test_fork_after_use_keeps_working_in_the_child() -> None:
             raise AssertionError("the forked child hung")
         time.sleep(0.01)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_kernel_isa_names_the_path_luong_takes() -> None:
+    import subprocess
+    import sys
+
+    def isa(env_value: str | None) -> str:
+        env = {k: v for k, v in os.environ.items() if k != "LUONG_ISA"}
+        if env_value is not None:
+            env["LUONG_ISA"] = env_value
+        cmd = [sys.executable, "-c", "import luong; print(luong.kernel_isa())"]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+        return done.stdout.strip()
+
+    best = isa(None)
+    assert best in {"amx", "avx512", "avx2", "scalar"}
+    assert isa("scalar") == "scalar"
+    order = ["scalar", "avx2", "avx512", "amx"]
+    for asked in order:
+        # A set the CPU has is taken; one it lacks falls back to the best it has.
+        want = asked if order.index(asked) <= order.index(best) else best
+        assert isa(asked) == want, asked
