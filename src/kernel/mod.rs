@@ -3,10 +3,13 @@
 //! L2 (in per-thread scratch, or straight in the returned scores array).
 //!
 //! For f32 on x86-64 the products and the softmax run on AVX-512 or AVX2 + FMA micro-kernels
-//! chosen at run time ([`Isa::detect`]); everything else (f64, other CPUs, degenerate shapes)
-//! runs the portable block, which calls the readable stage functions row by row. Tests hold the
-//! fast paths equal to the stage functions within float32 rounding
-//! (`tests/kernels.rs`), and Keras parity tests run on whatever path the machine picks.
+//! chosen at run time ([`Isa::detect`]), and on CPUs with AMX the dot mode's two products of
+//! calls of 24 MFLOP or more run on tiles at f32 accuracy (`amx`, [`Isa::Amx`]);
+//! everything else (f64, other CPUs, degenerate shapes) runs the portable block, which calls the
+//! readable stage functions row by row. Tests hold the fast paths equal to the stage functions
+//! within float32 rounding (`tests/kernels.rs`, every ISA the CPU has, the tiles at every size),
+//! and Keras parity tests run on whatever path the machine picks (and again with
+//! `LUONG_ISA=amx`).
 //!
 //! What the fast path buys at (8, 512, 512, 64), 2 threads, float32: see `benches/` and the
 //! README's performance table.
