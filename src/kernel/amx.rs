@@ -12,8 +12,11 @@
 //!
 //! Layouts (bf16 as `u16`, every buffer 64-byte aligned: a tile row that straddles two cache
 //! lines loads about 7× slower):
-//! - **rows** (the left operand A: query rows, weight rows): part `p` is a row-major
-//!   `rows × k` matrix, `k` padded with zeros to a multiple of 32;
+//! - **rows** (the left operand A for the queries): part `p` is a row-major `rows × k` matrix,
+//!   `k` padded with zeros to a multiple of 32;
+//! - **A tiles** (the left operand for the weights, whose rows are long): the same elements in
+//!   1 KiB tiles of 16 rows × 32, tile `(mt, ks)` at `(mt · kt + ks) · 512`, so a tile load
+//!   reads 1 KiB in a row instead of 16 rows `2k` bytes apart (at Tv = 2048, 16 pages);
 //! - **tiles** (the right operand B, `k × n`: Kᵀ, V): part `p` is a sequence of 1 KiB tiles, tile
 //!   `(nt, ks)` at `(nt · kt + ks) · 512` holding rows `32 ks .. 32 ks + 32` and columns
 //!   `16 nt .. 16 nt + 16` in VNNI order: row `r` of the tile, `r · 32 + n · 2 + e`, pairs the
@@ -175,7 +178,8 @@ unsafe fn pair(even: __m512, odd: __m512) -> __m512i {
     )
 }
 
-/// Splits `len` floats at `src` into the three rows layout at `dst[p] + 0 ..`, zero-filling up to
+/// Splits `len` floats at `src` into one row of the three parts at `dst[p]`, chunk `x / 32` of
+/// 32 at `dst[p] + (x / 32) · cs` (32 in the rows layout, 512 in A tiles), zero-filling up to
 /// `padded` (a multiple of 32). Within each block of 32, element `j` goes to position `2j` and
 /// element `16 + j` to `2j + 1` ([`pair`] of the block's halves: no shuffles); the tile layout
 /// orders k the same way ([`block_row`]), so the products sum the same terms.
@@ -186,12 +190,18 @@ unsafe fn pair(even: __m512, odd: __m512) -> __m512i {
 /// AVX-512F; `src` has `len` readable floats; each `dst[p]` is 64-byte aligned with `padded`
 /// writable elements.
 #[inline(always)]
-unsafe fn split_row(src: *const f32, len: usize, padded: usize, dst: [*mut u16; 3]) -> bool {
+unsafe fn split_row(
+    src: *const f32,
+    len: usize,
+    padded: usize,
+    dst: [*mut u16; 3],
+    cs: usize,
+) -> bool {
     let (mut x, mut bad) = (0, 0);
     while x < padded {
         let v = load32(src, x, len, 0.0);
         bad |= inexact(v[0]) | inexact(v[1]);
-        store_parts(dst, x, v);
+        store_parts(dst.map(|p| p.add(x / 32 * cs)), v);
         x += 32;
     }
     bad == 0
@@ -223,7 +233,7 @@ pub(crate) unsafe fn split_queries(
     let dst = [s.q[0].mut_ptr(), s.q[1].mut_ptr(), s.q[2].mut_ptr()];
     let mut exact = true;
     for r in 0..rows {
-        exact &= split_row(q0.add(r * ld), d, dp, dst.map(|p| p.add(r * dp)));
+        exact &= split_row(q0.add(r * ld), d, dp, dst.map(|p| p.add(r * dp)), 32);
     }
     exact.then_some(dp)
 }
@@ -350,6 +360,34 @@ unsafe fn load_row(
     }
 }
 
+/// Where the left operand's tiles are: tile `(mt, ks)` at `mt · ra + ks · ka` elements, its
+/// rows `sa` bytes apart.
+#[derive(Clone, Copy)]
+struct ARows {
+    ra: usize,
+    ka: usize,
+    sa: usize,
+}
+
+impl ARows {
+    /// The rows layout, `lda` elements per row.
+    fn rows(lda: usize) -> ARows {
+        ARows {
+            ra: 16 * lda,
+            ka: 32,
+            sa: 2 * lda,
+        }
+    }
+    /// A tiles, `kt` of them along k.
+    fn tiles(kt: usize) -> ARows {
+        ARows {
+            ra: kt * 512,
+            ka: 512,
+            sa: 64,
+        }
+    }
+}
+
 /// The tile configuration: all eight tiles 16 rows × 64 bytes (palette 1).
 #[repr(C, align(64))]
 struct TileConfig {
@@ -389,8 +427,8 @@ impl Drop for Tiles {
     }
 }
 
-/// `C = Σ_{i+j≤2} A_i · B_j` over `kt` tiles of 32 along k: A in the rows layout (`lda`
-/// elements per row, `32 · mb` rows), B in the tile layout (`b_kt` tiles along k per column
+/// `C = Σ_{i+j≤2} A_i · B_j` over `kt` tiles of 32 along k: A's tile `(mt, ks)` at
+/// `mt · ra + ks · ka` with rows `sa` bytes apart (`32 · mb` rows; see [`ARows`]), B in the tile layout (`b_kt` tiles along k per column
 /// tile, `2 · nb` column tiles used), C row-major f32 (`ldc` floats per row, `32 · mb` rows ×
 /// `32 · nb` columns). Blocks of 32 × 32 (four accumulator tiles); B's column block outside, so
 /// its 3 · 2 · kt tiles are reused by every row block from L1.
@@ -401,7 +439,7 @@ impl Drop for Tiles {
 unsafe fn product(
     _tiles: &Tiles,
     a: [*const u16; 3],
-    lda: usize,
+    ARows { ra, ka, sa }: ARows,
     b: [*const u16; 3],
     b_kt: usize,
     kt: usize,
@@ -409,7 +447,7 @@ unsafe fn product(
     c: *mut f32,
     ldc: usize,
 ) {
-    let (sa, sb, sc) = (lda * 2, 64usize, ldc * 4);
+    let (sb, sc) = (64usize, ldc * 4);
     for nj in 0..nb {
         for mi in 0..mb {
             asm!(
@@ -421,12 +459,12 @@ unsafe fn product(
             );
             for ks in 0..kt {
                 for (ai, a) in a.iter().enumerate() {
-                    let pa = a.add(mi * 32 * lda + ks * 32);
+                    let pa = a.add(2 * mi * ra + ks * ka);
                     asm!(
                         "tileloadd tmm4, [{pa} + {sa} * 1]",
                         "tileloadd tmm5, [{pa2} + {sa} * 1]",
                         pa = in(reg) pa,
-                        pa2 = in(reg) pa.add(16 * lda),
+                        pa2 = in(reg) pa.add(ra),
                         sa = in(reg) sa,
                         options(nostack, readonly),
                     );
@@ -482,12 +520,13 @@ pub(crate) unsafe fn scores(
     let c = s.scores.f32_ptr();
     let a = [s.q[0].ptr(), s.q[1].ptr(), s.q[2].ptr()];
     let b = [keys.k[0].ptr(), keys.k[1].ptr(), keys.k[2].ptr()];
-    product(tiles, a, dp, b, keys.k_kt, keys.k_kt, (mb, nb), c, ldc);
+    let rows = ARows::rows(dp);
+    product(tiles, a, rows, b, keys.k_kt, keys.k_kt, (mb, nb), c, ldc);
     (c, ldc)
 }
 
-/// Sizes the weight parts for `rows × cols` weights; returns their row width (`cols` padded to
-/// 32) and the three parts (for [`split_weights`]).
+/// Sizes the weight parts (A tiles) for `rows × cols` weights; returns their width (`cols`
+/// padded to 32) and the three parts (for [`split_weights`] and [`softmax_split`]).
 pub(crate) fn weight_parts(s: &mut Scratch, rows: usize, cols: usize) -> (usize, [*mut u16; 3]) {
     let kp = cols.next_multiple_of(32);
     for b in &mut s.p {
@@ -503,7 +542,15 @@ pub(crate) fn weight_parts(s: &mut Scratch, rows: usize, cols: usize) -> (usize,
 #[target_feature(enable = "avx512f")]
 pub(crate) unsafe fn split_weights(parts: [*mut u16; 3], r: usize, w: &[f32], kp: usize) {
     // Weights are finite or NaN (a NaN row gives a NaN output row either way).
-    split_row(w.as_ptr(), w.len(), kp, parts.map(|p| p.add(r * kp)));
+    split_row(w.as_ptr(), w.len(), kp, weight_row(parts, r, kp), 512);
+}
+
+/// Where row `r` of the weight parts starts (A tiles, `kp / 32` along k): its chunk `x / 32` is
+/// 512 elements further per chunk.
+#[inline(always)]
+fn weight_row(parts: [*mut u16; 3], r: usize, kp: usize) -> [*mut u16; 3] {
+    // SAFETY (of the pointer arithmetic): inside the parts sized by `weight_parts` for row r.
+    parts.map(|p| p.wrapping_add((r / 16) * (kp / 32) * 512 + (r % 16) * 32))
 }
 
 /// 32 floats of `src` from `x` as two vectors, lanes at or past `len` set to `fill`.
@@ -537,15 +584,15 @@ unsafe fn store32(dst: *mut f32, x: usize, len: usize, v: [__m512; 2]) {
     _mm512_mask_storeu_ps(dst.add((x + 16).min(len)), mask(x + 16), v[1]);
 }
 
-/// Splits 32 floats (two vectors) into the three parts at `dst[p] + x` (see [`split_row`]).
+/// Splits 32 floats (two vectors) into the three parts at `dst[p]` (see [`split_row`]).
 ///
 /// # Safety
-/// AVX-512F; each `dst[p] + x` is 64-byte aligned with 32 writable elements.
+/// AVX-512F; each `dst[p]` is 64-byte aligned with 32 writable elements.
 #[inline(always)]
-unsafe fn store_parts(dst: [*mut u16; 3], x: usize, v: [__m512; 2]) {
+unsafe fn store_parts(dst: [*mut u16; 3], v: [__m512; 2]) {
     let (lo, hi) = (split3(v[0]), split3(v[1]));
     for p in 0..3 {
-        _mm512_store_si512(dst[p].add(x).cast(), pair(lo[p], hi[p]));
+        _mm512_store_si512(dst[p].cast(), pair(lo[p], hi[p]));
     }
 }
 
@@ -570,7 +617,7 @@ pub(crate) unsafe fn softmax_split(
     let len = row.len();
     let max = max_of_row::<Avx512>(row);
     let (mv, src) = (_mm512_set1_ps(max), row.as_mut_ptr());
-    let dst = parts.map(|p| p.add(r * kp));
+    let dst = weight_row(parts, r, kp);
     let (mut s0, mut s1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
     let mut x = 0;
     while x < kp {
@@ -582,7 +629,7 @@ pub(crate) unsafe fn softmax_split(
         ];
         (s0, s1) = (_mm512_add_ps(s0, e[0]), _mm512_add_ps(s1, e[1]));
         match weights {
-            None => store_parts(dst, x, e),
+            None => store_parts(dst.map(|p| p.add(x / 32 * 512)), e),
             Some(_) => store32(src, x, len, e),
         }
         x += 32;
@@ -595,7 +642,7 @@ pub(crate) unsafe fn softmax_split(
             let [lo, hi] = load32(src, x, len, 0.0);
             let v = [_mm512_mul_ps(lo, inv), _mm512_mul_ps(hi, inv)];
             store32(w, x, len, v);
-            store_parts(dst, x, v);
+            store_parts(dst.map(|p| p.add(x / 32 * 512)), v);
             x += 32;
         }
     }
@@ -620,7 +667,18 @@ pub(crate) unsafe fn combine(
     let c = s.out.f32_ptr();
     let a = [s.p[0].ptr(), s.p[1].ptr(), s.p[2].ptr()];
     let b = [values.v[0].ptr(), values.v[1].ptr(), values.v[2].ptr()];
-    product(tiles, a, kp, b, values.v_kt, kp / 32, (mb, nb), c, ldc);
+    let kt = kp / 32;
+    product(
+        tiles,
+        a,
+        ARows::tiles(kt),
+        b,
+        values.v_kt,
+        kt,
+        (mb, nb),
+        c,
+        ldc,
+    );
     (c, ldc)
 }
 
@@ -721,7 +779,7 @@ mod tests {
     /// `C = Σ_{i+j≤2} A_i B_j` computed from the layouts alone, in f64, as `product` walks them.
     fn emulate(
         a: [*const u16; 3],
-        lda: usize,
+        a_at: impl Fn(usize, usize) -> usize,
         b: [*const u16; 3],
         b_kt: usize,
         kt: usize,
@@ -737,7 +795,7 @@ mod tests {
                             let tile = ((j / 16) * b_kt + ks) * 512;
                             for r in 0..16 {
                                 for e in 0..2 {
-                                    let x = bf16_at(pa, i * lda + ks * 32 + 2 * r + e);
+                                    let x = bf16_at(pa, a_at(i, ks * 32 + 2 * r + e));
                                     let y = bf16_at(pb, tile + r * 32 + (j % 16) * 2 + e);
                                     acc += x * y;
                                 }
@@ -829,7 +887,14 @@ mod tests {
             let kb = [packed.k[0].ptr(), packed.k[1].ptr(), packed.k[2].ptr()];
             let pa = parts.map(|x| x as *const u16);
             let vb = [packed.v[0].ptr(), packed.v[1].ptr(), packed.v[2].ptr()];
-            let s_emul = emulate(qa, dp, kb, packed.k_kt, packed.k_kt, (rows, tv));
+            let s_emul = emulate(
+                qa,
+                |i, k| i * dp + k,
+                kb,
+                packed.k_kt,
+                packed.k_kt,
+                (rows, tv),
+            );
             let (want, abs) = exact(&q, ldq, |t, j| k[j * ldk + t], (rows, d, tv));
             assert_within(
                 &format!("{label}: scores"),
@@ -838,7 +903,10 @@ mod tests {
                 &abs,
                 2f64.powi(-22),
             );
-            let o_emul = emulate(pa, kp, vb, packed.v_kt, kp / 32, (rows, dv));
+            let kt = kp / 32;
+            let a_tiles =
+                |i: usize, k: usize| ((i / 16) * kt + k / 32) * 512 + (i % 16) * 32 + k % 32;
+            let o_emul = emulate(pa, a_tiles, vb, packed.v_kt, kt, (rows, dv));
             let (want, abs) = exact(&p, tv, |t, j| v[t * ldv + j], (rows, tv, dv));
             assert_within(
                 &format!("{label}: combine"),
