@@ -107,6 +107,9 @@ impl Buf {
             self.lines.resize(lines, Line([0; 32]));
         }
     }
+    fn bytes(&self) -> usize {
+        self.lines.capacity() * 64
+    }
     fn ptr(&self) -> *const u16 {
         self.lines.as_ptr().cast()
     }
@@ -130,6 +133,13 @@ pub(crate) struct Packed {
     v_kt: usize,
 }
 
+impl Packed {
+    /// The bytes its buffers hold.
+    pub(crate) fn bytes(&self) -> usize {
+        self.k.iter().chain(&self.v).map(Buf::bytes).sum()
+    }
+}
+
 /// Per-thread scratch of one work item: the query parts, the raw scores, the weight parts and
 /// the output, at 64-byte alignment.
 #[derive(Default)]
@@ -138,6 +148,14 @@ pub(crate) struct Scratch {
     scores: Buf,
     p: [Buf; 3],
     out: Buf,
+}
+
+impl Scratch {
+    /// The bytes its buffers hold.
+    pub(crate) fn bytes(&self) -> usize {
+        let parts = self.q.iter().chain(&self.p);
+        parts.map(Buf::bytes).sum::<usize>() + self.scores.bytes() + self.out.bytes()
+    }
 }
 
 /// Rounds to the nearest bf16 (ties away from zero) and returns the f32 whose top 16 bits it

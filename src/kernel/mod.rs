@@ -329,14 +329,27 @@ impl KeyCache {
 }
 
 impl Drop for KeyCache {
-    /// Keeps the buffer for this thread's next call (up to 64 MiB).
+    /// Keeps the buffers for this thread's next call (up to 64 MiB each).
     fn drop(&mut self) {
         let packed = std::mem::take(&mut self.packed);
         if packed.capacity() > 0 && packed.capacity() <= (64 << 20) / 4 {
             PACKED.with(|c| c.set(packed));
         }
+        // The tile buffers too, up to 64 MiB each (a call with very long keys does not leave
+        // its buffers to every later call of the thread).
         #[cfg(target_arch = "x86_64")]
-        AMX_PACKED.with(|c| c.set(std::mem::take(&mut self.amx)));
+        {
+            const KEEP: usize = 64 << 20;
+            let amx = std::mem::take(&mut self.amx);
+            if amx.bytes() <= KEEP {
+                AMX_PACKED.with(|c| c.set(amx));
+            }
+            AMX_SCRATCH.with_borrow_mut(|s| {
+                if s.bytes() > KEEP {
+                    *s = amx::Scratch::default();
+                }
+            });
+        }
     }
 }
 
@@ -916,4 +929,46 @@ unsafe fn concat_scores<S: simd::Simd, const NVS: usize>(
         d: d as f32,
     };
     gemm::gemm::<S, _, NVS>(&g, op, mr);
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::*;
+
+    /// A thread keeps its tile buffers for its next call only up to 64 MiB each: a call with
+    /// very long keys does not leave hundreds of MiB behind.
+    #[test]
+    fn tile_buffers_are_kept_only_up_to_64_mib() {
+        let (kept, big) = (1usize << 20, 70usize << 20);
+        for (bytes, keep) in [(kept, true), (big, false)] {
+            // Scratch of about `bytes` (weight parts: 6 B per score).
+            let cols = bytes / (64 * 6);
+            AMX_SCRATCH.with_borrow_mut(|s| {
+                *s = amx::Scratch::default();
+                let _ = amx::weight_parts(s, 64, cols);
+                assert!(s.bytes() >= bytes * 9 / 10, "{} vs {bytes}", s.bytes());
+            });
+            drop(KeyCache::recycled());
+            let left = AMX_SCRATCH.with_borrow(|s| s.bytes());
+            assert_eq!(left > 0, keep, "{bytes} bytes of scratch: {left} kept");
+        }
+        if !is_x86_feature_detected!("avx512f") {
+            return; // the packer needs AVX-512F; the scratch half above ran anyway
+        }
+        for (tv, keep) in [(1000usize, true), (400_000, false)] {
+            let d = 32;
+            let x = vec![0.5f32; tv * d];
+            let mut cache = KeyCache::recycled();
+            // SAFETY: AVX-512F was detected; `x` holds `tv` rows of `d` floats.
+            assert!(unsafe { cache.amx.pack(x.as_ptr(), d, x.as_ptr(), d, (tv, d, d)) });
+            let bytes = cache.amx.bytes();
+            drop(cache);
+            let left = AMX_PACKED.with(|c| c.take()).bytes();
+            assert_eq!(
+                left == bytes,
+                keep,
+                "{bytes} bytes of packed keys: {left} kept"
+            );
+        }
+    }
 }
