@@ -116,10 +116,21 @@ impl Buf {
     fn mut_ptr(&mut self) -> *mut u16 {
         self.lines.as_mut_ptr().cast()
     }
-    /// The buffer as `len` f32 (the kernels' f32 scratch shares the alignment).
+    /// The buffer as f32 (the kernels' f32 scratch shares the alignment).
     fn f32_ptr(&mut self) -> *mut f32 {
         self.lines.as_mut_ptr().cast()
     }
+}
+
+/// The three parts' buffers, for reading.
+fn ptrs(parts: &[Buf; 3]) -> [*const u16; 3] {
+    [parts[0].ptr(), parts[1].ptr(), parts[2].ptr()]
+}
+
+/// The three parts' buffers, for writing.
+fn mut_ptrs(parts: &mut [Buf; 3]) -> [*mut u16; 3] {
+    let [a, b, c] = parts;
+    [a.mut_ptr(), b.mut_ptr(), c.mut_ptr()]
 }
 
 /// Keys and values of one batch element in tile layout: `Kᵀ` (`D × Tv`) and `V` (`Tv × Dv`),
@@ -205,8 +216,8 @@ unsafe fn pair(even: __m512, odd: __m512) -> __m512i {
 /// Returns whether the split was exact ([`inexact`]).
 ///
 /// # Safety
-/// AVX-512F; `src` has `len` readable floats; each `dst[p]` is 64-byte aligned with `padded`
-/// writable elements.
+/// AVX-512F; `src` has `len` readable floats; each chunk `dst[p] + (x / 32) · cs` for
+/// `x < padded` is 64-byte aligned with 32 writable elements.
 #[inline(always)]
 unsafe fn split_row(
     src: *const f32,
@@ -248,7 +259,7 @@ pub(crate) unsafe fn split_queries(
     for b in &mut s.q {
         b.reserve(rows.next_multiple_of(32) * dp);
     }
-    let dst = [s.q[0].mut_ptr(), s.q[1].mut_ptr(), s.q[2].mut_ptr()];
+    let dst = mut_ptrs(&mut s.q);
     let mut exact = true;
     for r in 0..rows {
         exact &= split_row(q0.add(r * ld), d, dp, dst.map(|p| p.add(r * dp)), 32);
@@ -278,11 +289,7 @@ impl Packed {
         for b in &mut self.k {
             b.reserve(k_nt * k_kt * 512);
         }
-        let dst = [
-            self.k[0].mut_ptr(),
-            self.k[1].mut_ptr(),
-            self.k[2].mut_ptr(),
-        ];
+        let dst = mut_ptrs(&mut self.k);
         let lanes = _mm512_mullo_epi32(
             _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
             _mm512_set1_epi32(ld as i32),
@@ -310,11 +317,7 @@ impl Packed {
         for b in &mut self.v {
             b.reserve(v_nt * v_kt * 512);
         }
-        let dst = [
-            self.v[0].mut_ptr(),
-            self.v[1].mut_ptr(),
-            self.v[2].mut_ptr(),
-        ];
+        let dst = mut_ptrs(&mut self.v);
         for nt in 0..v_nt {
             let n = dv.saturating_sub(nt * 16).min(16);
             let m: __mmask16 = ((1u32 << n) - 1) as u16;
@@ -536,8 +539,8 @@ pub(crate) unsafe fn scores(
     let ldc = nb * 32;
     s.scores.reserve(mb * 32 * ldc * 2);
     let c = s.scores.f32_ptr();
-    let a = [s.q[0].ptr(), s.q[1].ptr(), s.q[2].ptr()];
-    let b = [keys.k[0].ptr(), keys.k[1].ptr(), keys.k[2].ptr()];
+    let a = ptrs(&s.q);
+    let b = ptrs(&keys.k);
     let rows = ARows::rows(dp);
     product(tiles, a, rows, b, keys.k_kt, keys.k_kt, (mb, nb), c, ldc);
     (c, ldc)
@@ -550,7 +553,7 @@ pub(crate) fn weight_parts(s: &mut Scratch, rows: usize, cols: usize) -> (usize,
     for b in &mut s.p {
         b.reserve(rows.next_multiple_of(32) * kp);
     }
-    (kp, [s.p[0].mut_ptr(), s.p[1].mut_ptr(), s.p[2].mut_ptr()])
+    (kp, mut_ptrs(&mut s.p))
 }
 
 /// Splits row `r` of the weights (`w`, zero from its end to `kp`) into the weight parts.
@@ -683,8 +686,8 @@ pub(crate) unsafe fn combine(
     let ldc = nb * 32;
     s.out.reserve(mb * 32 * ldc * 2);
     let c = s.out.f32_ptr();
-    let a = [s.p[0].ptr(), s.p[1].ptr(), s.p[2].ptr()];
-    let b = [values.v[0].ptr(), values.v[1].ptr(), values.v[2].ptr()];
+    let a = ptrs(&s.p);
+    let b = ptrs(&values.v);
     let kt = kp / 32;
     product(
         tiles,
@@ -901,10 +904,10 @@ mod tests {
                 (dp, kp, parts)
             };
             let label = format!("rows {rows}, D {d}, Tv {tv}, Dv {dv}");
-            let qa = [s.q[0].ptr(), s.q[1].ptr(), s.q[2].ptr()];
-            let kb = [packed.k[0].ptr(), packed.k[1].ptr(), packed.k[2].ptr()];
+            let qa = ptrs(&s.q);
+            let kb = ptrs(&packed.k);
             let pa = parts.map(|x| x as *const u16);
-            let vb = [packed.v[0].ptr(), packed.v[1].ptr(), packed.v[2].ptr()];
+            let vb = ptrs(&packed.v);
             let s_emul = emulate(
                 qa,
                 |i, k| i * dp + k,
