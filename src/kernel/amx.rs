@@ -116,9 +116,12 @@ impl Buf {
     fn mut_ptr(&mut self) -> *mut u16 {
         self.lines.as_mut_ptr().cast()
     }
-    /// The buffer as f32 (the kernels' f32 scratch shares the alignment).
-    fn f32_ptr(&mut self) -> *mut f32 {
-        self.lines.as_mut_ptr().cast()
+    /// The buffer as a row-major f32 matrix of `mb` blocks of 32 rows by `nb` blocks of 32
+    /// columns (a product's C, sharing the alignment): its first element and row stride.
+    fn f32_block(&mut self, mb: usize, nb: usize) -> (*mut f32, usize) {
+        let ld = nb * 32;
+        self.reserve(mb * 32 * ld * 2); // two bf16 elements per float
+        (self.lines.as_mut_ptr().cast(), ld)
     }
 }
 
@@ -449,8 +452,8 @@ impl Drop for Tiles {
 }
 
 /// `C = Σ_{i+j≤2} A_i · B_j` over `kt` tiles of 32 along k: A's tile `(mt, ks)` at
-/// `mt · ra + ks · ka` with rows `sa` bytes apart (`32 · mb` rows; see [`ARows`]), B in the tile layout (`b_kt` tiles along k per column
-/// tile, `2 · nb` column tiles used), C row-major f32 (`ldc` floats per row, `32 · mb` rows ×
+/// `mt · ra + ks · ka` with rows `sa` bytes apart (`32 · mb` rows; see [`ARows`]), B in the
+/// tile layout (`b_kt` tiles along k per column tile, `2 · nb` column tiles used), C row-major f32 (`ldc` floats per row, `32 · mb` rows ×
 /// `32 · nb` columns). Blocks of 32 × 32 (four accumulator tiles); B's column block outside, so
 /// its 3 · 2 · kt tiles are reused by every row block from L1.
 ///
@@ -536,9 +539,7 @@ pub(crate) unsafe fn scores(
     (rows, cols, dp): (usize, usize, usize),
 ) -> (*mut f32, usize) {
     let (mb, nb) = (rows.div_ceil(32), cols.div_ceil(32));
-    let ldc = nb * 32;
-    s.scores.reserve(mb * 32 * ldc * 2);
-    let c = s.scores.f32_ptr();
+    let (c, ldc) = s.scores.f32_block(mb, nb);
     let a = ptrs(&s.q);
     let b = ptrs(&keys.k);
     let rows = ARows::rows(dp);
@@ -683,9 +684,7 @@ pub(crate) unsafe fn combine(
     (rows, kp, dv): (usize, usize, usize),
 ) -> (*const f32, usize) {
     let (mb, nb) = (rows.div_ceil(32), dv.div_ceil(32));
-    let ldc = nb * 32;
-    s.out.reserve(mb * 32 * ldc * 2);
-    let c = s.out.f32_ptr();
+    let (c, ldc) = s.out.f32_block(mb, nb);
     let a = ptrs(&s.p);
     let b = ptrs(&values.v);
     let kt = kp / 32;

@@ -275,31 +275,33 @@ impl KeyCache {
         self.b = Some(b);
         self.amx_ready = false;
         #[cfg(target_arch = "x86_64")]
-        let flop = [ctx.dims.batch, tq, tv, d]
-            .iter()
-            .fold(4usize, |a, &x| a.saturating_mul(x));
-        if isa == Isa::Amx
-            && params.mode == ScoreMode::Dot
-            && tq >= PACK_MIN_TQ
-            && flop >= ctx.amx_min_flop
         {
-            let value = ctx.value.index_axis(Axis(0), b);
-            let (ld, ldv) = (key.stride_of(Axis(0)), value.stride_of(Axis(0)));
-            // SAFETY: Isa::Amx was detected (AVX-512F and the tile state); the views' rows are
-            // contiguous with non-negative strides, `tv` rows of `d` (keys) and `dv` (values)
-            // floats (`shape::check_qkv`).
-            let exact = unsafe {
-                self.amx.pack(
-                    key.as_ptr(),
-                    ld as usize,
-                    value.as_ptr(),
-                    ldv as usize,
-                    (tv, d, ctx.dims.dv),
-                )
-            };
-            if exact {
-                (self.has_panels, self.concat_ok, self.amx_ready) = (false, true, true);
-                return;
+            let flop = [ctx.dims.batch, tq, tv, d]
+                .iter()
+                .fold(4usize, |a, &x| a.saturating_mul(x));
+            if isa == Isa::Amx
+                && params.mode == ScoreMode::Dot
+                && tq >= PACK_MIN_TQ
+                && flop >= ctx.amx_min_flop
+            {
+                let value = ctx.value.index_axis(Axis(0), b);
+                let (ld, ldv) = (key.stride_of(Axis(0)), value.stride_of(Axis(0)));
+                // SAFETY: Isa::Amx was detected (AVX-512F and the tile state); the views' rows are
+                // contiguous with non-negative strides, `tv` rows of `d` (keys) and `dv` (values)
+                // floats (`shape::check_qkv`).
+                let exact = unsafe {
+                    self.amx.pack(
+                        key.as_ptr(),
+                        ld as usize,
+                        value.as_ptr(),
+                        ldv as usize,
+                        (tv, d, ctx.dims.dv),
+                    )
+                };
+                if exact {
+                    (self.has_panels, self.concat_ok, self.amx_ready) = (false, true, true);
+                    return;
+                }
             }
         }
         let nr = fwd_panel_width(isa);
@@ -734,10 +736,22 @@ unsafe fn finish_fast_row<S: simd::Simd>(
     let (b, i) = (item.b, item.i0 + r);
     mask_fast_row(ctx, item, r, s);
     let (max, sum) = rows::softmax_row::<S>(s, ctx.normalize, known_max);
+    let inv = row_done(ctx, r, (max, sum), stats);
+    apply_dropout_row(ctx, (b * tq + i) * tv, s);
+    inv
+}
+
+/// Row `r`'s softmax `(max, sum)` into the statistics, if kept; returns what its output row is
+/// to be multiplied by: `1 / sum` unless the weights are normalised in place (then 1).
+fn row_done(
+    ctx: &Ctx<'_, '_, f32>,
+    r: usize,
+    (max, sum): (f32, f32),
+    stats: Option<&mut [f32]>,
+) -> f32 {
     if let Some(st) = stats {
         (st[2 * r], st[2 * r + 1]) = (max, sum.ln());
     }
-    apply_dropout_row(ctx, (b * tq + i) * tv, s);
     if ctx.normalize {
         1.0
     } else {
@@ -807,8 +821,8 @@ unsafe fn block_amx(
         let (kp, parts) = amx::weight_parts(scratch, rows, cols);
         for r in 0..rows {
             let len = lens[r];
-            // SAFETY: the scores scratch holds `⌈rows/32⌉·32` rows of `ld ≥ cols ≥ len` floats,
-            // and no other reference to it lives while this row is used.
+            // SAFETY: the scores scratch holds `⌈rows/32⌉·32` rows of `ld ≥ cols ≥ len`
+            // floats, and no other reference to it lives while this row is used.
             let s = std::slice::from_raw_parts_mut(raw.add(r * ld), len);
             if let Some(c) = ctx.params.scale {
                 s.iter_mut().for_each(|x| *x *= c); // Keras scales the finished dot product
@@ -818,11 +832,8 @@ unsafe fn block_amx(
             let w = weights.add(r * tv);
             if ctx.dropout.is_none() {
                 mask_fast_row(ctx, item, r, s);
-                let (max, sum) = amx::softmax_split(s, ctx.normalize.then_some(w), parts, r, kp);
-                if let Some(st) = stats.as_deref_mut() {
-                    (st[2 * r], st[2 * r + 1]) = (max, sum.ln());
-                }
-                inv[r] = if ctx.normalize { 1.0 } else { 1.0 / sum };
+                let softmax = amx::softmax_split(s, ctx.normalize.then_some(w), parts, r, kp);
+                inv[r] = row_done(ctx, r, softmax, stats.as_deref_mut());
             } else {
                 inv[r] =
                     finish_fast_row::<simd::Avx512>(ctx, item, r, s, None, stats.as_deref_mut());
