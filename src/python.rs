@@ -6,9 +6,10 @@
 //! list rules; everything about shapes is checked in Rust (`shape.rs`) and comes back here as
 //! `ValueError` (or `MemoryError` for results too large to allocate).
 
-use numpy::{IntoPyArray, PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use numpy::{IntoPyArray, PyArrayDescrMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyMemoryError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
+use std::ffi::c_int;
 
 use half::{bf16, f16};
 
@@ -128,18 +129,20 @@ enum Kind {
     Bf16,
 }
 
-/// Picks the path by `query`'s dtype name (so bfloat16 is only looked up when it is there:
-/// rust-numpy finds it through `ml_dtypes`); anything else goes to f32, which names the dtype
-/// in its TypeError.
+/// Picks the path by `query`'s dtype number, and for a user-defined dtype by its name (so
+/// bfloat16 is only looked up when it is there: rust-numpy finds it through `ml_dtypes`);
+/// anything else goes to f32, which names the dtype in its TypeError. The number, not the name,
+/// for the built-in types: `str(dtype)` runs Python code (1-2 µs of a 8 µs small call).
 fn kind(query: &Bound<'_, PyAny>) -> Kind {
-    let name = query
-        .cast::<numpy::PyUntypedArray>()
-        .ok()
-        .map(|a| a.dtype().to_string());
-    match name.as_deref() {
-        Some("float64") => Kind::F64,
-        Some("float16") => Kind::F16,
-        Some("bfloat16") => Kind::Bf16,
+    use numpy::npyffi::NPY_TYPES;
+    let Ok(a) = query.cast::<numpy::PyUntypedArray>() else {
+        return Kind::F32;
+    };
+    let dtype = a.dtype();
+    match dtype.num() {
+        n if n == NPY_TYPES::NPY_DOUBLE as c_int => Kind::F64,
+        n if n == NPY_TYPES::NPY_HALF as c_int => Kind::F16,
+        n if n >= NPY_TYPES::NPY_USERDEF as c_int && dtype.to_string() == "bfloat16" => Kind::Bf16,
         _ => Kind::F32,
     }
 }
