@@ -189,6 +189,11 @@ impl Attention {
             true => Some(uninit::<T>([dims.batch, dims.tq, 2], "row statistics")?),
             false => None,
         };
+        let threads = if parallel {
+            pool.current_num_threads()
+        } else {
+            1
+        };
         let ctx = Ctx {
             query: query.view(),
             key: key.as_ref().map_or(value.view(), |k| k.view()),
@@ -201,7 +206,8 @@ impl Attention {
             dims,
             isa: self.effective_isa(),
             normalize: self.return_scores,
-            amx_min_flop: crate::kernel::amx_min_flop(self.isa),
+            amx: crate::kernel::amx_gate(self.isa),
+            item_rows: item_rows::<T>(dims, threads),
         };
         run_items(
             &ctx,
@@ -373,6 +379,15 @@ fn take_rows<'a, T>(
     })
 }
 
+/// Query rows per work item: enough items for load balance (8 per thread), at most 64 rows, and
+/// a scores block of at most 1 MiB so it stays in L2 between the softmax and the combine.
+pub(crate) fn item_rows<T>(dims: Dims, threads: usize) -> usize {
+    (dims.batch * dims.tq)
+        .div_ceil(8 * threads)
+        .clamp(1, crate::kernel::MAX_ITEM_ROWS)
+        .min((SCRATCH_BYTES / std::mem::size_of::<T>() / dims.tv.max(1)).max(1))
+}
+
 fn run_items<T: Float>(
     ctx: &Ctx<'_, '_, T>,
     pool: Option<&rayon::ThreadPool>,
@@ -384,13 +399,7 @@ fn run_items<T: Float>(
     if outs.scores.is_none() && T::run_split(ctx, pool, &mut outs.output, outs.stats.as_mut()) {
         return;
     }
-    let threads = pool.map_or(1, |p| p.current_num_threads());
-    // Enough items for load balance (8 per thread), at most 64 rows, and a scores block of at
-    // most 1 MiB so it stays in L2 between the softmax and the combine.
-    let per_item = (batch * tq)
-        .div_ceil(8 * threads)
-        .clamp(1, crate::kernel::MAX_ITEM_ROWS)
-        .min((SCRATCH_BYTES / std::mem::size_of::<T>() / tv.max(1)).max(1));
+    let per_item = ctx.item_rows;
     let mut jobs = Vec::new();
     fn rows_of<T>(a: ArrayViewMut3<'_, T>, rows: usize, cols: usize) -> ArrayViewMut2<'_, T> {
         a.into_shape_with_order((rows, cols))

@@ -601,6 +601,11 @@ unsafe fn load32(src: *const f32, x: usize, len: usize, fill: f32) -> [__m512; 2
 /// AVX-512F; `dst` has `len` writable floats.
 #[inline(always)]
 unsafe fn store32(dst: *mut f32, x: usize, len: usize, v: [__m512; 2]) {
+    if x + 32 <= len {
+        _mm512_storeu_ps(dst.add(x), v[0]);
+        _mm512_storeu_ps(dst.add(x + 16), v[1]);
+        return;
+    }
     let mask = |x: usize| -> __mmask16 { ((1u32 << len.saturating_sub(x).min(16)) - 1) as u16 };
     _mm512_mask_storeu_ps(dst.add(x.min(len)), mask(x), v[0]);
     _mm512_mask_storeu_ps(dst.add((x + 16).min(len)), mask(x + 16), v[1]);

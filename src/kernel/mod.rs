@@ -112,17 +112,53 @@ const COMBINE_KEYS: usize = 128;
 /// (2, 256, 256, 64) and (8, 128, 128, 64), 34 MFLOP, 95 against 111 and 103 against 118.
 pub(crate) const AMX_MIN_FLOP: usize = 24_000_000;
 
-/// The least work a call runs on tiles, for an explicitly requested ISA (`None`: the automatic
-/// choice): every size when [`Isa::Amx`] is asked for by the builder or by `LUONG_ISA=amx`
-/// (for tests and benchmarks), else [`AMX_MIN_FLOP`].
-pub(crate) fn amx_min_flop(requested: Option<Isa>) -> usize {
+/// [`Isa::Amx`] runs a call on tiles only when its work items have at least this many query rows:
+/// the tile products work in blocks of 32 rows, so an item of 16 rows pays for 32. Items shrink
+/// below 32 rows when Tv > 8192 (the 1 MiB scores block) or B·Tq is small; measured with 2
+/// threads, interleaved, before this rule: (1, 1024, 16384, 64) 37.4 ms on tiles against 28.8 on
+/// AVX-512 (16-row items), (1, 512, 65536, 64) 363 against 103 (4-row items).
+pub(crate) const AMX_MIN_ROWS: usize = 32;
+
+/// When a call runs on tiles ([`Isa::Amx`]): at least this much work and items of at least
+/// this many rows.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AmxGate {
+    /// The least work, 4·B·Tq·Tv·D.
+    pub(crate) min_flop: usize,
+    /// The fewest query rows per work item.
+    pub(crate) min_rows: usize,
+}
+
+/// The gate for an explicitly requested ISA (`None`: the automatic choice): open at every size
+/// when [`Isa::Amx`] is asked for by the builder or by `LUONG_ISA=amx` (for tests and
+/// benchmarks), else [`AMX_MIN_FLOP`] and [`AMX_MIN_ROWS`].
+pub(crate) fn amx_gate(requested: Option<Isa>) -> AmxGate {
     static ENV: OnceLock<bool> = OnceLock::new();
     let env = *ENV.get_or_init(|| std::env::var("LUONG_ISA").is_ok_and(|v| v == "amx"));
     if requested == Some(Isa::Amx) || (requested.is_none() && env) {
-        0
+        AmxGate {
+            min_flop: 0,
+            min_rows: 0,
+        }
     } else {
-        AMX_MIN_FLOP
+        AmxGate {
+            min_flop: AMX_MIN_FLOP,
+            min_rows: AMX_MIN_ROWS,
+        }
     }
+}
+
+/// Whether a call runs on tiles: [`Isa::Amx`], dot scores with packed keys (`Tq` at least
+/// [`PACK_MIN_TQ`]), and at least the gate's work and rows per item.
+fn on_tiles(isa: Isa, mode: ScoreMode, dims: Dims, item_rows: usize, gate: AmxGate) -> bool {
+    let flop = [dims.batch, dims.tq, dims.tv, dims.d]
+        .iter()
+        .fold(4usize, |a, &x| a.saturating_mul(x));
+    isa == Isa::Amx
+        && mode == ScoreMode::Dot
+        && dims.tq >= PACK_MIN_TQ
+        && flop >= gate.min_flop
+        && item_rows >= gate.min_rows
 }
 
 /// The most query rows of one work item.
@@ -145,9 +181,10 @@ pub struct Ctx<'a, 'm, T> {
     pub(crate) isa: Isa,
     /// Whether the weights are returned (so each row of scores must hold normalised weights).
     pub(crate) normalize: bool,
-    /// [`Isa::Amx`]: the least work (4·B·Tq·Tv·D) run on tiles: [`AMX_MIN_FLOP`], or 0 when
-    /// the caller asked for tiles (`Attention::isa(Isa::Amx)`, `LUONG_ISA=amx`).
-    pub(crate) amx_min_flop: usize,
+    /// [`Isa::Amx`]: which calls run on tiles ([`amx_gate`]).
+    pub(crate) amx: AmxGate,
+    /// Query rows per work item (the last item of a batch element may have fewer).
+    pub(crate) item_rows: usize,
 }
 
 /// A block of query rows `i0 .. i0 + rows` of batch element `b`.
@@ -276,14 +313,7 @@ impl KeyCache {
         self.amx_ready = false;
         #[cfg(target_arch = "x86_64")]
         {
-            let flop = [ctx.dims.batch, tq, tv, d]
-                .iter()
-                .fold(4usize, |a, &x| a.saturating_mul(x));
-            if isa == Isa::Amx
-                && params.mode == ScoreMode::Dot
-                && tq >= PACK_MIN_TQ
-                && flop >= ctx.amx_min_flop
-            {
+            if on_tiles(isa, params.mode, ctx.dims, ctx.item_rows, ctx.amx) {
                 let value = ctx.value.index_axis(Axis(0), b);
                 let (ld, ldv) = (key.stride_of(Axis(0)), value.stride_of(Axis(0)));
                 // SAFETY: Isa::Amx was detected (AVX-512F and the tile state); the views' rows are
@@ -945,6 +975,43 @@ unsafe fn concat_scores<S: simd::Simd, const NVS: usize>(
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     use super::*;
+
+    /// Calls run on tiles from 24 MFLOP and 32 rows per item, unless tiles were asked for;
+    /// items of fewer rows (long keys, or few query rows per thread) stay on AVX-512.
+    #[test]
+    fn tiles_need_the_work_and_32_row_items() {
+        let auto = amx_gate(Some(Isa::Avx512)); // the automatic gate, whatever LUONG_ISA says
+        let forced = amx_gate(Some(Isa::Amx));
+        let dims = |batch, tq, tv| Dims {
+            batch,
+            tq,
+            tv,
+            d: 64,
+            dv: 64,
+        };
+        let rows = |d: Dims| crate::attention::item_rows::<f32>(d, 2);
+        for (d, auto_tiles) in [
+            (dims(8, 512, 512), true),
+            (dims(2, 2048, 2048), true),
+            (dims(1, 2048, 8192), true),
+            (dims(1, 1024, 16384), false), // 16-row items (the 1 MiB scores block)
+            (dims(1, 256, 1024), false),   // 16 rows per item for 2 threads
+            (dims(1, 64, 64), false),      // 1 MFLOP
+        ] {
+            assert_eq!(
+                on_tiles(Isa::Amx, ScoreMode::Dot, d, rows(d), auto),
+                auto_tiles,
+                "{d:?}: {} rows per item",
+                rows(d)
+            );
+            assert!(
+                on_tiles(Isa::Amx, ScoreMode::Dot, d, rows(d), forced),
+                "{d:?}"
+            );
+            assert!(!on_tiles(Isa::Amx, ScoreMode::Concat, d, rows(d), forced));
+            assert!(!on_tiles(Isa::Avx512, ScoreMode::Dot, d, rows(d), forced));
+        }
+    }
 
     /// A thread keeps its tile buffers for its next call only up to 64 MiB each: a call with
     /// very long keys does not leave hundreds of MiB behind.
