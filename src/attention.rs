@@ -194,6 +194,14 @@ impl Attention {
         } else {
             1
         };
+        let (isa, item_rows) = crate::kernel::tiles_or_not(
+            self.effective_isa(),
+            crate::kernel::amx_gate(self.isa),
+            self.mode,
+            dims,
+            item_rows::<T>(dims, threads),
+            self.return_scores,
+        );
         let ctx = Ctx {
             query: query.view(),
             key: key.as_ref().map_or(value.view(), |k| k.view()),
@@ -204,10 +212,9 @@ impl Attention {
                 .active_dropout()
                 .map(|d| (DropoutMask::new(&d), T::of(1.0 - d.rate))),
             dims,
-            isa: self.effective_isa(),
+            isa,
             normalize: self.return_scores,
-            amx: crate::kernel::amx_gate(self.isa),
-            item_rows: item_rows::<T>(dims, threads),
+            item_rows,
         };
         run_items(
             &ctx,

@@ -119,19 +119,29 @@ pub(crate) const AMX_MIN_FLOP: usize = 24_000_000;
 /// AVX-512 (16-row items), (1, 512, 65536, 64) 363 against 103 (4-row items).
 pub(crate) const AMX_MIN_ROWS: usize = 32;
 
-/// When a call runs on tiles ([`Isa::Amx`]): at least this much work and items of at least
-/// this many rows.
+/// With returned weights, [`Isa::Amx`] runs a call on tiles only up to this many keys. Such an
+/// item also writes its weights out and keeps them in f32 and in three bf16 parts; with longer
+/// rows the tiles lost. Measured, 2 threads, interleaved, tiles against AVX-512: (8, 512, 512,
+/// 64) 1.65 against 1.94 ms, (4, 1024, 1024, 64) 3.39 against 4.18, (2, 2048, 2048, 64) 16.0
+/// against 16.8; but (1, 1024, 4096, 64) 5.64 against 4.80 (5.74 against 4.94 with 32-row
+/// items) and (1, 1024, 6000, 64) 9.46 against 8.10. Without returned weights the tiles won at
+/// those lengths too: 4.29 against 4.55 and 6.74 against 7.37 ms.
+pub(crate) const AMX_WEIGHTS_MAX_TV: usize = 2048;
+
+/// When a call runs on tiles ([`Isa::Amx`]).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct AmxGate {
     /// The least work, 4·B·Tq·Tv·D.
     pub(crate) min_flop: usize,
     /// The fewest query rows per work item.
     pub(crate) min_rows: usize,
+    /// The most keys with returned weights.
+    pub(crate) max_weights_tv: usize,
 }
 
 /// The gate for an explicitly requested ISA (`None`: the automatic choice): open at every size
 /// when [`Isa::Amx`] is asked for by the builder or by `LUONG_ISA=amx` (for tests and
-/// benchmarks), else [`AMX_MIN_FLOP`] and [`AMX_MIN_ROWS`].
+/// benchmarks), else [`AMX_MIN_FLOP`], [`AMX_MIN_ROWS`] and [`AMX_WEIGHTS_MAX_TV`].
 pub(crate) fn amx_gate(requested: Option<Isa>) -> AmxGate {
     static ENV: OnceLock<bool> = OnceLock::new();
     let env = *ENV.get_or_init(|| std::env::var("LUONG_ISA").is_ok_and(|v| v == "amx"));
@@ -139,26 +149,45 @@ pub(crate) fn amx_gate(requested: Option<Isa>) -> AmxGate {
         AmxGate {
             min_flop: 0,
             min_rows: 0,
+            max_weights_tv: usize::MAX,
         }
     } else {
         AmxGate {
             min_flop: AMX_MIN_FLOP,
             min_rows: AMX_MIN_ROWS,
+            max_weights_tv: AMX_WEIGHTS_MAX_TV,
         }
     }
 }
 
-/// Whether a call runs on tiles: [`Isa::Amx`], dot scores with packed keys (`Tq` at least
-/// [`PACK_MIN_TQ`]), and at least the gate's work and rows per item.
-fn on_tiles(isa: Isa, mode: ScoreMode, dims: Dims, item_rows: usize, gate: AmxGate) -> bool {
+/// The ISA and rows per work item a call runs with: [`Isa::Amx`] stays only for dot scores with
+/// packed keys (`Tq` at least [`PACK_MIN_TQ`]) that pass the gate, with items of a whole number
+/// of the tiles' 32-row blocks when they have more (48 rows would pay for 64); any other call
+/// on an AMX machine runs on AVX-512 with `rows` per item.
+pub(crate) fn tiles_or_not(
+    isa: Isa,
+    gate: AmxGate,
+    mode: ScoreMode,
+    dims: Dims,
+    rows: usize,
+    weights: bool,
+) -> (Isa, usize) {
+    if isa != Isa::Amx {
+        return (isa, rows);
+    }
+    let tile_rows = if rows > 32 { rows / 32 * 32 } else { rows };
     let flop = [dims.batch, dims.tq, dims.tv, dims.d]
         .iter()
         .fold(4usize, |a, &x| a.saturating_mul(x));
-    isa == Isa::Amx
-        && mode == ScoreMode::Dot
+    let tiles = mode == ScoreMode::Dot
         && dims.tq >= PACK_MIN_TQ
         && flop >= gate.min_flop
-        && item_rows >= gate.min_rows
+        && tile_rows >= gate.min_rows
+        && (!weights || dims.tv <= gate.max_weights_tv);
+    match tiles {
+        true => (Isa::Amx, tile_rows),
+        false => (Isa::Avx512, rows),
+    }
 }
 
 /// The most query rows of one work item.
@@ -181,8 +210,6 @@ pub struct Ctx<'a, 'm, T> {
     pub(crate) isa: Isa,
     /// Whether the weights are returned (so each row of scores must hold normalised weights).
     pub(crate) normalize: bool,
-    /// [`Isa::Amx`]: which calls run on tiles ([`amx_gate`]).
-    pub(crate) amx: AmxGate,
     /// Query rows per work item (the last item of a batch element may have fewer).
     pub(crate) item_rows: usize,
 }
@@ -313,7 +340,8 @@ impl KeyCache {
         self.amx_ready = false;
         #[cfg(target_arch = "x86_64")]
         {
-            if on_tiles(isa, params.mode, ctx.dims, ctx.item_rows, ctx.amx) {
+            // `tiles_or_not` left Isa::Amx only for calls that run on tiles.
+            if isa == Isa::Amx && params.mode == ScoreMode::Dot && tq >= PACK_MIN_TQ {
                 let value = ctx.value.index_axis(Axis(0), b);
                 let (ld, ldv) = (key.stride_of(Axis(0)), value.stride_of(Axis(0)));
                 // SAFETY: Isa::Amx was detected (AVX-512F and the tile state); the views' rows are
@@ -976,8 +1004,9 @@ unsafe fn concat_scores<S: simd::Simd, const NVS: usize>(
 mod tests {
     use super::*;
 
-    /// Calls run on tiles from 24 MFLOP and 32 rows per item, unless tiles were asked for;
-    /// items of fewer rows (long keys, or few query rows per thread) stay on AVX-512.
+    /// Calls run on tiles from 24 MFLOP and 32 rows per item, and with returned weights up to
+    /// 2048 keys, unless tiles were asked for; items of fewer rows (long keys, or few query rows
+    /// per thread) stay on AVX-512, and items on tiles are a whole number of 32-row blocks.
     #[test]
     fn tiles_need_the_work_and_32_row_items() {
         let auto = amx_gate(Some(Isa::Avx512)); // the automatic gate, whatever LUONG_ISA says
@@ -990,26 +1019,35 @@ mod tests {
             dv: 64,
         };
         let rows = |d: Dims| crate::attention::item_rows::<f32>(d, 2);
-        for (d, auto_tiles) in [
-            (dims(8, 512, 512), true),
-            (dims(2, 2048, 2048), true),
-            (dims(1, 2048, 8192), true),
-            (dims(1, 1024, 16384), false), // 16-row items (the 1 MiB scores block)
-            (dims(1, 256, 1024), false),   // 16 rows per item for 2 threads
-            (dims(1, 64, 64), false),      // 1 MFLOP
+        for (d, weights, auto_tiles) in [
+            (dims(8, 512, 512), false, true),
+            (dims(8, 512, 512), true, true),
+            (dims(2, 2048, 2048), true, true),
+            (dims(1, 2048, 8192), false, true),
+            (dims(1, 1024, 4096), true, false), // returned weights beyond 2048 keys
+            (dims(1, 1024, 16384), false, false), // 16-row items (the 1 MiB scores block)
+            (dims(1, 256, 1024), false, false), // 16 rows per item for 2 threads
+            (dims(1, 64, 64), false, false),    // 1 MFLOP
+            (dims(1, 768, 768), false, true),   // 48 rows per item, taken as 32
+            (dims(1, 1024, 6000), false, true), // 43 rows (1 MiB of scores), taken as 32
         ] {
+            let (isa, r) = tiles_or_not(Isa::Amx, auto, ScoreMode::Dot, d, rows(d), weights);
             assert_eq!(
-                on_tiles(Isa::Amx, ScoreMode::Dot, d, rows(d), auto),
+                isa == Isa::Amx,
                 auto_tiles,
-                "{d:?}: {} rows per item",
-                rows(d)
+                "{d:?}, weights {weights}: {r} rows"
             );
-            assert!(
-                on_tiles(Isa::Amx, ScoreMode::Dot, d, rows(d), forced),
-                "{d:?}"
-            );
-            assert!(!on_tiles(Isa::Amx, ScoreMode::Concat, d, rows(d), forced));
-            assert!(!on_tiles(Isa::Avx512, ScoreMode::Dot, d, rows(d), forced));
+            if isa == Isa::Amx {
+                assert!(r >= 32 && r % 32 == 0, "{d:?}: {r} rows on tiles");
+            } else {
+                assert_eq!((isa, r), (Isa::Avx512, rows(d)), "{d:?}");
+            }
+            let forced_dot = tiles_or_not(Isa::Amx, forced, ScoreMode::Dot, d, rows(d), weights);
+            assert_eq!(forced_dot.0, Isa::Amx, "{d:?}");
+            let concat = tiles_or_not(Isa::Amx, forced, ScoreMode::Concat, d, rows(d), weights);
+            assert_eq!(concat, (Isa::Avx512, rows(d)));
+            let other = tiles_or_not(Isa::Avx2, forced, ScoreMode::Dot, d, rows(d), weights);
+            assert_eq!(other, (Isa::Avx2, rows(d)));
         }
     }
 
