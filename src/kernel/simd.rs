@@ -64,9 +64,9 @@ pub(crate) trait Simd: Copy {
 
 // Cephes' expf: e^x = 2^n · e^r with n = round(x·log2 e) and r = x - n·ln 2 (ln 2 split in two so
 // n·C1 is exact: Cody–Waite), then a degree-5 polynomial for e^r on [-ln2/2, ln2/2].
-const LOG2E: f32 = std::f32::consts::LOG2_E;
-const C1: f32 = 0.693_359_4;
-const C2: f32 = -2.121_944_4e-4;
+pub(crate) const LOG2E: f32 = std::f32::consts::LOG2_E;
+pub(crate) const C1: f32 = 0.693_359_4;
+pub(crate) const C2: f32 = -2.121_944_4e-4;
 const P: [f32; 6] = [
     1.987_569_1e-4,
     1.398_199_9e-3,
@@ -79,7 +79,7 @@ const P: [f32; 6] = [
 /// Below this, `exp` returns 0: e^-86.5 = 2.7e-38 is the smallest result that stays a normal
 /// float for every polynomial value (y ≥ 2^-0.5 times 2^-125). Zero instead of a denormal there
 /// changes a weight by less than 3e-38.
-const EXP_LO: f32 = -86.5;
+pub(crate) const EXP_LO: f32 = -86.5;
 
 /// The polynomial part of exp, shared by both ISAs: returns (e^r, n), for |x| < 2^22.
 ///
