@@ -37,7 +37,7 @@ use std::arch::x86_64::*;
 use std::sync::OnceLock;
 
 use super::rows::max_of_row;
-use super::simd::{Avx512, C1, C2, EXP_LO, LOG2E};
+use super::simd::{exp_table, Avx512};
 
 /// Whether this process can run the tile kernels (checked once; asks Linux for the tile state).
 pub(crate) fn available() -> bool {
@@ -623,56 +623,6 @@ unsafe fn store_parts(dst: [*mut u16; 3], v: [__m512; 2]) {
     }
 }
 
-/// `2^(k/16)` for k = 0..16, each rounded to f32.
-const EXP2_SIXTEENTHS: [f32; 16] = [
-    1.0,
-    1.044_273_7,
-    1.090_507_7,
-    1.138_788_6,
-    1.189_207_1,
-    1.241_857_8,
-    1.296_839_6,
-    1.354_255_6,
-    std::f32::consts::SQRT_2,
-    1.476_826_2,
-    1.542_210_8,
-    1.610_490_3,
-    1.681_792_9,
-    1.756_252_2,
-    1.834_008_1,
-    1.915_206_6,
-];
-
-/// `e^x` for the softmax's `x = s - max ≤ 0` (NaN passes through; 0 below the same `EXP_LO` as
-/// `Avx512::exp`, so no denormal is made): `e^x = 2^(n/16) · e^r` with n = round(16 x log2 e)
-/// and `|r| ≤ ln 2 / 32`, `2^(n/16)` as `2^⌊n/16⌋` (`vscalefps`) times a table entry picked by
-/// the low four bits of n (`vpermps`), and `e^r` from a degree-4 polynomial: within 0.98 ulp
-/// (`tests::table_exp_is_within_an_ulp`), in three fewer vector operations than
-/// `Avx512::exp`. Calls on tiles took 1.4-4.4% less time with it (Rust, 2 threads, calls
-/// alternating between the two, medians of 60-300: (8, 512, 512, 64) 1.494 -> 1.441 ms,
-/// (2, 2048, 2048, 64) 6.68 -> 6.53, with returned weights 1.630 -> 1.588 and 17.48 -> 16.75).
-/// Also right for `0 < x < 88`, which the softmax does not pass.
-#[inline(always)]
-unsafe fn exp_table(x: __m512) -> __m512 {
-    let lo = _mm512_set1_ps(EXP_LO);
-    let keep = _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(x, lo);
-    let xc = _mm512_max_ps(lo, x); // x when x is NaN
-    let magic = _mm512_set1_ps(12_582_912.0); // 1.5 · 2^23: the sum rounds to an integer
-    let t = _mm512_fmadd_ps(xc, _mm512_set1_ps(16.0 * LOG2E), magic);
-    let n = _mm512_sub_ps(t, magic);
-    // n·C1/16 is exact (C1 has 9 significant bits, n at most 11).
-    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(C1 / 16.0), xc);
-    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(C2 / 16.0), r);
-    // The low bits of t's pattern are n mod 16 (t is in the binade where the ulp is 1).
-    let table = _mm512_loadu_ps(EXP2_SIXTEENTHS.as_ptr());
-    let tab = _mm512_permutexvar_ps(_mm512_castps_si512(t), table);
-    let mut p = _mm512_fmadd_ps(r, _mm512_set1_ps(1.0 / 24.0), _mm512_set1_ps(1.0 / 6.0));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0));
-    let y = _mm512_fmadd_ps(_mm512_mul_ps(p, r), tab, tab); // tab · e^r
-    _mm512_maskz_scalef_ps(keep, y, _mm512_mul_ps(n, _mm512_set1_ps(0.0625)))
-}
-
 /// The softmax of one row of (masked) scores straight into row `r` of the weight parts (width
 /// `kp`, zero past the row): `e^(x - max)` as it is computed when `weights` is None (the caller
 /// scales the output row by `1 / sum`), else the normalised weights, also written to `weights`
@@ -701,8 +651,9 @@ pub(crate) unsafe fn softmax_split(
         // Past the row: e^-inf = 0, zero weight parts.
         let [lo, hi] = load32(src, x, len, f32::NEG_INFINITY);
         let e = [
-            exp_table(_mm512_sub_ps(lo, mv)),
-            exp_table(_mm512_sub_ps(hi, mv)),
+            // x - max ≤ 0 (or NaN): no upper clamp.
+            exp_table::<false>(_mm512_sub_ps(lo, mv)),
+            exp_table::<false>(_mm512_sub_ps(hi, mv)),
         ];
         (s0, s1) = (_mm512_add_ps(s0, e[0]), _mm512_add_ps(s1, e[1]));
         match weights {
@@ -793,8 +744,9 @@ mod tests {
 
     /// Every float the packers accept is the exact sum of its three parts, each a bf16 (low 16
     /// bits zero) within the bounds the module's error argument uses; the rest are flagged.
-    /// The softmax's table exp: within 1 ulp of e^x (f64, rounded to f32) over the whole range
-    /// of `s - max` it sees, 0 below EXP_LO, NaN for NaN, 0 for -inf, 1 for 0.
+    /// The softmax's exp (the table method without the upper clamp, which `Avx512::exp` has and
+    /// `simd::tests` sweeps): within 1 ulp of e^x (f64, rounded to f32) over the whole range of
+    /// `s - max` it sees, 0 below EXP_LO, NaN for NaN, 0 for -inf, 1 for 0.
     #[test]
     fn table_exp_is_within_an_ulp() {
         if !is_x86_feature_detected!("avx512f") {
@@ -810,12 +762,17 @@ mod tests {
                 *x = if (i + l) % 97 == 0 {
                     (88.0 * f) as f32
                 } else {
-                    (EXP_LO as f64 * f) as f32
+                    (super::super::simd::EXP_LO as f64 * f) as f32
                 };
             }
             let mut ys = [0f32; 16];
             // SAFETY: AVX-512F was detected.
-            unsafe { _mm512_storeu_ps(ys.as_mut_ptr(), exp_table(_mm512_loadu_ps(xs.as_ptr()))) };
+            unsafe {
+                _mm512_storeu_ps(
+                    ys.as_mut_ptr(),
+                    exp_table::<false>(_mm512_loadu_ps(xs.as_ptr())),
+                )
+            };
             for (&x, &y) in xs.iter().zip(&ys) {
                 let e = (x as f64).exp();
                 let ulp = f32::from_bits((e as f32).to_bits() + 1) as f64 - (e as f32) as f64;
@@ -837,7 +794,12 @@ mod tests {
         xs[..special.len()].copy_from_slice(&special);
         let mut ys = [0f32; 16];
         // SAFETY: AVX-512F was detected.
-        unsafe { _mm512_storeu_ps(ys.as_mut_ptr(), exp_table(_mm512_loadu_ps(xs.as_ptr()))) };
+        unsafe {
+            _mm512_storeu_ps(
+                ys.as_mut_ptr(),
+                exp_table::<false>(_mm512_loadu_ps(xs.as_ptr())),
+            )
+        };
         assert_eq!(&ys[..2], &[1.0, 1.0]);
         assert!(ys[2].is_nan());
         assert_eq!(&ys[3..5], &[0.0, 0.0]);
