@@ -116,8 +116,9 @@ impl Attention {
 
     /// Runs on the given instruction set instead of the best one the CPU has (`LUONG_ISA`):
     /// for tests and benchmarks that compare the paths. A set the CPU lacks falls back to the
-    /// best it has; [`Isa::Scalar`] is always available. [`Isa::Amx`] asked for here runs calls
-    /// of every size on tiles (chosen automatically, only calls of 24 MFLOP or more do).
+    /// best it has; [`Isa::Scalar`] is always available. [`Isa::Amx`] asked for here runs every
+    /// dot-score call on tiles (chosen automatically, only calls the tiles win do: 24 MFLOP or
+    /// more, blocks of 32 query rows or more, at most 2048 keys with returned weights).
     pub fn isa(mut self, isa: Isa) -> Self {
         self.isa = Some(isa);
         self

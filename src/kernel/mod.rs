@@ -3,8 +3,9 @@
 //! L2 (in per-thread scratch, or straight in the returned scores array).
 //!
 //! For f32 on x86-64 the products and the softmax run on AVX-512 or AVX2 + FMA micro-kernels
-//! chosen at run time ([`Isa::detect`]), and on CPUs with AMX the dot mode's two products of
-//! calls of 24 MFLOP or more run on tiles at f32 accuracy (`amx`, [`Isa::Amx`]);
+//! chosen at run time ([`Isa::detect`]), and on CPUs with AMX the dot mode's two products run
+//! on tiles at f32 accuracy (`amx`, [`Isa::Amx`]) for calls the tiles win: 24 MFLOP or more,
+//! blocks of 32 query rows or more, at most 2048 keys with returned weights (`tiles_or_not`);
 //! everything else (f64, other CPUs, degenerate shapes) runs the portable block, which calls the
 //! readable stage functions row by row. Tests hold the fast paths equal to the stage functions
 //! within float32 rounding (`tests/kernels.rs`, every ISA the CPU has, the tiles at every size),
