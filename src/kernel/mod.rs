@@ -1,6 +1,6 @@
 //! Fused fast paths: one work item (a block of query rows of one batch element) runs scores,
 //! mask, softmax, dropout and combine back to back while its `rows × Tv` block of scores sits in
-//! L2 (in per-thread scratch, or straight in the returned scores array).
+//! cache (in per-thread scratch, or straight in the returned scores array; L2 up to Tv = 4096).
 //!
 //! For f32 on x86-64 the products and the softmax run on AVX-512 or AVX2 + FMA micro-kernels
 //! chosen at run time ([`Isa::detect`]), and on CPUs with AMX the dot mode's two products run
@@ -115,7 +115,7 @@ pub(crate) const AMX_MIN_FLOP: usize = 24_000_000;
 
 /// [`Isa::Amx`] runs a call on tiles only when its work items have at least this many query rows:
 /// the tile products work in blocks of 32 rows, so an item of 16 rows pays for 32. Items shrink
-/// below 32 rows when Tv > 8192 (the 1 MiB scores block) or B·Tq is small; measured with 2
+/// below 32 rows when Tv > 32768 (the 4 MiB scores block) or B·Tq is small; measured with 2
 /// threads, interleaved, before this rule: (1, 1024, 16384, 64) 37.4 ms on tiles against 28.8 on
 /// AVX-512 (16-row items), (1, 512, 65536, 64) 363 against 103 (4-row items).
 pub(crate) const AMX_MIN_ROWS: usize = 32;
@@ -1026,11 +1026,11 @@ mod tests {
             (dims(2, 2048, 2048), true, true),
             (dims(1, 2048, 8192), false, true),
             (dims(1, 1024, 4096), true, false), // returned weights beyond 2048 keys
-            (dims(1, 1024, 16384), false, false), // 16-row items (the 1 MiB scores block)
+            (dims(1, 512, 65536), false, false), // 16-row items (the 4 MiB scores block)
             (dims(1, 256, 1024), false, false), // 16 rows per item for 2 threads
             (dims(1, 64, 64), false, false),    // 1 MFLOP
             (dims(1, 768, 768), false, true),   // 48 rows per item, taken as 32
-            (dims(1, 1024, 6000), false, true), // 43 rows (1 MiB of scores), taken as 32
+            (dims(1, 1024, 20000), false, true), // 52 rows (4 MiB of scores), taken as 32
         ] {
             let (isa, r) = tiles_or_not(Isa::Amx, auto, ScoreMode::Dot, d, rows(d), weights);
             assert_eq!(
