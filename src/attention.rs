@@ -199,14 +199,25 @@ impl Attention {
         } else {
             1
         };
-        let (isa, item_rows) = crate::kernel::tiles_or_not(
+        // Long keys on tiles run in chunks (`kernel::flash`), with items of 64 rows at any Tv.
+        let flash = crate::kernel::flash(
+            dims.tv,
+            self.return_scores,
+            self.active_dropout().is_some(),
+            masks.causal,
+        );
+        let (isa, mut rows) = crate::kernel::tiles_or_not(
             self.effective_isa(),
             crate::kernel::amx_gate(self.isa),
             self.mode,
             dims,
-            item_rows::<T>(dims, threads),
+            item_rows::<T>(dims, threads, !flash),
             self.return_scores,
         );
+        let flash = flash && isa == crate::kernel::Isa::Amx;
+        if !flash {
+            rows = rows.min(item_rows::<T>(dims, threads, true));
+        }
         let ctx = Ctx {
             query: query.view(),
             key: key.as_ref().map_or(value.view(), |k| k.view()),
@@ -219,7 +230,8 @@ impl Attention {
             dims,
             isa,
             normalize: self.return_scores,
-            item_rows,
+            item_rows: rows,
+            flash,
         };
         run_items(
             &ctx,
@@ -392,12 +404,15 @@ fn take_rows<'a, T>(
 }
 
 /// Query rows per work item: enough items for load balance (8 per thread), at most 64 rows, and
-/// a scores block of at most [`SCRATCH_BYTES`].
-pub(crate) fn item_rows<T>(dims: Dims, threads: usize) -> usize {
-    (dims.batch * dims.tq)
+/// (`capped`) a scores block of at most [`SCRATCH_BYTES`].
+pub(crate) fn item_rows<T>(dims: Dims, threads: usize, capped: bool) -> usize {
+    let rows = (dims.batch * dims.tq)
         .div_ceil(8 * threads)
-        .clamp(1, crate::kernel::MAX_ITEM_ROWS)
-        .min((SCRATCH_BYTES / std::mem::size_of::<T>() / dims.tv.max(1)).max(1))
+        .clamp(1, crate::kernel::MAX_ITEM_ROWS);
+    match capped {
+        true => rows.min((SCRATCH_BYTES / std::mem::size_of::<T>() / dims.tv.max(1)).max(1)),
+        false => rows,
+    }
 }
 
 fn run_items<T: Float>(

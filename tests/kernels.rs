@@ -422,3 +422,71 @@ fn decode_split_keys_equal_portable_path() {
         }
     }
 }
+
+/// Long keys on tiles run in chunks of 512 with an online softmax (`kernel::flash`): the same
+/// results as the portable path's one pass, for partial last chunks, masks on keys or on scores,
+/// a query mask, a scale, and NaN in a key; the row statistics too.
+#[test]
+fn long_keys_in_chunks_equal_portable_path() {
+    let mut rng = Rng(44);
+    for (n, s) in [(40, 1025, 17, 65), (70, 1500, 64, 64), (33, 2600, 32, 16)]
+        .into_iter()
+        .enumerate()
+    {
+        let s = Shape {
+            b: 2,
+            tq: s.0,
+            tv: s.1,
+            d: s.2,
+            dv: s.3,
+        };
+        let magnitude = [0.5, 1.0, 3.0][n];
+        let mut c = case(s, &mut rng, magnitude);
+        for variant in 0..4 {
+            let attn = Attention::new(ScoreMode::Dot).scale(0.4);
+            let masks = Masks {
+                query: (variant >= 2).then(|| c.qm.view()),
+                value: match variant {
+                    1 | 2 => Some(ValueMask::Keys(c.keys.view())),
+                    3 => Some(ValueMask::Scores(c.full.view())),
+                    _ => None,
+                },
+                causal: false,
+            };
+            let label = format!("{s:?} chunks, variant {variant}");
+            let tol = tolerance(ScoreMode::Dot, s, magnitude, 0.4);
+            compare_isas(&label, &attn, &c, &masks, tol);
+            let stats = |isa| {
+                let a = attn.clone().isa(isa);
+                let saved = a.forward_saved(c.q.view(), c.v.view(), Some(c.k.view()), &masks);
+                saved.unwrap().stats
+            };
+            let want = stats(Isa::Scalar);
+            for isa in [Isa::Avx512, Isa::Amx] {
+                if attn.clone().isa(isa).effective_isa() == isa {
+                    let got = stats(isa);
+                    assert_close(
+                        &format!("{label} {isa:?} stats"),
+                        got.view(),
+                        want.view(),
+                        tol,
+                        tol,
+                    );
+                }
+            }
+        }
+        // NaN in one key of batch element 1: its rows are NaN, the other element's are not.
+        c.k[[1, s.tv - 3, 0]] = f32::NAN;
+        let attn = Attention::new(ScoreMode::Dot).isa(Isa::Amx);
+        let out = attn
+            .forward(c.q.view(), c.v.view(), Some(c.k.view()), &Masks::default())
+            .unwrap()
+            .output;
+        let (b0, b1) = (
+            out.index_axis(ndarray::Axis(0), 0),
+            out.index_axis(ndarray::Axis(0), 1),
+        );
+        assert!(b1.iter().all(|x| x.is_nan()), "{s:?}: a NaN key's element");
+        assert!(b0.iter().all(|x| x.is_finite()), "{s:?}: the other element");
+    }
+}

@@ -527,21 +527,23 @@ unsafe fn product(
 }
 
 /// Raw scores of one item: `S = Q Kᵀ` for `rows` query rows (split by [`split_queries`], `dp`
-/// wide) against the first `cols` keys. Returns S (`ldc` floats per row, `ldc ≥ cols`).
+/// wide) against keys `c0 .. c0 + cols` (`c0` a multiple of 32). Returns S (`ldc` floats per
+/// row, `ldc ≥ cols`).
 ///
 /// # Safety
-/// As [`product`]; `s.q` holds the split queries, `keys` a batch element with `⌈cols/32⌉ · 32`
-/// keys or more.
+/// As [`product`]; `s.q` holds the split queries, `keys` a batch element with
+/// `c0 + ⌈cols/32⌉ · 32` keys or more.
 pub(crate) unsafe fn scores(
     tiles: &Tiles,
     s: &mut Scratch,
     keys: &Packed,
-    (rows, cols, dp): (usize, usize, usize),
+    (rows, c0, cols, dp): (usize, usize, usize, usize),
 ) -> (*mut f32, usize) {
     let (mb, nb) = (rows.div_ceil(32), cols.div_ceil(32));
     let (c, ldc) = s.scores.f32_block(mb, nb);
     let a = ptrs(&s.q);
-    let b = ptrs(&keys.k);
+    // Keys from c0 (a multiple of 32): column tile c0 / 16 on.
+    let b = ptrs(&keys.k).map(|p| p.add(c0 / 16 * keys.k_kt * 512));
     let rows = ARows::rows(dp);
     product(tiles, a, rows, b, keys.k_kt, keys.k_kt, (mb, nb), c, ldc);
     (c, ldc)
@@ -643,26 +645,8 @@ pub(crate) unsafe fn softmax_split(
 ) -> (f32, f32) {
     let len = row.len();
     let max = max_of_row::<Avx512>(row);
-    let (mv, src) = (_mm512_set1_ps(max), row.as_mut_ptr());
-    let dst = weight_row(parts, r, kp);
-    let (mut s0, mut s1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-    let mut x = 0;
-    while x < kp {
-        // Past the row: e^-inf = 0, zero weight parts.
-        let [lo, hi] = load32(src, x, len, f32::NEG_INFINITY);
-        let e = [
-            // x - max ≤ 0 (or NaN): no upper clamp.
-            exp_table::<false>(_mm512_sub_ps(lo, mv)),
-            exp_table::<false>(_mm512_sub_ps(hi, mv)),
-        ];
-        (s0, s1) = (_mm512_add_ps(s0, e[0]), _mm512_add_ps(s1, e[1]));
-        match weights {
-            None => store_parts(dst.map(|p| p.add(x / 32 * 512)), e),
-            Some(_) => store32(src, x, len, e),
-        }
-        x += 32;
-    }
-    let sum = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+    let sum = exp_split(row, max, weights.is_none(), parts, r, kp);
+    let (src, dst) = (row.as_mut_ptr(), weight_row(parts, r, kp));
     if let Some(w) = weights {
         let inv = _mm512_set1_ps(1.0 / sum);
         let mut x = 0;
@@ -677,22 +661,60 @@ pub(crate) unsafe fn softmax_split(
     (max, sum)
 }
 
-/// `O = P V` for `rows` weight rows (split, `kp` wide) and the value parts; returns O
-/// (`ldc` floats per row, `ldc ≥ dv`).
+/// `e^(x - max)` over one row of (masked) scores, returning its sum: split straight into row `r`
+/// of the weight parts (width `kp`, zero past the row) when `split`, else written back to `row`.
+///
+/// # Safety
+/// As [`softmax_split`].
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn exp_split(
+    row: &mut [f32],
+    max: f32,
+    split: bool,
+    parts: [*mut u16; 3],
+    r: usize,
+    kp: usize,
+) -> f32 {
+    let len = row.len();
+    let (mv, src) = (_mm512_set1_ps(max), row.as_mut_ptr());
+    let dst = weight_row(parts, r, kp);
+    let (mut s0, mut s1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+    let mut x = 0;
+    while x < kp {
+        // Past the row: e^-inf = 0, zero weight parts.
+        let [lo, hi] = load32(src, x, len, f32::NEG_INFINITY);
+        let e = [
+            // x - max ≤ 0 (or NaN): no upper clamp.
+            exp_table::<false>(_mm512_sub_ps(lo, mv)),
+            exp_table::<false>(_mm512_sub_ps(hi, mv)),
+        ];
+        (s0, s1) = (_mm512_add_ps(s0, e[0]), _mm512_add_ps(s1, e[1]));
+        match split {
+            true => store_parts(dst.map(|p| p.add(x / 32 * 512)), e),
+            false => store32(src, x, len, e),
+        }
+        x += 32;
+    }
+    _mm512_reduce_add_ps(_mm512_add_ps(s0, s1))
+}
+
+/// `O = P V` for `rows` weight rows (split, `kp` wide) and value rows `c0 .. c0 + kp` (`c0` a
+/// multiple of 32) of the value parts; returns O (`ldc` floats per row, `ldc ≥ dv`).
 ///
 /// # Safety
 /// As [`product`]; the weight parts hold `rows` rows of width `kp`, and `values` a batch
-/// element with at least `kp` rows of `dv` columns.
+/// element with at least `c0 + kp` rows of `dv` columns.
 pub(crate) unsafe fn combine(
     tiles: &Tiles,
     s: &mut Scratch,
     values: &Packed,
-    (rows, kp, dv): (usize, usize, usize),
+    (rows, c0, kp, dv): (usize, usize, usize, usize),
 ) -> (*const f32, usize) {
     let (mb, nb) = (rows.div_ceil(32), dv.div_ceil(32));
     let (c, ldc) = s.out.f32_block(mb, nb);
     let a = ptrs(&s.p);
-    let b = ptrs(&values.v);
+    // Value rows from c0 (a multiple of 32): tile c0 / 32 along k.
+    let b = ptrs(&values.v).map(|p| p.add(c0 / 32 * 512));
     let kt = kp / 32;
     product(
         tiles,
@@ -1016,7 +1038,7 @@ mod tests {
             // SAFETY: available() holds; the buffers were sized above for these shapes.
             unsafe {
                 let tiles = Tiles::configure();
-                let (c, ldc) = scores(&tiles, &mut s, &packed, (rows, tv, dp));
+                let (c, ldc) = scores(&tiles, &mut s, &packed, (rows, 0, tv, dp));
                 let got: Vec<f64> = (0..rows * tv)
                     .map(|x| *c.add((x / tv) * ldc + x % tv) as f64)
                     .collect();
@@ -1027,7 +1049,7 @@ mod tests {
                     &abs_of(&q, ldq, &k, ldk, (rows, d, tv)),
                     2f64.powi(-20),
                 );
-                let (o, ldo) = combine(&tiles, &mut s, &packed, (rows, kp, dv));
+                let (o, ldo) = combine(&tiles, &mut s, &packed, (rows, 0, kp, dv));
                 let got: Vec<f64> = (0..rows * dv)
                     .map(|x| *o.add((x / dv) * ldo + x % dv) as f64)
                     .collect();
