@@ -199,25 +199,26 @@ impl Attention {
         } else {
             1
         };
-        // Long keys on tiles run in chunks (`kernel::flash`), with items of 64 rows at any Tv.
-        let flash = crate::kernel::flash(
+        // Long keys on tiles run in chunks (`kernel::flash`), their items not shrunk by Tv.
+        let chunks = crate::kernel::flash(
             dims.tv,
             self.return_scores,
             self.active_dropout().is_some(),
             masks.causal,
         );
-        let (isa, mut rows) = crate::kernel::tiles_or_not(
+        let (isa, rows) = crate::kernel::tiles_or_not(
             self.effective_isa(),
             crate::kernel::amx_gate(self.isa),
             self.mode,
             dims,
-            item_rows::<T>(dims, threads, !flash),
+            item_rows::<T>(dims, threads, chunks),
             self.return_scores,
         );
-        let flash = flash && isa == crate::kernel::Isa::Amx;
-        if !flash {
-            rows = rows.min(item_rows::<T>(dims, threads, true));
-        }
+        let flash = chunks && isa == crate::kernel::Isa::Amx;
+        let rows = match chunks && !flash {
+            true => item_rows::<T>(dims, threads, false), // not on tiles after all
+            false => rows,
+        };
         let ctx = Ctx {
             query: query.view(),
             key: key.as_ref().map_or(value.view(), |k| k.view()),
@@ -404,14 +405,19 @@ fn take_rows<'a, T>(
 }
 
 /// Query rows per work item: enough items for load balance (8 per thread), at most 64 rows, and
-/// (`capped`) a scores block of at most [`SCRATCH_BYTES`].
-pub(crate) fn item_rows<T>(dims: Dims, threads: usize, capped: bool) -> usize {
+/// a scores block of at most [`SCRATCH_BYTES`]. Items whose keys run in chunks
+/// ([`crate::kernel::flash`]) need no cap, and 4 per thread are enough: each item streams all the
+/// keys and values, so fewer, larger items stream them less often ((1, 512, 65536, 64): 49.8 ->
+/// 39.6 ms, 8 -> 4 items per thread, 2 threads; (1, 256, 32768, 64) 12.6 -> 10.0; 2 per thread
+/// no better).
+pub(crate) fn item_rows<T>(dims: Dims, threads: usize, chunked: bool) -> usize {
+    let per_thread = if chunked { 4 } else { 8 };
     let rows = (dims.batch * dims.tq)
-        .div_ceil(8 * threads)
+        .div_ceil(per_thread * threads)
         .clamp(1, crate::kernel::MAX_ITEM_ROWS);
-    match capped {
-        true => rows.min((SCRATCH_BYTES / std::mem::size_of::<T>() / dims.tv.max(1)).max(1)),
-        false => rows,
+    match chunked {
+        false => rows.min((SCRATCH_BYTES / std::mem::size_of::<T>() / dims.tv.max(1)).max(1)),
+        true => rows,
     }
 }
 

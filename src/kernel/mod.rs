@@ -1123,7 +1123,17 @@ mod tests {
             d: 64,
             dv: 64,
         };
-        let rows = |d: Dims| crate::attention::item_rows::<f32>(d, 2, true);
+        let rows = |d: Dims| crate::attention::item_rows::<f32>(d, 2, false);
+        // Items whose keys run in chunks: 4 per thread, not shrunk by Tv.
+        let chunked = |d: Dims| crate::attention::item_rows::<f32>(d, 2, true);
+        assert_eq!(
+            (rows(dims(1, 512, 65536)), chunked(dims(1, 512, 65536))),
+            (16, 64)
+        );
+        assert_eq!(
+            (rows(dims(1, 256, 4096)), chunked(dims(1, 256, 4096))),
+            (16, 32)
+        );
         for (d, weights, auto_tiles) in [
             (dims(8, 512, 512), false, true),
             (dims(8, 512, 512), true, true),
