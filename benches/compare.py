@@ -123,9 +123,9 @@ def torch_sdpa(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: Any = None) ->
 
 def rows_dot(calls: int, quick: bool) -> list[dict[str, Any]]:
     # The four shapes, then single-sequence decoding (B = 1: the keys are split across
-    # the threads, see src/kernel/decode.rs).
+    # the threads, see src/kernel/decode.rs), then long keys (in chunks, kernel::flash).
     shapes = [(8, 512, 512, 64), (2, 2048, 2048, 64), (32, 128, 128, 64), (8, 1, 4096, 64),
-              (1, 1, 8192, 64)]
+              (1, 1, 8192, 64), (1, 1024, 16384, 64)]
     return [row_dot(shape, calls) for shape in (shapes[:2] if quick else shapes)]
 
 
