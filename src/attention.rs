@@ -199,13 +199,15 @@ impl Attention {
         } else {
             1
         };
-        // Long keys on tiles run in chunks (`kernel::flash`), their items not shrunk by Tv.
-        let chunks = crate::kernel::flash(
-            dims.tv,
-            self.return_scores,
-            self.active_dropout().is_some(),
-            masks.causal,
-        );
+        // Long keys on tiles run in chunks (`kernel::flash`), their items not shrunk by Tv
+        // (float32 only: the tiles and the chunks are the f32 fast path's).
+        let chunks = T::NAME == f32::NAME
+            && crate::kernel::flash(
+                dims.tv,
+                self.return_scores,
+                self.active_dropout().is_some(),
+                masks.causal,
+            );
         let (isa, rows) = crate::kernel::tiles_or_not(
             self.effective_isa(),
             crate::kernel::amx_gate(self.isa),
