@@ -795,7 +795,7 @@ unsafe fn finish_fast_row<S: simd::Simd>(
 ) -> f32 {
     let Dims { tq, tv, .. } = ctx.dims;
     let (b, i) = (item.b, item.i0 + r);
-    mask_fast_row(ctx, item, r, s);
+    mask_fast_row(ctx, item, r, 0, s);
     let (max, sum) = rows::softmax_row::<S>(s, ctx.normalize, known_max);
     let inv = row_done(ctx, r, (max, sum), stats);
     apply_dropout_row(ctx, (b * tq + i) * tv, s);
@@ -820,15 +820,24 @@ fn row_done(
     }
 }
 
-/// The value mask and the causal mask on row `r` of a fast item (its first `s.len()` scores).
-fn mask_fast_row(ctx: &Ctx<'_, '_, f32>, item: Item, r: usize, s: &mut [f32]) {
+/// The value mask and the causal mask on row `r` of a fast item: `s` holds its scores of keys
+/// `c0 .. c0 + s.len()` (the causal mask only with `c0 = 0`, as the chunked items never have it).
+fn mask_fast_row(ctx: &Ctx<'_, '_, f32>, item: Item, r: usize, c0: usize, s: &mut [f32]) {
+    debug_assert!(c0 == 0 || !ctx.masks.causal);
     if masked(ctx.masks) {
         let i = item.i0 + r;
         let keys = ctx
             .masks
             .keys_of_row(item.b, i)
-            .map(|k| k.slice_move(ndarray::s![..s.len()]));
+            .map(|k| k.slice_move(ndarray::s![c0..c0 + s.len()]));
         mask_row(s, keys, ctx.masks.causal.then_some(i), ctx.params.mask_bias);
+    }
+}
+
+/// Keras scales the finished dot product: a tile-product row of raw scores times the scale.
+fn scale_row(ctx: &Ctx<'_, '_, f32>, s: &mut [f32]) {
+    if let Some(c) = ctx.params.scale {
+        s.iter_mut().for_each(|x| *x *= c);
     }
 }
 
@@ -897,14 +906,12 @@ unsafe fn block_amx(
             // SAFETY: the scores scratch holds `⌈rows/32⌉·32` rows of `ld ≥ cols ≥ len`
             // floats, and no other reference to it lives while this row is used.
             let s = std::slice::from_raw_parts_mut(raw.add(r * ld), len);
-            if let Some(c) = ctx.params.scale {
-                s.iter_mut().for_each(|x| *x *= c); // Keras scales the finished dot product
-            }
+            scale_row(ctx, s);
             // The returned weights: this row of `scores` (`rows · Tv`, possibly uninitialised)
             // is written in full here.
             let w = weights.add(r * tv);
             if ctx.dropout.is_none() {
-                mask_fast_row(ctx, item, r, s);
+                mask_fast_row(ctx, item, r, 0, s);
                 let softmax = amx::softmax_split(s, ctx.normalize.then_some(w), parts, r, kp);
                 inv[r] = row_done(ctx, r, softmax, stats.as_deref_mut());
             } else {
@@ -990,16 +997,8 @@ unsafe fn amx_flash(
             // SAFETY: the scores scratch holds `⌈rows/32⌉·32` rows of `ld ≥ ck` floats, and no
             // other reference to it lives while this row is used.
             let s = std::slice::from_raw_parts_mut(raw.add(r * ld), ck);
-            if let Some(c) = ctx.params.scale {
-                s.iter_mut().for_each(|x| *x *= c); // Keras scales the finished dot product
-            }
-            if masked(ctx.masks) {
-                let keys = ctx
-                    .masks
-                    .keys_of_row(item.b, item.i0 + r)
-                    .map(|k| k.slice_move(ndarray::s![c0..c0 + ck]));
-                mask_row(s, keys, None, ctx.params.mask_bias);
-            }
+            scale_row(ctx, s);
+            mask_fast_row(ctx, item, r, c0, s);
             // NaN anywhere reaches the sum and the output through its own e^(s - m).
             let m = max[r].max(rows::max_of_row::<simd::Avx512>(s));
             alpha[r] = (max[r] - m).exp();
