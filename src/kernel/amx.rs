@@ -36,8 +36,7 @@ use std::arch::asm;
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
 
-use super::rows::max_of_row;
-use super::simd::{exp_table, Avx512};
+use super::simd::exp_table;
 
 /// Whether this process can run the tile kernels (checked once; asks Linux for the tile state).
 pub(crate) fn available() -> bool {
@@ -626,61 +625,69 @@ unsafe fn store_parts(dst: [*mut u16; 3], v: [__m512; 2]) {
 }
 
 /// The softmax of one row of (masked) scores straight into row `r` of the weight parts (width
-/// `kp`, zero past the row): `e^(x - max)` as it is computed when `weights` is None (the caller
-/// scales the output row by `1 / sum`), else the normalised weights, also written to `weights`
-/// (`row.len()` floats, the returned scores). Returns `(max, sum)` as
-/// [`super::rows::softmax_row`] does, and as there NaN anywhere makes the row's output NaN.
-/// `row` is left holding `e^(x - max)`.
+/// `kp`, zero past the row): `e^(x - max)`, whose sum the caller divides the output row by.
+/// With `weights` (`row.len()` writable floats: the returned scores) the normalised weights
+/// `e^(x - max) · (1 / sum)` go there too; they are not what is split, so the output is
+/// `(Σ e_j v_j) / sum` either way, Keras's `Σ w_j v_j` to rounding. `max` is the row's max (from
+/// [`super::rows::max_of_row`], or from [`exp_split`] on the row before, with `next`); returns `(max, sum)`
+/// as [`super::rows::softmax_row`] does, and as there NaN anywhere makes the row's output NaN,
+/// and the max of `next`.
 ///
 /// # Safety
 /// AVX-512F; `parts` and `kp` come from [`weight_parts`] for at least `r + 1` rows, and
-/// `kp ≥ row.len()`; `weights` has `row.len()` writable floats.
+/// `kp ≥ row.len(), next.len()`; `weights` has `row.len()` writable floats.
 #[target_feature(enable = "avx512f")]
 pub(crate) unsafe fn softmax_split(
-    row: &mut [f32],
+    row: &[f32],
+    max: f32,
     weights: Option<*mut f32>,
-    parts: [*mut u16; 3],
-    r: usize,
-    kp: usize,
-) -> (f32, f32) {
-    let len = row.len();
-    let max = max_of_row::<Avx512>(row);
-    let sum = exp_split(row, max, weights.is_none(), parts, r, kp);
-    let (src, dst) = (row.as_mut_ptr(), weight_row(parts, r, kp));
+    (parts, r, kp): ([*mut u16; 3], usize, usize),
+    next: &[f32],
+) -> ((f32, f32), f32) {
+    let (sum, next_max) = exp_split(row, max, (parts, r, kp), weights, next);
     if let Some(w) = weights {
-        let inv = _mm512_set1_ps(1.0 / sum);
+        // One more pass over the row, in L1 from the one before.
+        let (len, inv) = (row.len(), _mm512_set1_ps(1.0 / sum));
         let mut x = 0;
-        while x < kp {
-            let [lo, hi] = load32(src, x, len, 0.0);
-            let v = [_mm512_mul_ps(lo, inv), _mm512_mul_ps(hi, inv)];
-            store32(w, x, len, v);
-            store_parts(dst.map(|p| p.add(x / 32 * 512)), v);
+        while x < len {
+            let [lo, hi] = load32(w, x, len, 0.0);
+            store32(w, x, len, [_mm512_mul_ps(lo, inv), _mm512_mul_ps(hi, inv)]);
             x += 32;
         }
     }
-    (max, sum)
+    ((max, sum), next_max)
 }
 
-/// `e^(x - max)` over one row of (masked) scores, returning its sum: split straight into row `r`
-/// of the weight parts (width `kp`, zero past the row) when `split`, else written back to `row`.
+/// `e^(x - max)` over one row of (masked) scores, split into row `r` of the weight parts (width
+/// `kp`, zero past the row) and, with `copy`, also written there (`row.len()` floats); returns
+/// its sum and the max of `next` (-inf when empty), the next row's, read alongside: the scores
+/// come from L2, and a pass of its own to find a row's max waits on them (6.5% of a call at
+/// (8, 512, 512, 64)) where here the exp's arithmetic hides them.
 ///
 /// # Safety
-/// As [`softmax_split`].
+/// As [`softmax_split`], with `copy` for `weights`.
 #[target_feature(enable = "avx512f")]
 pub(crate) unsafe fn exp_split(
-    row: &mut [f32],
+    row: &[f32],
     max: f32,
-    split: bool,
-    parts: [*mut u16; 3],
-    r: usize,
-    kp: usize,
-) -> f32 {
-    let len = row.len();
-    let (mv, src) = (_mm512_set1_ps(max), row.as_mut_ptr());
+    (parts, r, kp): ([*mut u16; 3], usize, usize),
+    copy: Option<*mut f32>,
+    next: &[f32],
+) -> (f32, f32) {
+    let (len, nlen) = (row.len(), next.len());
+    let (mv, src, nsrc) = (_mm512_set1_ps(max), row.as_ptr(), next.as_ptr());
     let dst = weight_row(parts, r, kp);
     let (mut s0, mut s1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+    let (mut m0, mut m1) = (
+        _mm512_set1_ps(f32::NEG_INFINITY),
+        _mm512_set1_ps(f32::NEG_INFINITY),
+    );
     let mut x = 0;
     while x < kp {
+        if x < nlen {
+            let [lo, hi] = load32(nsrc, x, nlen, f32::NEG_INFINITY);
+            (m0, m1) = (_mm512_max_ps(m0, lo), _mm512_max_ps(m1, hi));
+        }
         // Past the row: e^-inf = 0, zero weight parts.
         let [lo, hi] = load32(src, x, len, f32::NEG_INFINITY);
         let e = [
@@ -689,13 +696,14 @@ pub(crate) unsafe fn exp_split(
             exp_table::<false>(_mm512_sub_ps(hi, mv)),
         ];
         (s0, s1) = (_mm512_add_ps(s0, e[0]), _mm512_add_ps(s1, e[1]));
-        match split {
-            true => store_parts(dst.map(|p| p.add(x / 32 * 512)), e),
-            false => store32(src, x, len, e),
+        if let Some(c) = copy {
+            store32(c, x, len, e);
         }
+        store_parts(dst.map(|p| p.add(x / 32 * 512)), e);
         x += 32;
     }
-    _mm512_reduce_add_ps(_mm512_add_ps(s0, s1))
+    let sum = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+    (sum, _mm512_reduce_max_ps(_mm512_max_ps(m0, m1)))
 }
 
 /// `O = P V` for `rows` weight rows (split, `kp` wide) and value rows `c0 .. c0 + kp` (`c0` a

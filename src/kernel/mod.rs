@@ -797,23 +797,18 @@ unsafe fn finish_fast_row<S: simd::Simd>(
     let (b, i) = (item.b, item.i0 + r);
     mask_fast_row(ctx, item, r, 0, s);
     let (max, sum) = rows::softmax_row::<S>(s, ctx.normalize, known_max);
-    let inv = row_done(ctx, r, (max, sum), stats);
+    let inv = row_done(ctx.normalize, r, (max, sum), stats);
     apply_dropout_row(ctx, (b * tq + i) * tv, s);
     inv
 }
 
 /// Row `r`'s softmax `(max, sum)` into the statistics, if kept; returns what its output row is
-/// to be multiplied by: `1 / sum` unless the weights are normalised in place (then 1).
-fn row_done(
-    ctx: &Ctx<'_, '_, f32>,
-    r: usize,
-    (max, sum): (f32, f32),
-    stats: Option<&mut [f32]>,
-) -> f32 {
+/// to be multiplied by: `1 / sum` unless the combined weights were `normalized` (then 1).
+fn row_done(normalized: bool, r: usize, (max, sum): (f32, f32), stats: Option<&mut [f32]>) -> f32 {
     if let Some(st) = stats {
         (st[2 * r], st[2 * r + 1]) = (max, sum.ln());
     }
-    if ctx.normalize {
+    if normalized {
         1.0
     } else {
         1.0 / sum
@@ -855,8 +850,10 @@ fn finish_out_rows(ctx: &Ctx<'_, '_, f32>, item: Item, out: &mut [f32], inv: &[f
 }
 
 /// One item on AMX tiles ([`amx`]): scores product on tiles into scratch, then row by row the
-/// scale, [`finish_fast_row`], the returned weights and the weights' three-part split, then the
-/// combine on tiles. Returns false, touching nothing the caller reads, when a query row of the
+/// scale and masks, the softmax (`e^(s - max)` split into three parts; the row's max found while
+/// the row before was exponentiated) and the returned weights, or with dropout
+/// [`finish_fast_row`] and the split, then the combine on tiles and each output row over its
+/// sum. Returns false, touching nothing the caller reads, when a query row of the
 /// item does not split exactly (`amx::split_queries`); the caller then runs the AVX-512 path.
 ///
 /// # Safety
@@ -901,19 +898,35 @@ unsafe fn block_amx(
         }
         let (raw, ld) = amx::scores(&tiles, scratch, &keys.amx, (rows, 0, cols, dp));
         let (kp, parts) = amx::weight_parts(scratch, rows, cols);
+        // SAFETY: the scores scratch holds `⌈rows/32⌉·32` rows of `ld ≥ cols ≥ lens[r]`
+        // floats, and no other reference to it lives while this function runs.
+        let row = |r: usize| std::slice::from_raw_parts_mut(raw.add(r * ld), lens[r]);
+        // Row r + 1 is scaled and masked before row r's softmax, which finds its max.
+        let prepare = |r: usize| {
+            if r < rows {
+                scale_row(ctx, row(r));
+                if ctx.dropout.is_none() {
+                    mask_fast_row(ctx, item, r, 0, row(r));
+                }
+            }
+        };
+        prepare(0);
+        let mut max = match ctx.dropout {
+            None => rows::max_of_row::<simd::Avx512>(row(0)),
+            Some(_) => 0.0, // finish_fast_row finds each row's max
+        };
         for r in 0..rows {
-            let len = lens[r];
-            // SAFETY: the scores scratch holds `⌈rows/32⌉·32` rows of `ld ≥ cols ≥ len`
-            // floats, and no other reference to it lives while this row is used.
-            let s = std::slice::from_raw_parts_mut(raw.add(r * ld), len);
-            scale_row(ctx, s);
+            let (len, s) = (lens[r], row(r));
             // The returned weights: this row of `scores` (`rows · Tv`, possibly uninitialised)
             // is written in full here.
             let w = weights.add(r * tv);
+            prepare(r + 1);
             if ctx.dropout.is_none() {
-                mask_fast_row(ctx, item, r, 0, s);
-                let softmax = amx::softmax_split(s, ctx.normalize.then_some(w), parts, r, kp);
-                inv[r] = row_done(ctx, r, softmax, stats.as_deref_mut());
+                let next: &[f32] = if r + 1 < rows { row(r + 1) } else { &[] };
+                let w = ctx.normalize.then_some(w);
+                let softmax;
+                (softmax, max) = amx::softmax_split(s, max, w, (parts, r, kp), next);
+                inv[r] = row_done(false, r, softmax, stats.as_deref_mut());
             } else {
                 inv[r] =
                     finish_fast_row::<simd::Avx512>(ctx, item, r, s, None, stats.as_deref_mut());
@@ -993,17 +1006,27 @@ unsafe fn amx_flash(
         let ck = FLASH_KEYS.min(tv - c0);
         let (raw, ld) = amx::scores(tiles, scratch, &keys.amx, (rows, c0, ck, dp));
         let (kp, parts) = amx::weight_parts(scratch, rows, ck);
+        // SAFETY: the scores scratch holds `⌈rows/32⌉·32` rows of `ld ≥ ck` floats, and no
+        // other reference to it lives while this chunk is used.
+        let row = |r: usize| std::slice::from_raw_parts_mut(raw.add(r * ld), ck);
+        // As in block_amx: row r + 1 is scaled and masked before row r's exp, which finds its
+        // max.
+        let prepare = |r: usize| {
+            if r < rows {
+                scale_row(ctx, row(r));
+                mask_fast_row(ctx, item, r, c0, row(r));
+            }
+        };
+        prepare(0);
+        let mut chunk_max = rows::max_of_row::<simd::Avx512>(row(0));
         for r in 0..rows {
-            // SAFETY: the scores scratch holds `⌈rows/32⌉·32` rows of `ld ≥ ck` floats, and no
-            // other reference to it lives while this row is used.
-            let s = std::slice::from_raw_parts_mut(raw.add(r * ld), ck);
-            scale_row(ctx, s);
-            mask_fast_row(ctx, item, r, c0, s);
+            prepare(r + 1);
+            let next: &[f32] = if r + 1 < rows { row(r + 1) } else { &[] };
             // NaN anywhere reaches the sum and the output through its own e^(s - m).
-            let m = max[r].max(rows::max_of_row::<simd::Avx512>(s));
+            let m = max[r].max(chunk_max);
             alpha[r] = (max[r] - m).exp();
-            sum[r] = sum[r] * alpha[r] + amx::exp_split(s, m, true, parts, r, kp);
-            max[r] = m;
+            let (e, next_max) = amx::exp_split(row(r), m, (parts, r, kp), None, next);
+            (sum[r], max[r], chunk_max) = (sum[r] * alpha[r] + e, m, next_max);
         }
         let (o, ldo) = amx::combine(tiles, scratch, &keys.amx, (rows, c0, kp, dv));
         for (r, acc) in out[..rows * dv].chunks_exact_mut(dv).enumerate() {
@@ -1016,7 +1039,7 @@ unsafe fn amx_flash(
         c0 += ck;
     }
     for r in 0..rows {
-        inv[r] = row_done(ctx, r, (max[r], sum[r]), stats.as_deref_mut());
+        inv[r] = row_done(false, r, (max[r], sum[r]), stats.as_deref_mut());
     }
 }
 

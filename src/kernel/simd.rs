@@ -153,20 +153,22 @@ pub(crate) unsafe fn exp_table<const CLAMP_HI: bool>(x: __m512) -> __m512 {
     if CLAMP_HI {
         xc = _mm512_min_ps(_mm512_set1_ps(89.0), xc);
     }
-    let magic = _mm512_set1_ps(12_582_912.0); // 1.5 · 2^23: the sum rounds to an integer
-    let t = _mm512_fmadd_ps(xc, _mm512_set1_ps(16.0 * LOG2E), magic);
-    let n = _mm512_sub_ps(t, magic);
-    // n·C1/16 is exact (C1 has 9 significant bits, n at most 11).
-    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(C1 / 16.0), xc);
-    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(C2 / 16.0), r);
-    // The low bits of t's pattern are n mod 16 (t is in the binade where the ulp is 1).
+    // 1.5 · 2^19: the sum rounds to a sixteenth, n/16 (the same n as rounding 16 x log2 e to
+    // an integer, one multiply fewer: scalef takes n/16 as it is).
+    let magic = _mm512_set1_ps(786_432.0);
+    let t = _mm512_fmadd_ps(xc, _mm512_set1_ps(LOG2E), magic);
+    let n16 = _mm512_sub_ps(t, magic);
+    // (n/16)·C1 is exact (C1 has 9 significant bits, n at most 11).
+    let r = _mm512_fnmadd_ps(n16, _mm512_set1_ps(C1), xc);
+    let r = _mm512_fnmadd_ps(n16, _mm512_set1_ps(C2), r);
+    // The low bits of t's pattern are n mod 16 (t is in the binade where the ulp is 1/16).
     let table = _mm512_loadu_ps(EXP2_SIXTEENTHS.as_ptr());
     let tab = _mm512_permutexvar_ps(_mm512_castps_si512(t), table);
     let mut p = _mm512_fmadd_ps(r, _mm512_set1_ps(1.0 / 24.0), _mm512_set1_ps(1.0 / 6.0));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0));
     let y = _mm512_fmadd_ps(_mm512_mul_ps(p, r), tab, tab); // tab · e^r
-    _mm512_maskz_scalef_ps(keep, y, _mm512_mul_ps(n, _mm512_set1_ps(0.0625)))
+    _mm512_maskz_scalef_ps(keep, y, n16)
 }
 
 #[cfg(target_arch = "x86_64")]
