@@ -743,10 +743,10 @@ unsafe fn store_parts(dst: [*mut u16; 3], v: [__m512; 2]) {
 /// `kp`, zero past the row): `e^(x - max)`, whose sum the caller divides the output row by.
 /// With `weights` (`row.len()` writable floats: the returned scores) the normalised weights
 /// `e^(x - max) · (1 / sum)` go there too; they are not what is split, so the output is
-/// `(Σ e_j v_j) / sum` either way, Keras's `Σ w_j v_j` to rounding. `max` is the row's max (from
-/// [`super::rows::max_of_row`], or from [`exp_split`] on the row before, with `next`); returns `(max, sum)`
-/// as [`super::rows::softmax_row`] does, and as there NaN anywhere makes the row's output NaN,
-/// and the max of `next`.
+/// `(Σ e_j v_j) / sum` either way, Keras's `Σ w_j v_j` to rounding. `max` is the row's max
+/// (from [`super::rows::max_of_row`], or from [`exp_split`] on the row before, with `next`).
+/// Returns `(max, sum)` as [`super::rows::softmax_row`] does (and as there NaN anywhere makes
+/// the row's output NaN), and the max of `next`.
 ///
 /// # Safety
 /// AVX-512F; `parts` and `kp` come from [`weight_parts`] for at least `r + 1` rows, and

@@ -899,7 +899,8 @@ unsafe fn block_amx(
         let (raw, ld) = amx::scores(&tiles, scratch, &keys.amx, (rows, 0, cols, dp));
         let (kp, parts) = amx::weight_parts(scratch, rows, cols);
         // SAFETY: the scores scratch holds `⌈rows/32⌉·32` rows of `ld ≥ cols ≥ lens[r]`
-        // floats, and no other reference to it lives while this function runs.
+        // floats; nothing else refers to it here, and the loop below holds at most one
+        // reference to each row at a time (row r, and row r + 1 after `prepare` is done with it).
         let row = |r: usize| std::slice::from_raw_parts_mut(raw.add(r * ld), lens[r]);
         // Row r + 1 is scaled and masked before row r's softmax, which finds its max.
         let prepare = |r: usize| {
@@ -1006,8 +1007,9 @@ unsafe fn amx_flash(
         let ck = FLASH_KEYS.min(tv - c0);
         let (raw, ld) = amx::scores(tiles, scratch, &keys.amx, (rows, c0, ck, dp));
         let (kp, parts) = amx::weight_parts(scratch, rows, ck);
-        // SAFETY: the scores scratch holds `⌈rows/32⌉·32` rows of `ld ≥ ck` floats, and no
-        // other reference to it lives while this chunk is used.
+        // SAFETY: the scores scratch holds `⌈rows/32⌉·32` rows of `ld ≥ ck` floats; nothing
+        // else refers to it here, and the loop below holds at most one reference to each row at
+        // a time.
         let row = |r: usize| std::slice::from_raw_parts_mut(raw.add(r * ld), ck);
         // As in block_amx: row r + 1 is scaled and masked before row r's exp, which finds its
         // max.
