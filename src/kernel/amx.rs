@@ -664,7 +664,7 @@ pub(crate) unsafe fn scores(
 }
 
 /// Sizes the weight parts (A tiles) for `rows × cols` weights; returns their width (`cols`
-/// padded to 32) and the three parts (for [`split_weights`] and [`softmax_split`]).
+/// padded to 32) and the three parts (for [`split_weights`] and [`exp_split`]).
 pub(crate) fn weight_parts(s: &mut Scratch, rows: usize, cols: usize) -> (usize, [*mut u16; 3]) {
     let kp = cols.next_multiple_of(32);
     for b in &mut s.p {
@@ -739,48 +739,24 @@ unsafe fn store_parts(dst: [*mut u16; 3], v: [__m512; 2]) {
     }
 }
 
-/// The softmax of one row of (masked) scores straight into row `r` of the weight parts (width
-/// `kp`, zero past the row): `e^(x - max)`, whose sum the caller divides the output row by.
-/// With `weights` (`row.len()` writable floats: the returned scores) the normalised weights
-/// `e^(x - max) · (1 / sum)` go there too; they are not what is split, so the output is
-/// `(Σ e_j v_j) / sum` either way, Keras's `Σ w_j v_j` to rounding. `max` is the row's max
-/// (from [`super::rows::max_of_row`], or from [`exp_split`] on the row before, with `next`).
-/// Returns `(max, sum)` as [`super::rows::softmax_row`] does (and as there NaN anywhere makes
-/// the row's output NaN), and the max of `next`.
+/// The softmax's one pass over a row of (masked) scores: `e^(x - max)` split straight into row
+/// `r` of the weight parts (width `kp`, zero past the row), whose sum it returns; the caller
+/// divides the output row by it. `max` is the row's max, from [`super::rows::max_of_row`] or from
+/// this pass on the row before. Alongside, from the same scores block in L2:
+/// - `next`, the next row, gives its max (returned; -inf when empty): a pass of its own waits on
+///   those loads (6.5% of a call at (8, 512, 512, 64)), here the exp's arithmetic hides them;
+/// - with `copy` (`row.len()` floats: the returned weights) `e^(x - max)` is stored there too;
+/// - `prev`, the row before's returned weights (`len` floats) with its `1 / sum`, are normalised:
+///   the weights are `e^(x - max) · (1 / sum)` as before, without a pass of their own (1.2-1.8% of
+///   a call with returned weights at (8, 512, 512, 64)), and not what is split, so the output is
+///   `(Σ e_j v_j) / sum` with or without them, Keras's `Σ w_j v_j` to rounding.
+///
+/// The caller normalises the last row's weights ([`scale_weights`]). As in
+/// [`super::rows::softmax_row`], NaN anywhere makes the row's output NaN.
 ///
 /// # Safety
 /// AVX-512F; `parts` and `kp` come from [`weight_parts`] for at least `r + 1` rows, and
-/// `kp ≥ row.len(), next.len()`; `weights` has `row.len()` writable floats.
-#[target_feature(enable = "avx512f")]
-pub(crate) unsafe fn softmax_split(
-    row: &[f32],
-    max: f32,
-    weights: Option<*mut f32>,
-    (parts, r, kp): ([*mut u16; 3], usize, usize),
-    next: &[f32],
-) -> ((f32, f32), f32) {
-    let (sum, next_max) = exp_split(row, max, (parts, r, kp), weights, next);
-    if let Some(w) = weights {
-        // One more pass over the row, in L1 from the one before.
-        let (len, inv) = (row.len(), _mm512_set1_ps(1.0 / sum));
-        let mut x = 0;
-        while x < len {
-            let [lo, hi] = load32(w, x, len, 0.0);
-            store32(w, x, len, [_mm512_mul_ps(lo, inv), _mm512_mul_ps(hi, inv)]);
-            x += 32;
-        }
-    }
-    ((max, sum), next_max)
-}
-
-/// `e^(x - max)` over one row of (masked) scores, split into row `r` of the weight parts (width
-/// `kp`, zero past the row) and, with `copy`, also written there (`row.len()` floats); returns
-/// its sum and the max of `next` (-inf when empty), the next row's, read alongside: the scores
-/// come from L2, and a pass of its own to find a row's max waits on them (6.5% of a call at
-/// (8, 512, 512, 64)) where here the exp's arithmetic hides them.
-///
-/// # Safety
-/// As [`softmax_split`], with `copy` for `weights`.
+/// `kp ≥ row.len(), next.len(), len`; `copy` has `row.len()` and `prev` `len` writable floats.
 #[target_feature(enable = "avx512f")]
 pub(crate) unsafe fn exp_split(
     row: &[f32],
@@ -788,9 +764,12 @@ pub(crate) unsafe fn exp_split(
     (parts, r, kp): ([*mut u16; 3], usize, usize),
     copy: Option<*mut f32>,
     next: &[f32],
+    prev: Option<(*mut f32, usize, f32)>,
 ) -> (f32, f32) {
     let (len, nlen) = (row.len(), next.len());
     let (mv, src, nsrc) = (_mm512_set1_ps(max), row.as_ptr(), next.as_ptr());
+    let (pw, plen, pinv) = prev.unwrap_or((std::ptr::null_mut(), 0, 1.0));
+    let pinv = _mm512_set1_ps(pinv);
     let dst = weight_row(parts, r, kp);
     let (mut s0, mut s1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
     let (mut m0, mut m1) = (
@@ -799,6 +778,9 @@ pub(crate) unsafe fn exp_split(
     );
     let mut x = 0;
     while x < kp {
+        if x < plen {
+            scale32(pw, x, plen, pinv);
+        }
         if x < nlen {
             let [lo, hi] = load32(nsrc, x, nlen, f32::NEG_INFINITY);
             (m0, m1) = (_mm512_max_ps(m0, lo), _mm512_max_ps(m1, hi));
@@ -819,6 +801,30 @@ pub(crate) unsafe fn exp_split(
     }
     let sum = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
     (sum, _mm512_reduce_max_ps(_mm512_max_ps(m0, m1)))
+}
+
+/// Floats `x .. x + 32` of the `len` at `w`, times `inv`.
+///
+/// # Safety
+/// AVX-512F; `w` has `len` writable floats.
+#[inline(always)]
+unsafe fn scale32(w: *mut f32, x: usize, len: usize, inv: __m512) {
+    let [lo, hi] = load32(w, x, len, 0.0);
+    store32(w, x, len, [_mm512_mul_ps(lo, inv), _mm512_mul_ps(hi, inv)]);
+}
+
+/// `len` weights at `w` times `inv` (the last row's, after [`exp_split`]).
+///
+/// # Safety
+/// AVX-512F; `w` has `len` writable floats.
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn scale_weights(w: *mut f32, len: usize, inv: f32) {
+    let inv = _mm512_set1_ps(inv);
+    let mut x = 0;
+    while x < len {
+        scale32(w, x, len, inv);
+        x += 32;
+    }
 }
 
 /// `O = P V` for `rows` weight rows (split, `kp` wide) and value rows `c0 .. c0 + kp` (`c0` a

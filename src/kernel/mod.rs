@@ -912,6 +912,8 @@ unsafe fn block_amx(
             }
         };
         prepare(0);
+        // The row before's returned weights, to normalise by its 1 / sum during this row's pass.
+        let mut pending = None;
         let mut max = match ctx.dropout {
             None => rows::max_of_row::<simd::Avx512>(row(0)),
             Some(_) => 0.0, // finish_fast_row finds each row's max
@@ -925,9 +927,9 @@ unsafe fn block_amx(
             if ctx.dropout.is_none() {
                 let next: &[f32] = if r + 1 < rows { row(r + 1) } else { &[] };
                 let w = ctx.normalize.then_some(w);
-                let softmax;
-                (softmax, max) = amx::softmax_split(s, max, w, (parts, r, kp), next);
-                inv[r] = row_done(false, r, softmax, stats.as_deref_mut());
+                let (sum, next_max) = amx::exp_split(s, max, (parts, r, kp), w, next, pending);
+                inv[r] = row_done(false, r, (max, sum), stats.as_deref_mut());
+                (max, pending) = (next_max, w.map(|w| (w, len, inv[r])));
             } else {
                 inv[r] =
                     finish_fast_row::<simd::Avx512>(ctx, item, r, s, None, stats.as_deref_mut());
@@ -939,6 +941,9 @@ unsafe fn block_amx(
             if ctx.normalize {
                 std::ptr::write_bytes(w.add(len), 0, tv - len);
             }
+        }
+        if let Some((w, len, inv)) = pending {
+            amx::scale_weights(w, len, inv);
         }
         let (o, ldo) = amx::combine(&tiles, scratch, &keys.amx, (rows, 0, kp, dv));
         for r in 0..rows {
@@ -1027,7 +1032,7 @@ unsafe fn amx_flash(
             // NaN anywhere reaches the sum and the output through its own e^(s - m).
             let m = max[r].max(chunk_max);
             alpha[r] = (max[r] - m).exp();
-            let (e, next_max) = amx::exp_split(row(r), m, (parts, r, kp), None, next);
+            let (e, next_max) = amx::exp_split(row(r), m, (parts, r, kp), None, next, None);
             (sum[r], max[r], chunk_max) = (sum[r] * alpha[r] + e, m, next_max);
         }
         let (o, ldo) = amx::combine(tiles, scratch, &keys.amx, (rows, c0, kp, dv));
