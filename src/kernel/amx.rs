@@ -409,6 +409,24 @@ impl ARows {
             sa: 64,
         }
     }
+
+    /// Loads the two row tiles of 32-row block `mi` at k step `ks` of the part at `a` into tmm4
+    /// (rows 0-15) and tmm5 (rows 16-31).
+    ///
+    /// # Safety
+    /// Tiles are configured; both tiles lie inside the part.
+    #[inline(always)]
+    unsafe fn load(self, a: *const u16, mi: usize, ks: usize) {
+        let pa = a.add(2 * mi * self.ra + ks * self.ka);
+        asm!(
+            "tileloadd tmm4, [{pa} + {sa} * 1]",
+            "tileloadd tmm5, [{pa2} + {sa} * 1]",
+            pa = in(reg) pa,
+            pa2 = in(reg) pa.add(self.ra),
+            sa = in(reg) self.sa,
+            options(nostack, readonly),
+        );
+    }
 }
 
 /// The tile configuration: all eight tiles 16 rows × 64 bytes (palette 1).
@@ -462,7 +480,7 @@ impl Drop for Tiles {
 unsafe fn product(
     _tiles: &Tiles,
     a: [*const u16; 3],
-    ARows { ra, ka, sa }: ARows,
+    rows: ARows,
     b: [*const u16; 3],
     b_kt: usize,
     kt: usize,
@@ -482,15 +500,7 @@ unsafe fn product(
             );
             for ks in 0..kt {
                 for (ai, a) in a.iter().enumerate() {
-                    let pa = a.add(2 * mi * ra + ks * ka);
-                    asm!(
-                        "tileloadd tmm4, [{pa} + {sa} * 1]",
-                        "tileloadd tmm5, [{pa2} + {sa} * 1]",
-                        pa = in(reg) pa,
-                        pa2 = in(reg) pa.add(ra),
-                        sa = in(reg) sa,
-                        options(nostack, readonly),
-                    );
+                    rows.load(*a, mi, ks);
                     for b in &b[..3 - ai] {
                         let pb = b.add((2 * nj * b_kt + ks) * 512);
                         asm!(
@@ -540,7 +550,7 @@ unsafe fn product(
 unsafe fn product_in_turns(
     _tiles: &Tiles,
     a: [*const u16; 3],
-    ARows { ra, ka, sa }: ARows,
+    rows: ARows,
     b: [*const u16; 3],
     b_kt: usize,
     kt: usize,
@@ -561,15 +571,7 @@ unsafe fn product_in_turns(
             let mut first = true;
             for ks in 0..kt {
                 for (ai, a) in a.iter().enumerate() {
-                    let pa = a.add(2 * $mi * ra + ks * ka);
-                    asm!(
-                        "tileloadd tmm4, [{pa} + {sa} * 1]",
-                        "tileloadd tmm5, [{pa2} + {sa} * 1]",
-                        pa = in(reg) pa,
-                        pa2 = in(reg) pa.add(ra),
-                        sa = in(reg) sa,
-                        options(nostack, readonly),
-                    );
+                    rows.load(*a, $mi, ks);
                     for b in &b[..3 - ai] {
                         let pb = b.add(($nt * b_kt + ks) * 512);
                         asm!(
