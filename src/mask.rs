@@ -66,7 +66,7 @@ impl<'a> Masks<'a> {
 
 /// Masks one row of scores in place: `s - 1e9` where the key is masked out by `keys` or, when
 /// `causal_row` is `Some(i)`, where `j > i`.
-#[inline]
+#[inline(always)]
 pub(crate) fn mask_row<T: Float>(
     row: &mut [T],
     keys: Option<ArrayView1<'_, bool>>,
@@ -77,7 +77,7 @@ pub(crate) fn mask_row<T: Float>(
 }
 
 /// As [`mask_row`] for the columns `j0 .. j0 + part.len()` of a row, held in `part`.
-#[inline]
+#[inline(always)]
 pub(crate) fn mask_cols<T: Float>(
     part: &mut [T],
     j0: usize,

@@ -817,6 +817,7 @@ fn row_done(normalized: bool, r: usize, (max, sum): (f32, f32), stats: Option<&m
 
 /// The value mask and the causal mask on row `r` of a fast item: `s` holds its scores of keys
 /// `c0 .. c0 + s.len()` (the causal mask only with `c0 = 0`, as the chunked items never have it).
+#[inline(always)]
 fn mask_fast_row(ctx: &Ctx<'_, '_, f32>, item: Item, r: usize, c0: usize, s: &mut [f32]) {
     debug_assert!(c0 == 0 || !ctx.masks.causal);
     if masked(ctx.masks) {
