@@ -320,12 +320,12 @@ impl Packed {
             b.reserve(v_nt * v_kt * 512);
         }
         let dst = mut_ptrs(&mut self.v);
-        for nt in 0..v_nt {
-            let n = dv.saturating_sub(nt * 16).min(16);
-            let m: __mmask16 = ((1u32 << n) - 1) as u16;
-            let col = (nt * 16).min(dv);
-            for ks in 0..v_kt {
-                for r in 0..16 {
+        for ks in 0..v_kt {
+            for r in 0..16 {
+                for nt in 0..v_nt {
+                    let n = dv.saturating_sub(nt * 16).min(16);
+                    let m: __mmask16 = ((1u32 << n) - 1) as u16;
+                    let col = (nt * 16).min(dv);
                     let (k0, k1) = block_row(ks, r);
                     let even = load_row(value, ldv, m, (k0, col), tv);
                     let odd = load_row(value, ldv, m, (k1, col), tv);

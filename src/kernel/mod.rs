@@ -947,8 +947,14 @@ unsafe fn block_amx(
             amx::scale_weights(w, len, inv);
         }
         let (o, ldo) = amx::combine(&tiles, scratch, &keys.amx, (rows, 0, kp, dv));
-        for r in 0..rows {
-            std::ptr::copy_nonoverlapping(o.add(r * ldo), out.as_mut_ptr().add(r * dv), dv);
+        // Each output row times its factor as it is copied out (one pass, in AVX-512), which
+        // leaves finish_out_rows only the query mask.
+        for (r, f) in inv[..rows].iter_mut().enumerate() {
+            // SAFETY: the combine's O holds `rows` rows of `ldo ≥ dv` floats.
+            let src = std::slice::from_raw_parts(o.add(r * ldo), dv);
+            let dst = &mut out[r * dv..(r + 1) * dv];
+            dst.iter_mut().zip(src).for_each(|(d, &x)| *d = x * *f);
+            *f = 1.0;
         }
         true
     });
