@@ -850,6 +850,200 @@ fn finish_out_rows(ctx: &Ctx<'_, '_, f32>, item: Item, out: &mut [f32], inv: &[f
     }
 }
 
+/// Where an AMX item's softmax reads and writes: the raw scores (`ld` floats per row), the
+/// weight parts (`kp` wide), the returned weights (`Tv` per row) and each row's length.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct SoftmaxBufs<'a> {
+    raw: *mut f32,
+    ld: usize,
+    parts: [*mut u16; 3],
+    kp: usize,
+    /// The returned weights (null: the caller writes them, [`amx::weights_from_parts`]).
+    weights: *mut f32,
+    lens: &'a [usize; MAX_ITEM_ROWS],
+}
+
+/// The softmax of rows `r .. end` of an AMX item without dropout, one row after another: each
+/// row's scale and masks (done one row ahead), `e^(s - max)` split into the weight parts
+/// ([`amx::ExpPass`], which also finds the next row's max and normalises the row before's
+/// returned weights), the row's statistics and output factor (`inv`). As side work
+/// ([`amx::SideWork`]) it runs 32 scores per step between another block's tile products.
+#[cfg(target_arch = "x86_64")]
+struct RowSoftmax<'a, 'c, 'm> {
+    ctx: &'a Ctx<'c, 'm, f32>,
+    item: Item,
+    bufs: SoftmaxBufs<'a>,
+    r: usize,
+    end: usize,
+    max: f32,
+    pass: Option<amx::ExpPass>,
+    /// The row before's returned weights, to normalise by its 1 / sum during this row's pass.
+    pending: Option<(*mut f32, usize, f32)>,
+    inv: &'a mut [f32; MAX_ITEM_ROWS],
+    stats: Option<&'a mut [f32]>,
+    /// Whether every row was scaled and masked up front (for side work: a row's masks in one
+    /// step would hold up the tile unit; a pass of their own costs the same as before).
+    prepared: bool,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<'a, 'c, 'm> RowSoftmax<'a, 'c, 'm> {
+    /// Scales and masks row `rows.start` (with `prepared`, every row) and finds its max.
+    ///
+    /// # Safety
+    /// AVX-512F; `bufs` holds the item's raw scores for these rows, its weight parts sized for
+    /// them, and (with returned weights) `Tv` writable floats per row; nothing else touches
+    /// these rows until [`RowSoftmax::finish`].
+    #[target_feature(enable = "avx512f")]
+    unsafe fn new(
+        ctx: &'a Ctx<'c, 'm, f32>,
+        item: Item,
+        bufs: SoftmaxBufs<'a>,
+        rows: std::ops::Range<usize>,
+        inv: &'a mut [f32; MAX_ITEM_ROWS],
+        stats: Option<&'a mut [f32]>,
+        prepared: bool,
+    ) -> Self {
+        let mut sm = RowSoftmax {
+            ctx,
+            item,
+            bufs,
+            r: rows.start,
+            end: rows.end,
+            max: f32::NEG_INFINITY,
+            pass: None,
+            pending: None,
+            inv,
+            stats,
+            prepared,
+        };
+        let first = if prepared { sm.end } else { sm.r + 1 };
+        for r in sm.r..first.min(sm.end) {
+            sm.prepare(r);
+        }
+        if sm.r < sm.end {
+            sm.max = rows::max_of_row::<simd::Avx512>(sm.row(sm.r));
+        }
+        sm
+    }
+
+    /// Row `r`'s scores.
+    ///
+    /// # Safety
+    /// As [`RowSoftmax::new`]; one reference per row at a time.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn row(&self, r: usize) -> &mut [f32] {
+        let b = self.bufs;
+        std::slice::from_raw_parts_mut(b.raw.add(r * b.ld), b.lens[r])
+    }
+
+    /// Row `r`'s scale and masks (before the pass that finds its max).
+    #[target_feature(enable = "avx512f")]
+    unsafe fn prepare(&self, r: usize) {
+        scale_row(self.ctx, self.row(r));
+        mask_fast_row(self.ctx, self.item, r, 0, self.row(r));
+    }
+
+    /// Starts row `r`'s pass, the next row scaled and masked first.
+    #[inline(never)]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn start_row(&mut self) {
+        let r = self.r;
+        let next: &[f32] = if r + 1 < self.end {
+            if !self.prepared {
+                self.prepare(r + 1);
+            }
+            self.row(r + 1)
+        } else {
+            &[]
+        };
+        let b = self.bufs;
+        let w = (!b.weights.is_null()).then(|| b.weights.add(r * self.ctx.dims.tv));
+        let parts = (b.parts, r, b.kp);
+        self.pass = Some(amx::ExpPass::new(
+            self.row(r),
+            self.max,
+            parts,
+            w,
+            next,
+            self.pending,
+        ));
+    }
+
+    /// Ends row `r`'s pass: its factor and statistics, the zeros past its returned weights.
+    #[inline(never)]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn end_row(&mut self, (sum, next_max): (f32, f32)) {
+        let r = self.r;
+        self.inv[r] = row_done(false, r, (self.max, sum), self.stats.as_deref_mut());
+        let (len, tv) = (self.bufs.lens[r], self.ctx.dims.tv);
+        self.pending = None;
+        if !self.bufs.weights.is_null() {
+            // The returned weights: this row of `scores` (`rows · Tv`, possibly uninitialised)
+            // is written in full, `e` by the pass, the zeros here, the scaling by the next.
+            let w = self.bufs.weights.add(r * tv);
+            std::ptr::write_bytes(w.add(len), 0, tv - len);
+            self.pending = Some((w, len, self.inv[r]));
+        }
+        self.max = next_max;
+        self.r += 1;
+    }
+
+    /// Runs what is left, then normalises the last row's returned weights.
+    ///
+    /// # Safety
+    /// As [`RowSoftmax::new`].
+    #[target_feature(enable = "avx512f")]
+    unsafe fn finish(mut self) {
+        // A row under way goes on step by step, the rest each in one loop.
+        while self.pass.is_some() {
+            amx::SideWork::step(&mut self);
+        }
+        while self.r < self.end {
+            self.start_row();
+            if let Some(mut pass) = self.pass.take() {
+                while !pass.done() {
+                    pass.chunk();
+                }
+                self.end_row(pass.finish());
+            }
+        }
+        if let Some((w, len, inv)) = self.pending {
+            amx::scale_weights(w, len, inv);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl amx::SideWork for RowSoftmax<'_, '_, '_> {
+    fn units(&self) -> usize {
+        (self.end - self.r) * (self.bufs.kp / 32)
+    }
+
+    /// 32 scores of the current row.
+    ///
+    /// # Safety
+    /// As [`RowSoftmax::new`], in code compiled for AVX-512F.
+    #[inline(always)]
+    unsafe fn step(&mut self) {
+        if self.r >= self.end {
+            return;
+        }
+        if self.pass.is_none() {
+            self.start_row();
+        }
+        if let Some(pass) = &mut self.pass {
+            pass.chunk();
+            if pass.done() {
+                let done = pass.finish();
+                self.pass = None;
+                self.end_row(done);
+            }
+        }
+    }
+}
+
 /// One item on AMX tiles ([`amx`]): scores product on tiles into scratch, then row by row the
 /// scale and masks, the softmax (`e^(s - max)` split into three parts; the row's max found while
 /// the row before was exponentiated) and the returned weights, or with dropout
@@ -897,56 +1091,140 @@ unsafe fn block_amx(
             );
             return true;
         }
-        let (raw, ld) = amx::scores(&tiles, scratch, &keys.amx, (rows, 0, cols, dp));
         let (kp, parts) = amx::weight_parts(scratch, rows, cols);
-        // SAFETY: the scores scratch holds `⌈rows/32⌉·32` rows of `ld ≥ cols ≥ lens[r]`
-        // floats; nothing else refers to it here, and the loop below holds at most one
-        // reference to each row at a time (row r, and row r + 1 after `prepare` is done with it).
-        let row = |r: usize| std::slice::from_raw_parts_mut(raw.add(r * ld), lens[r]);
-        // Row r + 1 is scaled and masked before row r's softmax, which finds its max.
-        let prepare = |r: usize| {
-            if r < rows {
-                scale_row(ctx, row(r));
-                if ctx.dropout.is_none() {
-                    mask_fast_row(ctx, item, r, 0, row(r));
-                }
-            }
-        };
-        prepare(0);
-        // The row before's returned weights, to normalise by its 1 / sum during this row's pass.
-        let mut pending = None;
-        let mut max = match ctx.dropout {
-            None => rows::max_of_row::<simd::Avx512>(row(0)),
-            Some(_) => 0.0, // finish_fast_row finds each row's max
-        };
-        for r in 0..rows {
-            let (len, s) = (lens[r], row(r));
-            // The returned weights: this row of `scores` (`rows · Tv`, possibly uninitialised)
-            // is written in full here.
-            let w = weights.add(r * tv);
-            prepare(r + 1);
-            if ctx.dropout.is_none() {
-                let next: &[f32] = if r + 1 < rows { row(r + 1) } else { &[] };
-                let w = ctx.normalize.then_some(w);
-                let (sum, next_max) = amx::exp_split(s, max, (parts, r, kp), w, next, pending);
-                inv[r] = row_done(false, r, (max, sum), stats.as_deref_mut());
-                (max, pending) = (next_max, w.map(|w| (w, len, inv[r])));
-            } else {
+        let blocks = rows.div_ceil(32);
+        let amx_keys = &keys.amx;
+        let (o, ldo) = if ctx.dropout.is_some() {
+            let (raw, ld) = amx::scores(
+                &tiles,
+                scratch,
+                amx_keys,
+                (rows, 0, cols, dp),
+                None,
+                &mut amx::NoWork,
+            );
+            // SAFETY: the scores scratch holds `⌈rows/32⌉·32` rows of `ld ≥ cols ≥ lens[r]`
+            // floats; nothing else refers to it here, and the loop holds one row at a time.
+            let row = |r: usize| std::slice::from_raw_parts_mut(raw.add(r * ld), lens[r]);
+            for r in 0..rows {
+                let (len, s) = (lens[r], row(r));
+                // The returned weights: this row of `scores` (`rows · Tv`, possibly
+                // uninitialised) is written in full here.
+                let w = weights.add(r * tv);
+                scale_row(ctx, s);
                 inv[r] =
                     finish_fast_row::<simd::Avx512>(ctx, item, r, s, None, stats.as_deref_mut());
                 amx::split_weights(parts, r, s, kp);
                 if ctx.normalize {
                     std::ptr::copy_nonoverlapping(s.as_ptr(), w, len);
+                    std::ptr::write_bytes(w.add(len), 0, tv - len);
                 }
             }
-            if ctx.normalize {
-                std::ptr::write_bytes(w.add(len), 0, tv - len);
-            }
-        }
-        if let Some((w, len, inv)) = pending {
-            amx::scale_weights(w, len, inv);
-        }
-        let (o, ldo) = amx::combine(&tiles, scratch, &keys.amx, (rows, 0, kp, dv));
+            amx::combine(
+                &tiles,
+                scratch,
+                amx_keys,
+                (rows, 0, kp, dv),
+                None,
+                &mut amx::NoWork,
+            )
+        } else if blocks > 1 && !ctx.normalize {
+            // The softmax of one 32-row block runs between the tile products of the other:
+            // block 0's during block 1's scores, block 1's during block 0's combine. (Not with
+            // returned weights: their stores between the tile products, or a pass of their own
+            // from the parts afterwards, cost more than the overlap saves.)
+            let first = Some(0..1);
+            let (raw, ld) = amx::scores(
+                &tiles,
+                scratch,
+                amx_keys,
+                (rows, 0, cols, dp),
+                first,
+                &mut amx::NoWork,
+            );
+            let none = std::ptr::null_mut();
+            let bufs = SoftmaxBufs {
+                raw,
+                ld,
+                parts,
+                kp,
+                weights: none,
+                lens: &lens,
+            };
+            let mut sm =
+                RowSoftmax::new(ctx, item, bufs, 0..32, &mut inv, stats.as_deref_mut(), true);
+            let rest = Some(1..blocks);
+            amx::scores(
+                &tiles,
+                scratch,
+                amx_keys,
+                (rows, 0, cols, dp),
+                rest,
+                &mut sm,
+            );
+            sm.finish();
+            let mut sm = RowSoftmax::new(
+                ctx,
+                item,
+                bufs,
+                32..rows,
+                &mut inv,
+                stats.as_deref_mut(),
+                true,
+            );
+            let first = Some(0..1);
+            amx::combine(&tiles, scratch, amx_keys, (rows, 0, kp, dv), first, &mut sm);
+            sm.finish();
+            let rest = Some(1..blocks);
+            amx::combine(
+                &tiles,
+                scratch,
+                amx_keys,
+                (rows, 0, kp, dv),
+                rest,
+                &mut amx::NoWork,
+            )
+        } else {
+            let (raw, ld) = amx::scores(
+                &tiles,
+                scratch,
+                amx_keys,
+                (rows, 0, cols, dp),
+                None,
+                &mut amx::NoWork,
+            );
+            let weights = if ctx.normalize {
+                weights
+            } else {
+                std::ptr::null_mut()
+            };
+            let bufs = SoftmaxBufs {
+                raw,
+                ld,
+                parts,
+                kp,
+                weights,
+                lens: &lens,
+            };
+            RowSoftmax::new(
+                ctx,
+                item,
+                bufs,
+                0..rows,
+                &mut inv,
+                stats,
+                false,
+            )
+            .finish();
+            amx::combine(
+                &tiles,
+                scratch,
+                amx_keys,
+                (rows, 0, kp, dv),
+                None,
+                &mut amx::NoWork,
+            )
+        };
         // Each output row times its factor as it is copied out (one pass, in AVX-512), which
         // leaves finish_out_rows only the query mask.
         for (r, f) in inv[..rows].iter_mut().enumerate() {
@@ -1017,7 +1295,14 @@ unsafe fn amx_flash(
     let mut c0 = 0;
     while c0 < tv {
         let ck = FLASH_KEYS.min(tv - c0);
-        let (raw, ld) = amx::scores(tiles, scratch, &keys.amx, (rows, c0, ck, dp));
+        let (raw, ld) = amx::scores(
+            tiles,
+            scratch,
+            &keys.amx,
+            (rows, c0, ck, dp),
+            None,
+            &mut amx::NoWork,
+        );
         let (kp, parts) = amx::weight_parts(scratch, rows, ck);
         // SAFETY: the scores scratch holds `⌈rows/32⌉·32` rows of `ld ≥ ck` floats; nothing
         // else refers to it here, and the loop below holds at most one reference to each row at
@@ -1042,7 +1327,14 @@ unsafe fn amx_flash(
             let (e, next_max) = amx::exp_split(row(r), m, (parts, r, kp), None, next, None);
             (sum[r], max[r], chunk_max) = (sum[r] * alpha[r] + e, m, next_max);
         }
-        let (o, ldo) = amx::combine(tiles, scratch, &keys.amx, (rows, c0, kp, dv));
+        let (o, ldo) = amx::combine(
+            tiles,
+            scratch,
+            &keys.amx,
+            (rows, c0, kp, dv),
+            None,
+            &mut amx::NoWork,
+        );
         for (r, acc) in out[..rows * dv].chunks_exact_mut(dv).enumerate() {
             // SAFETY: O holds `rows` rows of `ldo ≥ dv` floats.
             let o = std::slice::from_raw_parts(o.add(r * ldo), dv);
