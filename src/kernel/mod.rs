@@ -859,7 +859,7 @@ struct SoftmaxBufs<'a> {
     ld: usize,
     parts: [*mut u16; 3],
     kp: usize,
-    /// The returned weights (null: the caller writes them, [`amx::weights_from_parts`]).
+    /// The returned weights, `Tv` floats per row (null: none are written).
     weights: *mut f32,
     lens: &'a [usize; MAX_ITEM_ROWS],
 }
@@ -1046,9 +1046,12 @@ impl amx::SideWork for RowSoftmax<'_, '_, '_> {
 
 /// One item on AMX tiles ([`amx`]): scores product on tiles into scratch, then row by row the
 /// scale and masks, the softmax (`e^(s - max)` split into three parts; the row's max found while
-/// the row before was exponentiated) and the returned weights, or with dropout
+/// the row before was exponentiated, [`RowSoftmax`]) and the returned weights, or with dropout
 /// [`finish_fast_row`] and the split, then the combine on tiles and each output row over its
-/// sum. Returns false, touching nothing the caller reads, when a query row of the
+/// sum. Without returned weights or dropout, an item of two 32-row blocks runs each block's
+/// softmax between the other block's tile products ([`amx::SideWork`]): block 0's scores, block
+/// 1's scores with block 0's softmax, block 0's combine with block 1's softmax, block 1's
+/// combine. Returns false, touching nothing the caller reads, when a query row of the
 /// item does not split exactly (`amx::split_queries`); the caller then runs the AVX-512 path.
 ///
 /// # Safety
