@@ -1095,138 +1095,62 @@ unsafe fn block_amx(
             return true;
         }
         let (kp, parts) = amx::weight_parts(scratch, rows, cols);
-        let blocks = rows.div_ceil(32);
-        let amx_keys = &keys.amx;
+        let (amx_keys, blocks) = (&keys.amx, rows.div_ceil(32));
+        let (s_dims, c_dims) = ((rows, 0, cols, dp), (rows, 0, kp, dv));
+        // Without returned weights or dropout, the softmax of one 32-row block runs between the
+        // tile products of the other: block 0's during block 1's scores, block 1's during block
+        // 0's combine. (Not with returned weights: their stores between the tile products, or a
+        // pass of their own from the parts afterwards, cost more than the overlap saves.)
+        let overlap = ctx.dropout.is_none() && !ctx.normalize && blocks > 1;
+        let first = overlap.then_some(0..1); // None: every block
+        let (raw, ld) = amx::scores(&tiles, scratch, amx_keys, s_dims, first, &mut amx::NoWork);
+        let weights = if ctx.normalize {
+            weights
+        } else {
+            std::ptr::null_mut()
+        };
+        let lens = &lens;
+        let bufs = SoftmaxBufs {
+            raw,
+            ld,
+            parts,
+            kp,
+            weights,
+            lens,
+        };
         let (o, ldo) = if ctx.dropout.is_some() {
-            let (raw, ld) = amx::scores(
-                &tiles,
-                scratch,
-                amx_keys,
-                (rows, 0, cols, dp),
-                None,
-                &mut amx::NoWork,
-            );
             // SAFETY: the scores scratch holds `⌈rows/32⌉·32` rows of `ld ≥ cols ≥ lens[r]`
             // floats; nothing else refers to it here, and the loop holds one row at a time.
             let row = |r: usize| std::slice::from_raw_parts_mut(raw.add(r * ld), lens[r]);
             for r in 0..rows {
                 let (len, s) = (lens[r], row(r));
-                // The returned weights: this row of `scores` (`rows · Tv`, possibly
-                // uninitialised) is written in full here.
-                let w = weights.add(r * tv);
                 scale_row(ctx, s);
                 inv[r] =
                     finish_fast_row::<simd::Avx512>(ctx, item, r, s, None, stats.as_deref_mut());
                 amx::split_weights(parts, r, s, kp);
                 if ctx.normalize {
+                    // The returned weights: this row of `scores` (`rows · Tv`, possibly
+                    // uninitialised) is written in full here.
+                    let w = weights.add(r * tv);
                     std::ptr::copy_nonoverlapping(s.as_ptr(), w, len);
                     std::ptr::write_bytes(w.add(len), 0, tv - len);
                 }
             }
-            amx::combine(
-                &tiles,
-                scratch,
-                amx_keys,
-                (rows, 0, kp, dv),
-                None,
-                &mut amx::NoWork,
-            )
-        } else if blocks > 1 && !ctx.normalize {
-            // The softmax of one 32-row block runs between the tile products of the other:
-            // block 0's during block 1's scores, block 1's during block 0's combine. (Not with
-            // returned weights: their stores between the tile products, or a pass of their own
-            // from the parts afterwards, cost more than the overlap saves.)
-            let first = Some(0..1);
-            let (raw, ld) = amx::scores(
-                &tiles,
-                scratch,
-                amx_keys,
-                (rows, 0, cols, dp),
-                first,
-                &mut amx::NoWork,
-            );
-            let none = std::ptr::null_mut();
-            let bufs = SoftmaxBufs {
-                raw,
-                ld,
-                parts,
-                kp,
-                weights: none,
-                lens: &lens,
-            };
-            let mut sm =
-                RowSoftmax::new(ctx, item, bufs, 0..32, &mut inv, stats.as_deref_mut(), true);
+            amx::combine(&tiles, scratch, amx_keys, c_dims, None, &mut amx::NoWork)
+        } else if overlap {
+            let st = stats.as_deref_mut();
+            let mut sm = RowSoftmax::new(ctx, item, bufs, 0..32, &mut inv, st, true);
             let rest = Some(1..blocks);
-            amx::scores(
-                &tiles,
-                scratch,
-                amx_keys,
-                (rows, 0, cols, dp),
-                rest,
-                &mut sm,
-            );
+            amx::scores(&tiles, scratch, amx_keys, s_dims, rest, &mut sm);
             sm.finish();
-            let mut sm = RowSoftmax::new(
-                ctx,
-                item,
-                bufs,
-                32..rows,
-                &mut inv,
-                stats.as_deref_mut(),
-                true,
-            );
-            let first = Some(0..1);
-            amx::combine(&tiles, scratch, amx_keys, (rows, 0, kp, dv), first, &mut sm);
+            let mut sm = RowSoftmax::new(ctx, item, bufs, 32..rows, &mut inv, stats, true);
+            amx::combine(&tiles, scratch, amx_keys, c_dims, Some(0..1), &mut sm);
             sm.finish();
             let rest = Some(1..blocks);
-            amx::combine(
-                &tiles,
-                scratch,
-                amx_keys,
-                (rows, 0, kp, dv),
-                rest,
-                &mut amx::NoWork,
-            )
+            amx::combine(&tiles, scratch, amx_keys, c_dims, rest, &mut amx::NoWork)
         } else {
-            let (raw, ld) = amx::scores(
-                &tiles,
-                scratch,
-                amx_keys,
-                (rows, 0, cols, dp),
-                None,
-                &mut amx::NoWork,
-            );
-            let weights = if ctx.normalize {
-                weights
-            } else {
-                std::ptr::null_mut()
-            };
-            let bufs = SoftmaxBufs {
-                raw,
-                ld,
-                parts,
-                kp,
-                weights,
-                lens: &lens,
-            };
-            RowSoftmax::new(
-                ctx,
-                item,
-                bufs,
-                0..rows,
-                &mut inv,
-                stats,
-                false,
-            )
-            .finish();
-            amx::combine(
-                &tiles,
-                scratch,
-                amx_keys,
-                (rows, 0, kp, dv),
-                None,
-                &mut amx::NoWork,
-            )
+            RowSoftmax::new(ctx, item, bufs, 0..rows, &mut inv, stats, false).finish();
+            amx::combine(&tiles, scratch, amx_keys, c_dims, None, &mut amx::NoWork)
         };
         // Each output row times its factor as it is copied out (one pass, in AVX-512), which
         // leaves finish_out_rows only the query mask.
