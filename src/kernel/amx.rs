@@ -411,6 +411,30 @@ impl ARows {
         }
     }
 
+    /// For each of `kt` k steps, the six part pairs in the order the sums take them: A's part
+    /// `ai` (its two row tiles of 32-row block `mi` loaded into tmm4 and tmm5), then
+    /// `pair(ks, b)` for each of B's parts `b` up to `3 - ai`.
+    ///
+    /// # Safety
+    /// As [`ARows::load`], for every k step.
+    #[inline(always)]
+    unsafe fn pairs(
+        self,
+        (a, b): ([*const u16; 3], [*const u16; 3]),
+        mi: usize,
+        kt: usize,
+        mut pair: impl FnMut(usize, *const u16),
+    ) {
+        for ks in 0..kt {
+            for (ai, a) in a.iter().enumerate() {
+                self.load(*a, mi, ks);
+                for b in &b[..3 - ai] {
+                    pair(ks, *b);
+                }
+            }
+        }
+    }
+
     /// Loads the two row tiles of 32-row block `mi` at k step `ks` of the part at `a` into tmm4
     /// (rows 0-15) and tmm5 (rows 16-31).
     ///
@@ -560,27 +584,22 @@ unsafe fn product<S: SideWork>(
                 "tilezero tmm3",
                 options(nostack, nomem)
             );
-            for ks in 0..kt {
-                for (ai, a) in a.iter().enumerate() {
-                    rows.load(*a, mi, ks);
-                    for b in &b[..3 - ai] {
-                        let pb = b.add((2 * nj * b_kt + ks) * 512);
-                        asm!(
-                            "tileloadd tmm6, [{pb} + {sb} * 1]",
-                            "tdpbf16ps tmm0, tmm4, tmm6",
-                            "tdpbf16ps tmm2, tmm5, tmm6",
-                            "tileloadd tmm7, [{pb2} + {sb} * 1]",
-                            "tdpbf16ps tmm1, tmm4, tmm7",
-                            "tdpbf16ps tmm3, tmm5, tmm7",
-                            pb = in(reg) pb,
-                            pb2 = in(reg) pb.add(b_kt * 512),
-                            sb = in(reg) sb,
-                            options(nostack, readonly),
-                        );
-                        spread.group(side);
-                    }
-                }
-            }
+            rows.pairs((a, b), mi, kt, |ks, b| {
+                let pb = b.add((2 * nj * b_kt + ks) * 512);
+                asm!(
+                    "tileloadd tmm6, [{pb} + {sb} * 1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    "tileloadd tmm7, [{pb2} + {sb} * 1]",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tdpbf16ps tmm3, tmm5, tmm7",
+                    pb = in(reg) pb,
+                    pb2 = in(reg) pb.add(b_kt * 512),
+                    sb = in(reg) sb,
+                    options(nostack, readonly),
+                );
+                spread.group(side);
+            });
             let pc = c.add(mi * 32 * ldc + nj * 32);
             asm!(
                 "tilestored [{c0} + {sc} * 1], tmm0",
@@ -635,27 +654,22 @@ unsafe fn product_in_turns<S: SideWork>(
                 options(nostack, nomem)
             );
             let mut first = true;
-            for ks in 0..kt {
-                for (ai, a) in a.iter().enumerate() {
-                    rows.load(*a, $mi, ks);
-                    for b in &b[..3 - ai] {
-                        let pb = b.add(($nt * b_kt + ks) * 512);
-                        asm!(
-                            concat!("tileloadd ", $b, ", [{pb} + {sb} * 1]"),
-                            concat!("tdpbf16ps ", $c0, ", tmm4, ", $b),
-                            concat!("tdpbf16ps ", $c1, ", tmm5, ", $b),
-                            pb = in(reg) pb,
-                            sb = in(reg) sb,
-                            options(nostack, readonly),
-                        );
-                        if first {
-                            first = false;
-                            $after;
-                        }
-                        spread.group(side);
-                    }
+            rows.pairs((a, b), $mi, kt, |ks, b| {
+                let pb = b.add(($nt * b_kt + ks) * 512);
+                asm!(
+                    concat!("tileloadd ", $b, ", [{pb} + {sb} * 1]"),
+                    concat!("tdpbf16ps ", $c0, ", tmm4, ", $b),
+                    concat!("tdpbf16ps ", $c1, ", tmm5, ", $b),
+                    pb = in(reg) pb,
+                    sb = in(reg) sb,
+                    options(nostack, readonly),
+                );
+                if first {
+                    first = false;
+                    $after;
                 }
-            }
+                spread.group(side);
+            });
         }};
     }
     macro_rules! store {
@@ -1070,16 +1084,20 @@ mod tests {
         }
     }
 
-    /// The parts of 16 floats as the tiles see them (the top halves), rounded ([`split3`]) or
-    /// truncated ([`split3_cut`]), and the lanes [`inexact`] flags.
+    /// The parts of 16 floats, rounded ([`split3`]) or truncated ([`split3_cut`], its first part
+    /// as the tiles see it), and the lanes [`inexact`] flags.
     #[target_feature(enable = "avx512f")]
     unsafe fn split16<const CUT: bool>(x: &[f32; 16]) -> ([[f32; 16]; 3], u16) {
         let v = _mm512_loadu_ps(x.as_ptr());
         let mut out = [[0f32; 16]; 3];
-        let parts = if CUT { split3_cut(v) } else { split3(v) };
+        let mut parts = if CUT { split3_cut(v) } else { split3(v) };
+        if CUT {
+            // The first part is x itself: `pair` keeps its top half.
+            let top = _mm512_and_si512(_mm512_castps_si512(parts[0]), _mm512_set1_epi32(-65536));
+            parts[0] = _mm512_castsi512_ps(top);
+        }
         for (o, p) in out.iter_mut().zip(parts) {
-            let top = _mm512_and_si512(_mm512_castps_si512(p), _mm512_set1_epi32(-65536));
-            _mm512_storeu_ps(o.as_mut_ptr(), _mm512_castsi512_ps(top));
+            _mm512_storeu_ps(o.as_mut_ptr(), p);
         }
         (out, inexact(v))
     }
@@ -1189,6 +1207,7 @@ mod tests {
             for (parts, bound) in [(rounded, 1.0), (cut, 2.0)] {
                 for (l, &xl) in x.iter().enumerate() {
                     let p = [parts[0][l], parts[1][l], parts[2][l]];
+                    assert!(p.iter().all(|v| v.to_bits() & 0xffff == 0), "{xl:e}: {p:?}");
                     let sum = p[0] as f64 + p[1] as f64 + p[2] as f64;
                     assert_eq!(sum, xl as f64, "{xl:e} = {p:?}");
                     let ax = (xl as f64).abs();
