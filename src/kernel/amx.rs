@@ -293,19 +293,15 @@ impl Packed {
             b.reserve(k_nt * k_kt * 512);
         }
         let dst = mut_ptrs(&mut self.k);
-        let lanes = _mm512_mullo_epi32(
-            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-            _mm512_set1_epi32(ld as i32),
-        );
         for nt in 0..k_nt {
             let n = tv.saturating_sub(nt * 16).min(16);
-            let m: __mmask16 = ((1u32 << n) - 1) as u16;
             let base = key.add((nt * 16).min(tv) * ld);
             for ks in 0..k_kt {
+                // Dims ks·32 .. ks·32 + 16 (even) and the next 16 (odd), each 16 keys × 16
+                // dims transposed into one vector per dim.
+                let [even, odd] = [0, 16].map(|h| transposed_columns(base, ld, n, ks * 32 + h, d));
                 for r in 0..16 {
-                    let (k0, k1) = block_row(ks, r);
-                    let even = gather_column(base, lanes, m, k0, d);
-                    let odd = gather_column(base, lanes, m, k1, d);
+                    let (even, odd) = (even[r], odd[r]);
                     bad |= inexact(even) | inexact(odd);
                     let (even, odd) = (split3(even), split3(odd));
                     let at = (nt * k_kt + ks) * 512 + r * 32;
@@ -344,24 +340,62 @@ impl Packed {
     }
 }
 
-/// Column `k` of 16 rows at `base + lanes[n]` (lanes where `m` is set; zero elsewhere, and zero
-/// throughout when `k ≥ d`).
+/// Columns `c0 .. c0 + 16` of the `n ≤ 16` rows at `base + i · ld` as 16 vectors, vector `j`
+/// holding column `c0 + j` of every row (zero past row `n` and column `d`): 16 masked loads and
+/// a 16 × 16 transpose in 64 shuffles, which took the place of 32 gathers per 32 columns.
 ///
 /// # Safety
-/// AVX-512F; for `k < d`, every selected row has `d` readable floats.
+/// AVX-512F; each of the `n` rows has `d` readable floats.
 #[inline(always)]
-unsafe fn gather_column(
+unsafe fn transposed_columns(
     base: *const f32,
-    lanes: __m512i,
-    m: __mmask16,
-    k: usize,
+    ld: usize,
+    n: usize,
+    c0: usize,
     d: usize,
-) -> __m512 {
-    if k < d {
-        _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), m, lanes, base.add(k))
-    } else {
-        _mm512_setzero_ps()
+) -> [__m512; 16] {
+    let m: __mmask16 = ((1u32 << d.saturating_sub(c0).min(16)) - 1) as u16;
+    let at = c0.min(d);
+    let r: [__m512; 16] = std::array::from_fn(|i| {
+        if i < n && m != 0 {
+            _mm512_maskz_loadu_ps(m, base.add(i * ld + at))
+        } else {
+            _mm512_setzero_ps()
+        }
+    });
+    // Rows interleaved in pairs, then in fours: u[4g + c] holds columns c, c + 4, c + 8 and
+    // c + 12 (its four 128-bit lanes) of rows 4g .. 4g + 4.
+    let t: [__m512; 16] = std::array::from_fn(|i| {
+        let (a, b) = (r[i & !1], r[i | 1]);
+        if i % 2 == 0 {
+            _mm512_unpacklo_ps(a, b)
+        } else {
+            _mm512_unpackhi_ps(a, b)
+        }
+    });
+    let u: [__m512; 16] = std::array::from_fn(|i| {
+        let (g, c) = (i / 4, i % 4);
+        let a = _mm512_castps_pd(t[4 * g + c / 2]);
+        let b = _mm512_castps_pd(t[4 * g + 2 + c / 2]);
+        _mm512_castpd_ps(if c % 2 == 0 {
+            _mm512_unpacklo_pd(a, b)
+        } else {
+            _mm512_unpackhi_pd(a, b)
+        })
+    });
+    // Then the lanes: column c + 4L is lane L of u[c], u[4 + c], u[8 + c] and u[12 + c].
+    let mut out = [_mm512_setzero_ps(); 16];
+    for c in 0..4 {
+        let v0 = _mm512_shuffle_f32x4::<0x88>(u[c], u[4 + c]);
+        let v1 = _mm512_shuffle_f32x4::<0xdd>(u[c], u[4 + c]);
+        let w0 = _mm512_shuffle_f32x4::<0x88>(u[8 + c], u[12 + c]);
+        let w1 = _mm512_shuffle_f32x4::<0xdd>(u[8 + c], u[12 + c]);
+        out[c] = _mm512_shuffle_f32x4::<0x88>(v0, w0);
+        out[c + 8] = _mm512_shuffle_f32x4::<0xdd>(v0, w0);
+        out[c + 4] = _mm512_shuffle_f32x4::<0x88>(v1, w1);
+        out[c + 12] = _mm512_shuffle_f32x4::<0xdd>(v1, w1);
     }
+    out
 }
 
 /// Columns `col ..` (where `m` is set) of row `k` of `rows` (`ld` floats apart); zero when
