@@ -445,46 +445,12 @@ impl ARows {
         }
     }
 
-    /// For each of `kt` k steps, the six part pairs in the order the sums take them: A's part
-    /// `ai` (its two row tiles of 32-row block `mi` loaded into tmm4 and tmm5), then
-    /// `pair(ks, b)` for each of B's parts `b` up to `3 - ai`.
-    ///
-    /// # Safety
-    /// As [`ARows::load`], for every k step.
+    /// The first of the two row tiles (rows 0-15; rows 16-31 are `ra` further) of 32-row block
+    /// `mi` at k step `ks` of the part at `a`.
     #[inline(always)]
-    unsafe fn pairs(
-        self,
-        (a, b): ([*const u16; 3], [*const u16; 3]),
-        mi: usize,
-        kt: usize,
-        mut pair: impl FnMut(usize, *const u16),
-    ) {
-        for ks in 0..kt {
-            for (ai, a) in a.iter().enumerate() {
-                self.load(*a, mi, ks);
-                for b in &b[..3 - ai] {
-                    pair(ks, *b);
-                }
-            }
-        }
-    }
-
-    /// Loads the two row tiles of 32-row block `mi` at k step `ks` of the part at `a` into tmm4
-    /// (rows 0-15) and tmm5 (rows 16-31).
-    ///
-    /// # Safety
-    /// Tiles are configured; both tiles lie inside the part.
-    #[inline(always)]
-    unsafe fn load(self, a: *const u16, mi: usize, ks: usize) {
-        let pa = a.add(2 * mi * self.ra + ks * self.ka);
-        asm!(
-            "tileloadd tmm4, [{pa} + {sa} * 1]",
-            "tileloadd tmm5, [{pa2} + {sa} * 1]",
-            pa = in(reg) pa,
-            pa2 = in(reg) pa.add(self.ra),
-            sa = in(reg) self.sa,
-            options(nostack, readonly),
-        );
+    fn at(self, a: *const u16, mi: usize, ks: usize) -> *const u16 {
+        // (Pointer arithmetic only; the products' safety contracts cover the reads.)
+        a.wrapping_add(2 * mi * self.ra + ks * self.ka)
     }
 }
 
@@ -587,9 +553,15 @@ impl Spread {
 
 /// `C = Σ_{i+j≤2} A_i · B_j` over `kt` tiles of 32 along k: A's tile `(mt, ks)` at
 /// `mt · ra + ks · ka` with rows `sa` bytes apart (`32 · mb` rows; see [`ARows`]), B in the
-/// tile layout (`b_kt` tiles along k per column tile, `2 · nb` column tiles used), C row-major f32 (`ldc` floats per row, `32 · mb` rows ×
-/// `32 · nb` columns). Blocks of 32 × 32 (four accumulator tiles); B's column block outside, so
-/// its 3 · 2 · kt tiles are reused by every row block from L1.
+/// tile layout (`b_kt` tiles along k per column tile, `2 · nb` column tiles used), C row-major
+/// f32 (`ldc` floats per row, `32 · mb` rows × `32 · nb` columns), for the 32-row blocks
+/// `blocks`. Blocks of 32 × 32 (four accumulator tiles, tmm0-3); B's column block outside, so
+/// its 3 · 2 · kt tiles are reused by every row block from L1. Each group of four tile products
+/// (one part pair, A in tmm4-5, B in tmm6-7) loads the next group's tiles right after the last
+/// product that reads their register, so a load has one or two products' time to land before
+/// it is needed; loaded just before their products, as before, a 64 × 512 × 64 combine took
+/// 6.6-7.0 ns per tile product against 6.2-6.6 now (one thread, hot, medians of 3000, 5 rounds
+/// alternating). The same sums in the same order as one pair at a time, so the same bits.
 ///
 /// # Safety
 /// `_tiles` is configured; every pointer is 64-byte aligned and covers the extents above.
@@ -607,58 +579,149 @@ unsafe fn product<S: SideWork>(
     ldc: usize,
     side: &mut S,
 ) {
-    let (sb, sc) = (64usize, ldc * 4);
-    let mut spread = Spread::new(side, blocks.len() * nb * kt * 6);
-    for nj in 0..nb {
-        for mi in blocks.clone() {
-            asm!(
-                "tilezero tmm0",
-                "tilezero tmm1",
-                "tilezero tmm2",
-                "tilezero tmm3",
-                options(nostack, nomem)
-            );
-            rows.pairs((a, b), mi, kt, |ks, b| {
-                let pb = b.add((2 * nj * b_kt + ks) * 512);
-                asm!(
-                    "tileloadd tmm6, [{pb} + {sb} * 1]",
-                    "tdpbf16ps tmm0, tmm4, tmm6",
-                    "tdpbf16ps tmm2, tmm5, tmm6",
-                    "tileloadd tmm7, [{pb2} + {sb} * 1]",
-                    "tdpbf16ps tmm1, tmm4, tmm7",
-                    "tdpbf16ps tmm3, tmm5, tmm7",
-                    pb = in(reg) pb,
-                    pb2 = in(reg) pb.add(b_kt * 512),
-                    sb = in(reg) sb,
-                    options(nostack, readonly),
-                );
-                spread.group(side);
-            });
-            let pc = c.add(mi * 32 * ldc + nj * 32);
-            asm!(
-                "tilestored [{c0} + {sc} * 1], tmm0",
-                "tilestored [{c1} + {sc} * 1], tmm1",
-                "tilestored [{c2} + {sc} * 1], tmm2",
-                "tilestored [{c3} + {sc} * 1], tmm3",
-                c0 = in(reg) pc,
-                c1 = in(reg) pc.add(16),
-                c2 = in(reg) pc.add(16 * ldc),
-                c3 = in(reg) pc.add(16 * ldc + 16),
-                sc = in(reg) sc,
-                options(nostack),
-            );
-        }
+    let (sa, sb, sc) = (rows.sa, 64usize, ldc * 4);
+    let (mb0, nm) = (blocks.start, blocks.len());
+    let nblk = nm * nb;
+    let mut spread = Spread::new(side, nblk * kt * 6);
+    if nblk == 0 {
+        return;
     }
+    // C block `blk`: column block nj outside, row block mi inside.
+    let coords = |blk: usize| (blk / nm, mb0 + blk % nm);
+    let pa = |mi: usize, ai: usize, ks: usize| rows.at(a[ai], mi, ks);
+    let pb = |nj: usize, bj: usize, ks: usize| b[bj].wrapping_add((2 * nj * b_kt + ks) * 512);
+    let (ra, rb) = (rows.ra, b_kt * 512);
+    // One group, then the next group's B tiles (A stays).
+    macro_rules! group_b {
+        ($pb:expr) => {
+            asm!(
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tileloadd tmm6, [{pb} + {sb} * 1]",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                "tileloadd tmm7, [{pb2} + {sb} * 1]",
+                pb = in(reg) $pb,
+                pb2 = in(reg) $pb.wrapping_add(rb),
+                sb = in(reg) sb,
+                options(nostack, readonly),
+            )
+        };
+    }
+    // One group, then all four tiles of the next.
+    macro_rules! group_ab {
+        ($pa:expr, $pb:expr) => {
+            asm!(
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tileloadd tmm6, [{pb} + {sb} * 1]",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tileloadd tmm4, [{pa} + {sa} * 1]",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                "tileloadd tmm7, [{pb2} + {sb} * 1]",
+                "tileloadd tmm5, [{pa2} + {sa} * 1]",
+                pa = in(reg) $pa,
+                pa2 = in(reg) $pa.wrapping_add(ra),
+                sa = in(reg) sa,
+                pb = in(reg) $pb,
+                pb2 = in(reg) $pb.wrapping_add(rb),
+                sb = in(reg) sb,
+                options(nostack, readonly),
+            )
+        };
+    }
+    let (nj0, mi0) = coords(0);
+    let (p4, p6) = (pa(mi0, 0, 0), pb(nj0, 0, 0));
+    load_first((p4, p4.wrapping_add(ra), sa), (p6, p6.wrapping_add(rb)));
+    for blk in 0..nblk {
+        let (nj, mi) = coords(blk);
+        // After the last block, harmless loads of its own first tiles.
+        let last = if blk + 1 < nblk {
+            coords(blk + 1)
+        } else {
+            (nj, mi)
+        };
+        asm!(
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            options(nostack, nomem)
+        );
+        for ks in 0..kt {
+            let (nnj, nmi, nks) = if ks + 1 < kt {
+                (nj, mi, ks + 1)
+            } else {
+                (last.0, last.1, 0)
+            };
+            // Part pairs (0,0) (0,1) (0,2) (1,0) (1,1) (2,0), each group loading the next's tiles
+            // (the last, the next k step's or block's first).
+            group_b!(pb(nj, 1, ks));
+            spread.group(side);
+            group_b!(pb(nj, 2, ks));
+            spread.group(side);
+            group_ab!(pa(mi, 1, ks), pb(nj, 0, ks));
+            spread.group(side);
+            group_b!(pb(nj, 1, ks));
+            spread.group(side);
+            group_ab!(pa(mi, 2, ks), pb(nj, 0, ks));
+            spread.group(side);
+            group_ab!(pa(nmi, 0, nks), pb(nnj, 0, nks));
+            spread.group(side);
+        }
+        let pc = c.add(mi * 32 * ldc + nj * 32);
+        asm!(
+            "tilestored [{c0} + {sc} * 1], tmm0",
+            "tilestored [{c1} + {sc} * 1], tmm1",
+            "tilestored [{c2} + {sc} * 1], tmm2",
+            "tilestored [{c3} + {sc} * 1], tmm3",
+            c0 = in(reg) pc,
+            c1 = in(reg) pc.add(16),
+            c2 = in(reg) pc.add(16 * ldc),
+            c3 = in(reg) pc.add(16 * ldc + 16),
+            sc = in(reg) sc,
+            options(nostack),
+        );
+    }
+}
+
+/// Loads the first group's tiles: A's two at `p4` and `p5` (rows `sa` bytes apart) into
+/// tmm4-5, and B's at `p6` and `p7` (rows 64 bytes apart) into tmm6-7.
+///
+/// # Safety
+/// Tiles are configured; the four tiles are readable.
+#[inline(always)]
+unsafe fn load_first(
+    (p4, p5, sa): (*const u16, *const u16, usize),
+    (p6, p7): (*const u16, *const u16),
+) {
+    asm!(
+        "tileloadd tmm4, [{p4} + {sa} * 1]",
+        "tileloadd tmm5, [{p5} + {sa} * 1]",
+        "tileloadd tmm6, [{p6} + {sb} * 1]",
+        "tileloadd tmm7, [{p7} + {sb} * 1]",
+        p4 = in(reg) p4,
+        p5 = in(reg) p5,
+        p6 = in(reg) p6,
+        p7 = in(reg) p7,
+        sa = in(reg) sa,
+        sb = in(reg) 64usize,
+        options(nostack, readonly),
+    );
 }
 
 /// [`product`] in blocks of 32 rows × 16 columns (two accumulator tiles) with two sets of
 /// accumulators taking turns: each block's stores are issued after the next block's first tile
-/// products, so the tile unit does not drain at every block. Same sums in the same order, so
-/// the same bits. For the scores, whose k (D = 64) gives a 32 × 32 block only 48 tile products
-/// between drains: a 64 × 512 × 64 product took 10.7 against 11.6 µs (one thread, medians of
-/// 2000), whole calls 1-3% less ((8, 512, 512, 64): 1.424 against 1.467 ms, (2, 2048, 2048, 64)
-/// 5.65 against 5.73; 2 threads, calls alternating). Not for the combine, whose A (the weight
-/// parts, from L2) it loads once per 16 columns instead of 32: 14.1 against 11.4 µs.
+/// products, so the tile unit does not drain at every block. For the scores, whose k (D = 64)
+/// gives a 32 × 32 block only 48 tile products between drains: a 64 × 512 × 64 product took
+/// 10.7 against 11.6 µs (one thread, medians of 2000), whole calls 1-3% less ((8, 512, 512, 64):
+/// 1.424 against 1.467 ms, (2, 2048, 2048, 64) 5.65 against 5.73; 2 threads, calls
+/// alternating). Not for the combine, whose A (the weight parts, from L2) it loads once per 16
+/// columns instead of 32: 14.1 against 11.4 µs. B's tile alternates between tmm6 and tmm7 pair
+/// by pair, each loaded right after the products of the pair before it, so it has a pair's two
+/// products to land, and A's two tiles follow their last product as in [`product`]: 6.1-6.4
+/// against 6.3-6.6 ns per tile product (64 × 512 × 64, one thread, hot, medians of 3000, 5
+/// rounds alternating). The same sums in the same order as [`product`], so the same bits.
 ///
 /// # Safety
 /// As [`product`].
@@ -676,39 +739,52 @@ unsafe fn product_in_turns<S: SideWork>(
     ldc: usize,
     side: &mut S,
 ) {
-    let (sb, sc) = (64usize, ldc * 4);
-    let mut spread = Spread::new(side, blocks.len() * 2 * nb * kt * 6);
-    // One block's tile products into accumulators $c0 (rows 0-15), $c1 (rows 16-31) with B
-    // in $b; after the first group, $after.
-    macro_rules! block {
-        ($c0:literal, $c1:literal, $b:literal, $mi:expr, $nt:expr, $after:expr) => {{
+    let (sb, sc, sa) = (64usize, ldc * 4, rows.sa);
+    let (mb0, nm) = (blocks.start, blocks.len());
+    let nblk = nm * 2 * nb;
+    let mut spread = Spread::new(side, nblk * kt * 6);
+    if nblk == 0 {
+        return;
+    }
+    let ra = rows.ra;
+    // Block `blk`: column tile nt outside, row block mi inside.
+    let coords = |blk: usize| (blk / nm, mb0 + blk % nm);
+    let pa = |mi: usize, ai: usize, ks: usize| rows.at(a[ai], mi, ks);
+    let pb = |nt: usize, bj: usize, ks: usize| b[bj].wrapping_add((nt * b_kt + ks) * 512);
+    // One pair: the two tile products with B in $r, then (with $pa) A's two tiles for the next
+    // pair, each right after the last product that reads its register, then B for the pair
+    // after next into $r (the next pair's B is in the other register).
+    macro_rules! pair {
+        ($c0:literal, $c1:literal, $r:literal, $pb:expr) => {
             asm!(
-                concat!("tilezero ", $c0),
-                concat!("tilezero ", $c1),
-                options(nostack, nomem)
-            );
-            let mut first = true;
-            rows.pairs((a, b), $mi, kt, |ks, b| {
-                let pb = b.add(($nt * b_kt + ks) * 512);
-                asm!(
-                    concat!("tileloadd ", $b, ", [{pb} + {sb} * 1]"),
-                    concat!("tdpbf16ps ", $c0, ", tmm4, ", $b),
-                    concat!("tdpbf16ps ", $c1, ", tmm5, ", $b),
-                    pb = in(reg) pb,
-                    sb = in(reg) sb,
-                    options(nostack, readonly),
-                );
-                if first {
-                    first = false;
-                    $after;
-                }
-                spread.group(side);
-            });
-        }};
+                concat!("tdpbf16ps ", $c0, ", tmm4, ", $r),
+                concat!("tdpbf16ps ", $c1, ", tmm5, ", $r),
+                concat!("tileloadd ", $r, ", [{pb} + {sb} * 1]"),
+                pb = in(reg) $pb,
+                sb = in(reg) sb,
+                options(nostack, readonly),
+            )
+        };
+        ($c0:literal, $c1:literal, $r:literal, $pb:expr, $pa:expr) => {
+            asm!(
+                concat!("tdpbf16ps ", $c0, ", tmm4, ", $r),
+                "tileloadd tmm4, [{pa} + {sa} * 1]",
+                concat!("tdpbf16ps ", $c1, ", tmm5, ", $r),
+                "tileloadd tmm5, [{pa2} + {sa} * 1]",
+                concat!("tileloadd ", $r, ", [{pb} + {sb} * 1]"),
+                pa = in(reg) $pa,
+                pa2 = in(reg) $pa.wrapping_add(ra),
+                sa = in(reg) sa,
+                pb = in(reg) $pb,
+                sb = in(reg) sb,
+                options(nostack, readonly),
+            )
+        };
     }
     macro_rules! store {
-        ($c0:literal, $c1:literal, $mi:expr, $nt:expr) => {{
-            let pc = c.add($mi * 32 * ldc + $nt * 16);
+        ($c0:literal, $c1:literal, $blk:expr) => {{
+            let (nt, mi) = coords($blk);
+            let pc = c.add(mi * 32 * ldc + nt * 16);
             asm!(
                 concat!("tilestored [{c0} + {sc} * 1], ", $c0),
                 concat!("tilestored [{c1} + {sc} * 1], ", $c1),
@@ -719,41 +795,72 @@ unsafe fn product_in_turns<S: SideWork>(
             );
         }};
     }
-    let mut prev: Option<(usize, usize)> = None;
-    let mut second = false; // which set of accumulators the next block takes
-    for nt in 0..2 * nb {
-        for mi in blocks.clone() {
-            if !second {
-                block!(
-                    "tmm0",
-                    "tmm1",
-                    "tmm6",
-                    mi,
-                    nt,
-                    if let Some((pm, pn)) = prev {
-                        store!("tmm2", "tmm3", pm, pn)
-                    }
-                );
+    // Pairs in [`product`]'s order: (0,0) (0,1) (0,2) (1,0) (1,1) (2,0); even pairs take B from
+    // tmm6, odd from tmm7 (six per k step: the same register each k step).
+    macro_rules! block {
+        ($c0:literal, $c1:literal, $blk:expr, $after:expr) => {{
+            asm!(
+                concat!("tilezero ", $c0),
+                concat!("tilezero ", $c1),
+                options(nostack, nomem)
+            );
+            let (nt, mi) = coords($blk);
+            // Where the k steps go on: this block's next, or the next block's first (or, after
+            // the last, harmless loads of this block's own tiles).
+            let (nx_nt, nx_mi) = if $blk + 1 < nblk {
+                coords($blk + 1)
             } else {
-                block!(
-                    "tmm2",
-                    "tmm3",
-                    "tmm7",
-                    mi,
-                    nt,
-                    if let Some((pm, pn)) = prev {
-                        store!("tmm0", "tmm1", pm, pn)
-                    }
-                );
+                (nt, mi)
+            };
+            for ks in 0..kt {
+                let (nn, nmi, nks) = if ks + 1 < kt {
+                    (nt, mi, ks + 1)
+                } else {
+                    (nx_nt, nx_mi, 0)
+                };
+                pair!($c0, $c1, "tmm6", pb(nt, 2, ks));
+                if ks == 0 {
+                    $after;
+                }
+                spread.group(side);
+                pair!($c0, $c1, "tmm7", pb(nt, 0, ks));
+                spread.group(side);
+                pair!($c0, $c1, "tmm6", pb(nt, 1, ks), pa(mi, 1, ks));
+                spread.group(side);
+                pair!($c0, $c1, "tmm7", pb(nt, 0, ks));
+                spread.group(side);
+                pair!($c0, $c1, "tmm6", pb(nn, 0, nks), pa(mi, 2, ks));
+                spread.group(side);
+                pair!($c0, $c1, "tmm7", pb(nn, 1, nks), pa(nmi, 0, nks));
+                spread.group(side);
             }
-            prev = Some((mi, nt));
-            second = !second;
+        }};
+    }
+    // Prologue: the first pair's A and the first two pairs' B.
+    let (nt0, mi0) = coords(0);
+    let p4 = pa(mi0, 0, 0);
+    load_first(
+        (p4, p4.wrapping_add(ra), sa),
+        (pb(nt0, 0, 0), pb(nt0, 1, 0)),
+    );
+    for blk in 0..nblk {
+        if blk % 2 == 0 {
+            block!(
+                "tmm0",
+                "tmm1",
+                blk,
+                if blk > 0 {
+                    store!("tmm2", "tmm3", blk - 1)
+                }
+            );
+        } else {
+            block!("tmm2", "tmm3", blk, store!("tmm0", "tmm1", blk - 1));
         }
     }
-    // 2 · nb · (row blocks) blocks, an even number: the last went to the second set.
-    debug_assert!(!second);
-    if let Some((pm, pn)) = prev {
-        store!("tmm2", "tmm3", pm, pn);
+    if nblk % 2 == 1 {
+        store!("tmm0", "tmm1", nblk - 1);
+    } else {
+        store!("tmm2", "tmm3", nblk - 1);
     }
 }
 
