@@ -1046,6 +1046,24 @@ impl amx::SideWork for RowSoftmax<'_, '_, '_> {
     }
 }
 
+/// What an item on tiles with returned weights keeps in L2: the keys' and values' parts
+/// (6 bytes per element), and per score the raw score, its three weight parts and the returned
+/// weight (14 bytes).
+#[cfg(target_arch = "x86_64")]
+fn item_bytes(ctx: &Ctx<'_, '_, f32>, rows: usize) -> usize {
+    let Dims { tv, d, dv, .. } = ctx.dims;
+    tv * (d + dv) * 6 + rows * tv * 14
+}
+
+/// Up to this many [`item_bytes`] (the L2 of a core with tiles is 2 MiB), an item's returned
+/// weights are prefetched into L2 during its scores ([`amx::Prefetch`]). Beyond, the prefetched
+/// rows push the keys' and values' parts out: (2, 2048, 2048, 64), 3.3 MB per item, took
+/// 9.9-12.4 against 9.3-10.2 ms with them, and (4, 1024, 1024, 64), 1.7 MB, gained nothing
+/// (2.65-2.75 against 2.58-2.74 ms), where (4, 768, 768, 64), 1.3 MB, took 1.34-1.39 against
+/// 1.40-1.44 (2 threads, alternating, medians of 40-100).
+#[cfg(target_arch = "x86_64")]
+const PREFETCH_WEIGHTS_UP_TO: usize = 3 << 19;
+
 /// One item on AMX tiles ([`amx`]): scores product on tiles into scratch, then row by row the
 /// scale and masks, the softmax (`e^(s - max)` split into three parts; the row's max found while
 /// the row before was exponentiated, [`RowSoftmax`]) and the returned weights, or with dropout
@@ -1105,7 +1123,14 @@ unsafe fn block_amx(
         // pass of their own from the parts afterwards, cost more than the overlap saves.)
         let overlap = ctx.dropout.is_none() && !ctx.normalize && blocks > 1;
         let first = overlap.then_some(0..1); // None: every block
-        let (raw, ld) = amx::scores(&tiles, scratch, amx_keys, s_dims, first, &mut amx::NoWork);
+        let (raw, ld) = if ctx.normalize && item_bytes(ctx, rows) <= PREFETCH_WEIGHTS_UP_TO {
+            // The returned weights' rows come into L2 during the scores ([`amx::Prefetch`]).
+            let bytes = rows * tv * std::mem::size_of::<f32>();
+            let mut rows_ahead = amx::Prefetch::new(weights.cast(), bytes);
+            amx::scores(&tiles, scratch, amx_keys, s_dims, first, &mut rows_ahead)
+        } else {
+            amx::scores(&tiles, scratch, amx_keys, s_dims, first, &mut amx::NoWork)
+        };
         let weights = if ctx.normalize {
             weights
         } else {
