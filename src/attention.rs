@@ -236,6 +236,7 @@ impl Attention {
             normalize: self.return_scores,
             item_rows: rows,
             flash,
+            call: crate::kernel::next_call(),
         };
         run_items(
             &ctx,

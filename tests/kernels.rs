@@ -155,6 +155,45 @@ fn fast_paths_equal_portable_path() {
     }
 }
 
+/// Items long enough in keys that each one's last combine splits the next item's queries ahead
+/// (a thread's items run in order, the next one in the same batch element or the next, the last
+/// of a batch element shorter), in every variant: the tiles still equal the portable path.
+#[test]
+fn items_with_queries_split_ahead_equal_portable_path() {
+    let mut rng = Rng(43);
+    let s = Shape {
+        b: 2,
+        tq: 300,
+        tv: 512,
+        d: 64,
+        dv: 64,
+    };
+    let c = case(s, &mut rng, 1.0);
+    for variant in 0..6 {
+        let mut attn = Attention::new(ScoreMode::Dot).scale(0.4);
+        attn = attn.return_scores(variant % 2 == 0);
+        if variant == 5 {
+            attn = attn.dropout(Dropout {
+                rate: 0.25,
+                seed: 3,
+                call: 1,
+            });
+        }
+        let masks = Masks {
+            query: (variant >= 2).then(|| c.qm.view()),
+            value: match variant {
+                2 | 5 => Some(ValueMask::Keys(c.keys.view())),
+                3 => Some(ValueMask::Scores(c.full.view())),
+                _ => None,
+            },
+            causal: variant == 1 || variant >= 4,
+        };
+        let label = format!("{s:?} variant {variant}");
+        let tol = tolerance(ScoreMode::Dot, s, 1.0, 0.4);
+        compare_isas(&label, &attn, &c, &masks, tol);
+    }
+}
+
 #[test]
 fn concat_falls_back_to_tanh_for_large_inputs() {
     // |2·s·q| > 40: the exponential form would overflow; the fallback must give plain tanh.

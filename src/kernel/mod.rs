@@ -215,6 +215,15 @@ pub struct Ctx<'a, 'm, T> {
     pub(crate) item_rows: usize,
     /// Items on tiles run their keys in chunks ([`flash`]).
     pub(crate) flash: bool,
+    /// This call's number ([`next_call`]): what a thread split ahead for its next item
+    /// ([`amx::SplitAhead`]) is used only within the call that split it.
+    pub(crate) call: u64,
+}
+
+/// A number no earlier call had.
+pub(crate) fn next_call() -> u64 {
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 /// A block of query rows `i0 .. i0 + rows` of batch element `b`.
@@ -1046,6 +1055,29 @@ impl amx::SideWork for RowSoftmax<'_, '_, '_> {
     }
 }
 
+/// The query rows of the item this thread most likely takes next: the rows after `item`'s, in
+/// its batch element or the next ([`crate::pool::run_indexed`] hands a thread its share in
+/// order); none after the last.
+#[cfg(target_arch = "x86_64")]
+fn next_item_queries(ctx: &Ctx<'_, '_, f32>, item: Item) -> Option<amx::QueryRows> {
+    let Dims { batch, tq, d, .. } = ctx.dims;
+    let (b, i0) = match item.i0 + item.rows < tq {
+        true => (item.b, item.i0 + item.rows),
+        false => (item.b + 1, 0),
+    };
+    (b < batch).then(|| {
+        let q = ctx.query.index_axis(Axis(0), b);
+        let ld = q.stride_of(Axis(0)) as usize;
+        amx::QueryRows {
+            call: ctx.call,
+            q0: q.as_ptr().wrapping_add(i0 * ld),
+            ld,
+            rows: ctx.item_rows.min(tq - i0),
+            d,
+        }
+    })
+}
+
 /// What an item on tiles with returned weights keeps in L2: the keys' and values' parts
 /// (6 bytes per element), and per score the raw score, its three weight parts and the returned
 /// weight (14 bytes).
@@ -1098,7 +1130,14 @@ unsafe fn block_amx(
     let weights = scores.as_mut_ptr().cast::<f32>();
     let mut inv = [1.0f32; MAX_ITEM_ROWS];
     let done = AMX_SCRATCH.with_borrow_mut(|scratch| {
-        let Some(dp) = amx::split_queries(scratch, q0, q_ld, rows, d) else {
+        let at = amx::QueryRows {
+            call: ctx.call,
+            q0,
+            ld: q_ld,
+            rows,
+            d,
+        };
+        let Some(dp) = amx::queries_for(scratch, at) else {
             return false;
         };
         let tiles = amx::Tiles::configure();
@@ -1145,6 +1184,11 @@ unsafe fn block_amx(
             weights,
             lens,
         };
+        // The next item's queries are split during this one's last combine, after every
+        // scores product of this one ([`amx::SplitAhead`]).
+        let last = if overlap { blocks - 1 } else { blocks };
+        let groups = last * dv.div_ceil(32) * (kp / 32) * 6;
+        let mut ahead = amx::SplitAhead::new(scratch, next_item_queries(ctx, item), groups);
         let (o, ldo) = if ctx.dropout.is_some() {
             // SAFETY: the scores scratch holds `⌈rows/32⌉·32` rows of `ld ≥ cols ≥ lens[r]`
             // floats; nothing else refers to it here, and the loop holds one row at a time.
@@ -1163,7 +1207,7 @@ unsafe fn block_amx(
                     std::ptr::write_bytes(w.add(len), 0, tv - len);
                 }
             }
-            amx::combine(&tiles, scratch, amx_keys, c_dims, None, &mut amx::NoWork)
+            amx::combine(&tiles, scratch, amx_keys, c_dims, None, &mut ahead)
         } else if overlap {
             let st = stats.as_deref_mut();
             let mut sm = RowSoftmax::new(ctx, item, bufs, 0..32, &mut inv, st, true);
@@ -1174,11 +1218,12 @@ unsafe fn block_amx(
             amx::combine(&tiles, scratch, amx_keys, c_dims, Some(0..1), &mut sm);
             sm.finish();
             let rest = Some(1..blocks);
-            amx::combine(&tiles, scratch, amx_keys, c_dims, rest, &mut amx::NoWork)
+            amx::combine(&tiles, scratch, amx_keys, c_dims, rest, &mut ahead)
         } else {
             RowSoftmax::new(ctx, item, bufs, 0..rows, &mut inv, stats, false).finish();
-            amx::combine(&tiles, scratch, amx_keys, c_dims, None, &mut amx::NoWork)
+            amx::combine(&tiles, scratch, amx_keys, c_dims, None, &mut ahead)
         };
+        ahead.finish(scratch);
         // Each output row times its factor as it is copied out (one pass, in AVX-512), which
         // leaves finish_out_rows only the query mask.
         for (r, f) in inv[..rows].iter_mut().enumerate() {
