@@ -116,6 +116,30 @@ fn tolerance(mode: ScoreMode, s: Shape, magnitude: f64, scale: f64) -> f64 {
     8.0 * f32::EPSILON as f64 * (1.0 + terms)
 }
 
+/// The six settings every case runs under: returned weights or not, the query, value (per key
+/// or per score) and causal masks, and dropout.
+fn variant(mode: ScoreMode, v: usize, c: &Case) -> (Attention, Masks<'_>) {
+    let mut attn = Attention::new(mode).scale(0.4).concat_score_weight(1.3);
+    attn = attn.return_scores(v.is_multiple_of(2));
+    if v == 5 {
+        attn = attn.dropout(Dropout {
+            rate: 0.25,
+            seed: 3,
+            call: 1,
+        });
+    }
+    let masks = Masks {
+        query: (v >= 2).then(|| c.qm.view()),
+        value: match v {
+            2 | 5 => Some(ValueMask::Keys(c.keys.view())),
+            3 => Some(ValueMask::Scores(c.full.view())),
+            _ => None,
+        },
+        causal: v == 1 || v >= 4,
+    };
+    (attn, masks)
+}
+
 #[test]
 fn fast_paths_equal_portable_path() {
     let mut rng = Rng(42);
@@ -123,33 +147,11 @@ fn fast_paths_equal_portable_path() {
         let magnitude = [0.5, 1.0, 3.0][n % 3];
         let c = case(s, &mut rng, magnitude);
         for mode in [ScoreMode::Dot, ScoreMode::Concat] {
-            for variant in 0..6 {
-                let mut attn = Attention::new(mode).scale(0.4).concat_score_weight(1.3);
-                attn = attn.return_scores(variant % 2 == 0);
-                if variant == 5 {
-                    attn = attn.dropout(Dropout {
-                        rate: 0.25,
-                        seed: 3,
-                        call: 1,
-                    });
-                }
-                let masks = Masks {
-                    query: (variant >= 2).then(|| c.qm.view()),
-                    value: match variant {
-                        2 | 5 => Some(ValueMask::Keys(c.keys.view())),
-                        3 => Some(ValueMask::Scores(c.full.view())),
-                        _ => None,
-                    },
-                    causal: variant == 1 || variant >= 4,
-                };
-                let label = format!("{s:?} {mode:?} variant {variant}");
-                compare_isas(
-                    &label,
-                    &attn,
-                    &c,
-                    &masks,
-                    tolerance(mode, s, magnitude, 0.4),
-                );
+            for v in 0..6 {
+                let (attn, masks) = variant(mode, v, &c);
+                let label = format!("{s:?} {mode:?} variant {v}");
+                let tol = tolerance(mode, s, magnitude, 0.4);
+                compare_isas(&label, &attn, &c, &masks, tol);
             }
         }
     }
@@ -169,26 +171,9 @@ fn items_with_queries_split_ahead_equal_portable_path() {
         dv: 64,
     };
     let c = case(s, &mut rng, 1.0);
-    for variant in 0..6 {
-        let mut attn = Attention::new(ScoreMode::Dot).scale(0.4);
-        attn = attn.return_scores(variant % 2 == 0);
-        if variant == 5 {
-            attn = attn.dropout(Dropout {
-                rate: 0.25,
-                seed: 3,
-                call: 1,
-            });
-        }
-        let masks = Masks {
-            query: (variant >= 2).then(|| c.qm.view()),
-            value: match variant {
-                2 | 5 => Some(ValueMask::Keys(c.keys.view())),
-                3 => Some(ValueMask::Scores(c.full.view())),
-                _ => None,
-            },
-            causal: variant == 1 || variant >= 4,
-        };
-        let label = format!("{s:?} variant {variant}");
+    for v in 0..6 {
+        let (attn, masks) = variant(ScoreMode::Dot, v, &c);
+        let label = format!("{s:?} variant {v}");
         let tol = tolerance(ScoreMode::Dot, s, 1.0, 0.4);
         compare_isas(&label, &attn, &c, &masks, tol);
     }
