@@ -1024,25 +1024,29 @@ impl SplitAhead {
     /// 48-96 groups for 128 steps.
     pub(crate) fn new(s: &mut Scratch, at: Option<QueryRows>, groups: usize) -> SplitAhead {
         s.ahead = None;
-        let steps = |a: QueryRows| a.rows + (a.rows * a.d * 4).div_ceil(64 * Prefetch::LINES);
-        let at = at.filter(|&a| steps(a) <= groups);
-        let (rows, d) = at.map_or((0, 0), |a| (a.rows, a.d));
-        let dp = d.next_multiple_of(32);
-        for b in &mut s.q {
-            b.reserve(rows.next_multiple_of(32) * dp);
-        }
-        let rows_ahead = match at {
-            Some(a) => Prefetch::rows(a.q0.cast(), a.rows, a.d * 4, a.ld * 4),
-            None => Prefetch::new(std::ptr::null(), 0),
-        };
-        SplitAhead {
+        let rows_ahead = |a: QueryRows| Prefetch::rows(a.q0.cast(), a.rows, a.d * 4, a.ld * 4);
+        let mut ahead = SplitAhead {
             at,
-            rows_ahead,
-            dst: mut_ptrs(&mut s.q),
-            dp,
+            rows_ahead: Prefetch::new(std::ptr::null(), 0),
+            dst: [std::ptr::null_mut(); 3],
+            dp: 0,
             r: 0,
             exact: true,
+        };
+        if let Some(a) = at {
+            ahead.rows_ahead = rows_ahead(a);
+            ahead.dp = a.d.next_multiple_of(32);
         }
+        // The filter counts the steps the product will run (`SideWork::units`).
+        if ahead.units() > groups {
+            ahead.at = None;
+            return ahead;
+        }
+        for b in &mut s.q {
+            b.reserve(ahead.at.map_or(0, |a| a.rows.next_multiple_of(32)) * ahead.dp);
+        }
+        ahead.dst = mut_ptrs(&mut s.q);
+        ahead
     }
 
     /// Splits row `r`.
