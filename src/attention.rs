@@ -248,9 +248,10 @@ impl Attention {
             },
         );
         // SAFETY: the work items cover every row of the three arrays (`run_items` splits all
-        // B · Tq rows among them); each initialises its output and statistics rows (`init`)
-        // before the kernel writes them, and its scores rows are written in full by the item
-        // (`Float::attend_block`: the packed product and a zeroed tail, or `init`); or the split-keys path took the call (no scores array) and its merge
+        // B · Tq rows among them); each initialises its statistics rows (`init`) before the
+        // kernel writes them, and its output and scores rows are written in full by the item
+        // (`Float::attend_block`: the tile path's copy-out, the packed product and a zeroed
+        // tail, or `init`); or the split-keys path took the call (no scores array) and its merge
         // writes every element of the output and the statistics (`kernel::decode::merge`).
         let (output, scores, stats) = unsafe {
             (
@@ -497,7 +498,9 @@ fn run_items<T: Float>(
     type State<T> = (Vec<MaybeUninit<T>>, KeyCache);
     let state = || (Vec::new(), T::key_cache());
     let work = |(scratch, keys): &mut State<T>, (item, mut out, sc, mut st): Job<'_, T>| {
-        let out = init(out.as_slice_mut().expect("standard layout"));
+        // The output rows go in uninitialised too: every path writes them in full (the tile
+        // path by its copy-out, the others after `init`).
+        let out = out.as_slice_mut().expect("standard layout");
         let st = st
             .as_mut()
             .map(|s| init(s.as_slice_mut().expect("standard layout")));

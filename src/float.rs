@@ -82,19 +82,20 @@ pub trait Float:
     }
 
     /// Runs one work item: the fused fast path where there is one, else the stage functions.
-    /// `scores` (`rows × Tv`) may be uninitialised: the item writes every entry before reading
-    /// it. With `stats` (`rows × 2`), writes each row's softmax max and `ln Σ e^(x - max)`.
+    /// `scores` (`rows × Tv`) and `out` (`rows × Dv`) may be uninitialised: the item writes
+    /// every entry of both before reading it. With `stats` (`rows × 2`), writes each row's
+    /// softmax max and `ln Σ e^(x - max)`.
     #[doc(hidden)]
     fn attend_block(
         ctx: &Ctx<'_, '_, Self>,
         item: Item,
         _keys: &mut KeyCache,
         scores: &mut [std::mem::MaybeUninit<Self>],
-        out: &mut [Self],
+        out: &mut [std::mem::MaybeUninit<Self>],
         stats: Option<&mut [Self]>,
     ) {
         let scores = crate::attention::init(scores);
-        kernel::portable_block(ctx, item, scores, out, stats)
+        kernel::portable_block(ctx, item, scores, crate::attention::init(out), stats)
     }
 }
 
@@ -121,7 +122,7 @@ impl Float for f32 {
         item: Item,
         keys: &mut KeyCache,
         scores: &mut [std::mem::MaybeUninit<f32>],
-        out: &mut [f32],
+        out: &mut [std::mem::MaybeUninit<f32>],
         stats: Option<&mut [f32]>,
     ) {
         kernel::block_f32(ctx, item, keys, scores, out, stats)

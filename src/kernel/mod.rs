@@ -541,12 +541,13 @@ pub(crate) fn block_f32(
     item: Item,
     keys: &mut KeyCache,
     scores: &mut [MaybeUninit<f32>],
-    out: &mut [f32],
+    out: &mut [MaybeUninit<f32>],
     mut stats: Option<&mut [f32]>,
 ) {
+    use crate::attention::init;
     let Dims { tv, d, dv, .. } = ctx.dims;
     if tv == 0 || d == 0 || dv == 0 {
-        return portable_block(ctx, item, crate::attention::init(scores), out, stats);
+        return portable_block(ctx, item, init(scores), init(out), stats);
     }
     if ctx.isa != Isa::Scalar {
         keys.prepare(ctx, item.b);
@@ -554,19 +555,19 @@ pub(crate) fn block_f32(
     match ctx.isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Isa::detect` chose Avx512 only after `is_x86_feature_detected!("avx512f")`.
-        Isa::Avx512 => unsafe { block_avx512(ctx, item, keys, scores, out, stats) },
+        Isa::Avx512 => unsafe { block_avx512(ctx, item, keys, scores, init(out), stats) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: Isa::Amx implies AVX-512F and the tile state (`amx::available`); `prepare`
         // packed this batch element's keys and values for the tiles when `amx_ready`.
         Isa::Amx => unsafe {
             if !(keys.amx_ready && block_amx(ctx, item, keys, scores, out, stats.as_deref_mut())) {
-                block_avx512(ctx, item, keys, scores, out, stats)
+                block_avx512(ctx, item, keys, scores, init(out), stats)
             }
         },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: Avx2 only after detecting avx2 and fma.
-        Isa::Avx2 => unsafe { block_avx2(ctx, item, keys, scores, out, stats) },
-        _ => portable_block(ctx, item, crate::attention::init(scores), out, stats),
+        Isa::Avx2 => unsafe { block_avx2(ctx, item, keys, scores, init(out), stats) },
+        _ => portable_block(ctx, item, init(scores), init(out), stats),
     }
 }
 
@@ -1103,8 +1104,11 @@ const PREFETCH_WEIGHTS_UP_TO: usize = 3 << 19;
 /// sum. Without returned weights or dropout, an item of two 32-row blocks runs each block's
 /// softmax between the other block's tile products ([`amx::SideWork`]): block 0's scores, block
 /// 1's scores with block 0's softmax, block 0's combine with block 1's softmax, block 1's
-/// combine. Returns false, touching nothing the caller reads, when a query row of the
-/// item does not split exactly (`amx::split_queries`); the caller then runs the AVX-512 path.
+/// combine. The output rows may come uninitialised: the copy-out from the tiles' O writes each
+/// in full (zeroing them first cost 1-3% of a call at (8, 512, 512, 64), Rust, 2 threads, calls
+/// alternating, medians of 200). Returns false, touching nothing the caller reads, when a query
+/// row of the item does not split exactly (`amx::split_queries`); the caller then runs the
+/// AVX-512 path.
 ///
 /// # Safety
 /// [`Isa::Amx`] was detected; `keys` was prepared with `amx_ready` for batch element `item.b`.
@@ -1116,7 +1120,7 @@ unsafe fn block_amx(
     item: Item,
     keys: &KeyCache,
     scores: &mut [MaybeUninit<f32>],
-    out: &mut [f32],
+    out: &mut [MaybeUninit<f32>],
     mut stats: Option<&mut [f32]>,
 ) -> bool {
     let Dims { tv, d, dv, .. } = ctx.dims;
@@ -1147,7 +1151,7 @@ unsafe fn block_amx(
                 item,
                 keys,
                 (scratch, &tiles, dp),
-                out,
+                crate::attention::init(out),
                 stats.as_deref_mut(),
                 &mut inv,
             );
@@ -1230,12 +1234,17 @@ unsafe fn block_amx(
             // SAFETY: the combine's O holds `rows` rows of `ldo ≥ dv` floats.
             let src = std::slice::from_raw_parts(o.add(r * ldo), dv);
             let dst = &mut out[r * dv..(r + 1) * dv];
-            dst.iter_mut().zip(src).for_each(|(d, &x)| *d = x * *f);
+            dst.iter_mut().zip(src).for_each(|(d, &x)| {
+                d.write(x * *f);
+            });
             *f = 1.0;
         }
         true
     });
     if done {
+        // SAFETY: a finished item wrote every output row (the copy-out, or `init` for
+        // amx_flash), and MaybeUninit<f32> has f32's layout.
+        let out = &mut *(&mut out[..rows * dv] as *mut [MaybeUninit<f32>] as *mut [f32]);
         finish_out_rows(ctx, item, out, &inv);
     }
     done
@@ -1272,7 +1281,8 @@ pub(crate) fn flash(tv: usize, weights: bool, dropout: bool, causal: bool) -> bo
 /// are the same for any thread count.
 ///
 /// # Safety
-/// As [`block_amx`], with `tiles` configured and the item's queries split (`dp` wide).
+/// As [`block_amx`], with `tiles` configured, the item's queries split (`dp` wide) and `out`
+/// zeroed.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn amx_flash(
@@ -1290,7 +1300,6 @@ unsafe fn amx_flash(
     let mut max = [f32::NEG_INFINITY; MAX_ITEM_ROWS];
     let mut sum = [0.0f32; MAX_ITEM_ROWS];
     let mut alpha = [0.0f32; MAX_ITEM_ROWS];
-    out[..rows * dv].fill(0.0);
     let mut c0 = 0;
     while c0 < tv {
         let ck = FLASH_KEYS.min(tv - c0);
