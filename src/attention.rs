@@ -184,8 +184,9 @@ impl Attention {
         if parallel {
             wake(&pool);
         }
-        // Uninitialised: each work item zeroes and then writes its own rows (in parallel,
-        // while they are in cache), instead of this thread zeroing them all first.
+        // Uninitialised: each work item writes its own rows (in parallel, while they are in
+        // cache; the tile path without zeroing them first), instead of this thread zeroing them
+        // all first.
         let mut output = uninit::<T>([dims.batch, dims.tq, dims.dv], "output")?;
         let mut scores = match self.return_scores {
             true => Some(uninit::<T>([dims.batch, dims.tq, dims.tv], "scores")?),
