@@ -18,6 +18,14 @@ after a `--gap` (20 ms) so the previous contender's workers are idle, and its fi
 wakes them, is not timed. Shortening torch's spin (GOMP_SPINCOUNT) or turning it off
 (OMP_WAIT_POLICY=passive) would slow torch itself, so torch keeps its default. Peers that are
 not installed are skipped and named.
+glibc keeps its defaults, as a user's program has them, and they move torch's times. Its
+bmm-softmax-bmm at (8, 512, 512, 64) took 7.0-7.9 ms in 10 of 16 processes, each call faulting
+in ~4000 fresh pages for its 8 MB intermediates, and 2.5-3.1 ms with 0-100 faults in the other six:
+a process whose row shows such a torch time is in that mode, and its ratios are inflated. With
+MALLOC_TRIM_THRESHOLD_ and MALLOC_MMAP_THRESHOLD_ at 1 GiB (freed memory kept for reuse) it took
+2.4-2.7 ms in every process; the eager concat formula, whose 33.5 MB intermediates glibc maps
+afresh on every call by default, then took 10.0 ms instead of 27.5 (luong 0.47 ms: 21x instead
+of 59-74x in runs with the defaults), and SDPA's rows stayed within noise.
 PyTorch runs on the CPU with `torch.set_num_threads(2)`; its SDPA gets its best layout (4-D
 `(B, 1, T, D)` inputs, `scale=1.0`, the same boolean mask). Keras runs on JAX, its fastest CPU
 backend, under `jax.jit`. FLOP counts are 4·B·Tq·Tv·D (two products).
