@@ -1106,9 +1106,9 @@ const PREFETCH_WEIGHTS_UP_TO: usize = 3 << 19;
 /// 1's scores with block 0's softmax, block 0's combine with block 1's softmax, block 1's
 /// combine. The output rows may come uninitialised: the copy-out from the tiles' O writes each
 /// in full (zeroing them first cost 0.4-4.2% of a call at (8, 512, 512, 64) with returned
-/// weights, 0-4.6% without: Rust, 2 threads, old and new binaries alternating, medians of 200). Returns false, touching nothing the caller reads, when a query
-/// row of the item does not split exactly (`amx::split_queries`); the caller then runs the
-/// AVX-512 path.
+/// weights, 0-4.6% without: Rust, 2 threads, old and new binaries alternating, medians of 200).
+/// Returns false, touching nothing the caller reads, when a query row of the item does not
+/// split exactly (`amx::split_queries`); the caller then runs the AVX-512 path.
 ///
 /// # Safety
 /// [`Isa::Amx`] was detected; `keys` was prepared with `amx_ready` for batch element `item.b`.
