@@ -552,22 +552,27 @@ pub(crate) fn block_f32(
     if ctx.isa != Isa::Scalar {
         keys.prepare(ctx, item.b);
     }
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: Isa::Amx implies AVX-512F and the tile state (`amx::available`); `prepare`
+    // packed this batch element's keys and values for the tiles when `amx_ready`. The tiles
+    // write the output rows themselves; every other path (also when the tiles decline the
+    // item) gets them zeroed.
+    if ctx.isa == Isa::Amx
+        && keys.amx_ready
+        && unsafe { block_amx(ctx, item, keys, scores, out, stats.as_deref_mut()) }
+    {
+        return;
+    }
+    let out = init(out);
     match ctx.isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Isa::detect` chose Avx512 only after `is_x86_feature_detected!("avx512f")`.
-        Isa::Avx512 => unsafe { block_avx512(ctx, item, keys, scores, init(out), stats) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: Isa::Amx implies AVX-512F and the tile state (`amx::available`); `prepare`
-        // packed this batch element's keys and values for the tiles when `amx_ready`.
-        Isa::Amx => unsafe {
-            if !(keys.amx_ready && block_amx(ctx, item, keys, scores, out, stats.as_deref_mut())) {
-                block_avx512(ctx, item, keys, scores, init(out), stats)
-            }
-        },
+        // SAFETY: `Isa::detect` chose Avx512 (and Amx) only after
+        // `is_x86_feature_detected!("avx512f")`.
+        Isa::Avx512 | Isa::Amx => unsafe { block_avx512(ctx, item, keys, scores, out, stats) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: Avx2 only after detecting avx2 and fma.
-        Isa::Avx2 => unsafe { block_avx2(ctx, item, keys, scores, init(out), stats) },
-        _ => portable_block(ctx, item, init(scores), init(out), stats),
+        Isa::Avx2 => unsafe { block_avx2(ctx, item, keys, scores, out, stats) },
+        _ => portable_block(ctx, item, init(scores), out, stats),
     }
 }
 
