@@ -185,6 +185,9 @@ def rows_scores(calls: int) -> list[dict[str, Any]]:
             return torch.bmm(w, tv), w
 
         fns["torch bmm-softmax-bmm"] = eager
+    # What the weights cost luong: the same call without them, in the same runs (torch's time
+    # over this one bounds the row's ratio).
+    fns["luong, no weights"] = lambda: luong.attention(q, v, k)
 
     def ours() -> Any:
         return luong.attention(q, v, k, return_attention_scores=True)
