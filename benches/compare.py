@@ -50,6 +50,7 @@ os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 import numpy as np
 
 import luong
+from luong._timing import cpu_model
 from luong.reference import reference_attention
 
 THREADS = 2
@@ -354,7 +355,7 @@ def main() -> int:
     ap.add_argument("--gap", type=float, default=GAP, help="seconds of sleep before each run")
     args = ap.parse_args()
     RUN, GAP = args.run, args.gap
-    print(f"# luong {luong.__version__} ({luong.kernel_isa()} kernels), "
+    print(f"# luong {luong.__version__} on {cpu_model()} ({luong.kernel_isa()} kernels), "
           f"python {sys.version.split()[0]}, "
           f"torch {getattr(torch, '__version__', '-')}, jax {getattr(jax, '__version__', '-')}, "
           f"keras {getattr(keras, '__version__', '-')}; {THREADS} threads; {args.calls} calls; "

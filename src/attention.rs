@@ -37,6 +37,25 @@ const SERIAL_FLOPS: usize = 1 << 20;
 /// weights 160 -> 116, 48.5 -> 43.0, 42.4 -> 40.7 (16 MiB was no better).
 const SCRATCH_BYTES: usize = 4 << 20;
 
+/// The threads a call of `dims` runs on, out of a pool of `pool_threads`: one below
+/// [`SERIAL_FLOPS`].
+fn call_threads(dims: Dims, pool_threads: usize) -> usize {
+    let flops = (dims.batch * dims.tq)
+        .saturating_mul(dims.tv)
+        .saturating_mul(2 * (dims.d + dims.dv) + 8);
+    match flops >= SERIAL_FLOPS {
+        true => pool_threads,
+        false => 1,
+    }
+}
+
+/// How a call runs ([`Attention::route`]).
+struct Route {
+    isa: crate::kernel::Isa,
+    rows: usize,
+    flash: bool,
+}
+
 /// What a 3-D call returns.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Output<T> {
@@ -176,11 +195,9 @@ impl Attention {
         want_stats: bool,
     ) -> Result<(Output<T>, Option<Array3<T>>)> {
         let (dims, query, value, key) = self.checked(query, value, key, masks)?;
-        let flops = (dims.batch * dims.tq)
-            .saturating_mul(dims.tv)
-            .saturating_mul(2 * (dims.d + dims.dv) + 8);
         let pool = crate::pool::pool()?;
-        let parallel = flops >= SERIAL_FLOPS && pool.current_num_threads() > 1;
+        let threads = call_threads(dims, pool.current_num_threads());
+        let parallel = threads > 1;
         if parallel {
             wake(&pool);
         }
@@ -196,33 +213,7 @@ impl Attention {
             true => Some(uninit::<T>([dims.batch, dims.tq, 2], "row statistics")?),
             false => None,
         };
-        let threads = if parallel {
-            pool.current_num_threads()
-        } else {
-            1
-        };
-        // Long keys on tiles run in chunks (`kernel::flash`), their items not shrunk by Tv
-        // (float32 only: the tiles and the chunks are the f32 fast path's).
-        let chunks = T::NAME == f32::NAME
-            && crate::kernel::flash(
-                dims.tv,
-                self.return_scores,
-                self.active_dropout().is_some(),
-                masks.causal,
-            );
-        let (isa, rows) = crate::kernel::tiles_or_not(
-            self.effective_isa(),
-            crate::kernel::amx_gate(self.isa),
-            self.mode,
-            dims,
-            item_rows::<T>(dims, threads, chunks),
-            self.return_scores,
-        );
-        let flash = chunks && isa == crate::kernel::Isa::Amx;
-        let rows = match chunks && !flash {
-            true => item_rows::<T>(dims, threads, false), // not on tiles after all
-            false => rows,
-        };
+        let Route { isa, rows, flash } = self.route::<T>(dims, masks.causal, threads);
         let ctx = Ctx {
             query: query.view(),
             key: key.as_ref().map_or(value.view(), |k| k.view()),
@@ -262,6 +253,50 @@ impl Attention {
             )
         };
         Ok((Output { output, scores }, stats))
+    }
+
+    /// The kernel family a call with these sizes runs its work items on, with the pool's
+    /// current thread count: on a CPU with AMX, [`Isa::Amx`](crate::Isa::Amx) only for the
+    /// float32 dot-score calls that pass the tile gate (the rest run on AVX-512); float64 runs
+    /// the portable path ([`Isa::Scalar`](crate::Isa::Scalar)). A block whose inputs the tiles
+    /// cannot split exactly (inf, NaN, |x| >= 2^127) still falls back to AVX-512 at run time.
+    /// Half-precision calls run as float32 (`T = f32`). For reports such as `python -m luong`.
+    pub fn planned_isa<T: Float>(&self, dims: Dims, causal: bool) -> crate::Isa {
+        match T::NAME == f32::NAME {
+            true => {
+                self.route::<T>(dims, causal, call_threads(dims, crate::num_threads()))
+                    .isa
+            }
+            false => crate::Isa::Scalar,
+        }
+    }
+
+    /// How a call of `dims` on `threads` threads runs: the family, the rows per work item, and
+    /// whether its keys run in chunks on tiles (`kernel::flash`).
+    fn route<T: Float>(&self, dims: Dims, causal: bool, threads: usize) -> Route {
+        // Long keys on tiles run in chunks (`kernel::flash`), their items not shrunk by Tv
+        // (float32 only: the tiles and the chunks are the f32 fast path's).
+        let chunks = T::NAME == f32::NAME
+            && crate::kernel::flash(
+                dims.tv,
+                self.return_scores,
+                self.active_dropout().is_some(),
+                causal,
+            );
+        let (isa, rows) = crate::kernel::tiles_or_not(
+            self.effective_isa(),
+            crate::kernel::amx_gate(self.isa),
+            self.mode,
+            dims,
+            item_rows::<T>(dims, threads, chunks),
+            self.return_scores,
+        );
+        let flash = chunks && isa == crate::kernel::Isa::Amx;
+        let rows = match chunks && !flash {
+            true => item_rows::<T>(dims, threads, false), // not on tiles after all
+            false => rows,
+        };
+        Route { isa, rows, flash }
     }
 
     /// Runs attention on N-D views: query `(..., Tq, D)`, value `(..., Tv, Dv)`, key

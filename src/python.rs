@@ -427,6 +427,38 @@ fn kernel_isa() -> &'static str {
     crate::Isa::detect().name()
 }
 
+/// planned_isa(dims, dtype, options) -> "amx" | "avx512" | "avx2" | "scalar"
+///
+/// The kernel family a call of `dims = (B, Tq, Tv, D, Dv)` (B the product of the broadcast
+/// batch dims) in `dtype` ("float32", "float64", "float16" or "bfloat16") with `options` runs on
+/// (`Attention::planned_isa`): below the AMX tile gate, "avx512" on an AMX machine.
+#[pyfunction]
+fn planned_isa(
+    dims: (usize, usize, usize, usize, usize),
+    dtype: &str,
+    options: Options,
+) -> PyResult<&'static str> {
+    let attn = options.attention()?;
+    let (batch, tq, tv, d, dv) = dims;
+    let dims = crate::shape::Dims {
+        batch,
+        tq,
+        tv,
+        d,
+        dv,
+    };
+    let isa = match dtype {
+        "float64" => attn.planned_isa::<f64>(dims, options.causal),
+        "float32" | "float16" | "bfloat16" => attn.planned_isa::<f32>(dims, options.causal),
+        _ => {
+            return Err(PyValueError::new_err(format!(
+                "dtype must be 'float32', 'float64', 'float16' or 'bfloat16', received {dtype:?}"
+            )))
+        }
+    };
+    Ok(isa.name())
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -436,5 +468,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(kernel_isa, m)?)?;
+    m.add_function(wrap_pyfunction!(planned_isa, m)?)?;
     Ok(())
 }

@@ -12,6 +12,7 @@ __all__ = [
     "forward_saved",
     "get_num_threads",
     "kernel_isa",
+    "planned_isa",
     "set_num_threads",
 ]
 
@@ -54,3 +55,6 @@ def backward(
 def set_num_threads(threads: int) -> None: ...
 def get_num_threads() -> int: ...
 def kernel_isa() -> str: ...
+def planned_isa(
+    dims: tuple[int, int, int, int, int], dtype: str, options: _Options | dict[str, Any]
+) -> str: ...
