@@ -70,3 +70,18 @@ pub use softmax::softmax_rows;
 #[doc = include_str!("../README.md")]
 #[cfg(doctest)]
 pub struct ReadmeDoctests;
+
+/// The Rust examples of docs/design.md, compiled and run as doc-tests.
+#[doc = include_str!("../docs/design.md")]
+#[cfg(doctest)]
+pub struct DesignDoctests;
+
+/// The Rust examples of docs/performance.md, compiled and run as doc-tests.
+#[doc = include_str!("../docs/performance.md")]
+#[cfg(doctest)]
+pub struct PerformanceDoctests;
+
+/// The Rust examples of docs/testing.md, compiled and run as doc-tests.
+#[doc = include_str!("../docs/testing.md")]
+#[cfg(doctest)]
+pub struct TestingDoctests;

@@ -12,8 +12,8 @@
 //! and Keras parity tests run on whatever path the machine picks (and again with
 //! `LUONG_ISA=amx`).
 //!
-//! What the fast path buys at (8, 512, 512, 64), 2 threads, float32: see `benches/` and the
-//! README's performance table.
+//! What the fast path buys at (8, 512, 512, 64), 2 threads, float32: see `benches/` and
+//! docs/performance.md.
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
