@@ -35,7 +35,8 @@ use ndarray::{
 };
 use rayon::prelude::*;
 
-use crate::attention::{init, unfold, uninit, with_folded, MasksNd, Saved};
+use crate::alloc::{init, uninit};
+use crate::attention::{unfold, with_folded, MasksNd, Saved};
 use crate::config::{Attention, ScoreMode};
 use crate::dropout::DropoutMask;
 use crate::error::{AttentionError, Result};

@@ -45,7 +45,7 @@ pub fn combine<T: Float>(
         });
     }
     let (weights, value) = (rows_contiguous(weights), rows_contiguous(value));
-    let mut out = crate::attention::zeros::<T>([b, tq, dv], "output")?;
+    let mut out = crate::alloc::zeros::<T>([b, tq, dv], "output")?;
     for (bi, mut ob) in out.axis_iter_mut(Axis(0)).enumerate() {
         for (i, mut row) in ob.axis_iter_mut(Axis(0)).enumerate() {
             let w = weights.slice(ndarray::s![bi, i, ..]);

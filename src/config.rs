@@ -4,8 +4,8 @@
 //! `attention.rs`) runs it. Settings are kept in `f64` and rounded to the compute type at the
 //! start of each call, as Keras rounds its float32 weights.
 
+use crate::cpu::Isa;
 use crate::error::{AttentionError, Result};
-use crate::kernel::Isa;
 
 /// How query and key are combined into a score, as Keras's `score_mode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -126,13 +126,7 @@ impl Attention {
 
     /// The instruction set calls run on.
     pub fn effective_isa(&self) -> Isa {
-        let best = Isa::detect();
-        match self.isa {
-            Some(Isa::Scalar) => Isa::Scalar,
-            Some(Isa::Avx2) if best != Isa::Scalar => Isa::Avx2,
-            Some(Isa::Avx512) if best == Isa::Amx => Isa::Avx512,
-            _ => best,
-        }
+        crate::cpu::resolve(self.isa, Isa::detect())
     }
 
     /// The score mode.

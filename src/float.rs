@@ -11,7 +11,7 @@ use crate::kernel::{self, Ctx, Item, KeyCache};
 /// A float type the attention stages can run in: `f32` or `f64`.
 ///
 /// `MASK_BIAS` is the number Keras subtracts from masked scores (`1e9`; Keras uses `65504` for
-/// float16, which luong will add with half precision). Keras subtracts a large finite number
+/// float16: `Half::MASK_BIAS`). Keras subtracts a large finite number
 /// instead of writing `-inf` so that a fully masked row still gives finite weights: the softmax of
 /// `s - 1e9` is the softmax of `s` rounded to the spacing of floats near `1e9`.
 pub trait Float:
@@ -94,8 +94,8 @@ pub trait Float:
         out: &mut [std::mem::MaybeUninit<Self>],
         stats: Option<&mut [Self]>,
     ) {
-        let scores = crate::attention::init(scores);
-        kernel::portable_block(ctx, item, scores, crate::attention::init(out), stats)
+        let scores = crate::alloc::init(scores);
+        kernel::portable_block(ctx, item, scores, crate::alloc::init(out), stats)
     }
 }
 

@@ -46,7 +46,9 @@ pub mod score;
 pub mod shape;
 pub mod softmax;
 
+mod alloc;
 mod attention;
+mod cpu;
 mod pool;
 
 #[cfg(feature = "python")]
@@ -57,10 +59,10 @@ pub use attention::{MasksNd, Output, OutputNd, Saved};
 pub use backward::{Gradients, GradientsNd, SavedNd, SavedView};
 pub use combine::combine;
 pub use config::{Attention, Dropout, ScoreMode};
+pub use cpu::Isa;
 pub use dropout::apply_dropout;
 pub use error::{AttentionError, Result};
 pub use float::Float;
-pub use kernel::Isa;
 pub use mask::{apply_query_mask, apply_score_mask, Masks, ValueMask};
 pub use pool::{num_threads, set_num_threads};
 pub use score::scores;

@@ -324,7 +324,8 @@ fn describe(a: &Bound<'_, PyAny>) -> String {
 
 /// attention(query, value, key, query_mask, value_mask, options) -> (output, scores | None)
 ///
-/// query/value/key: float32 or float64 arrays, all of one dtype; masks: bool arrays or None.
+/// query/value/key: float32, float64, float16 or bfloat16 arrays, all of one dtype; masks: bool
+/// arrays or None.
 #[pyfunction]
 #[pyo3(signature = (query, value, key, query_mask, value_mask, options))]
 fn attention<'py>(

@@ -104,7 +104,7 @@ pub fn scores<T: Float>(
     let dims = shape::check_qkv(query.shape(), key.shape(), Some(key.shape()))?;
     let p = ScoreParams::of(attn);
     let (query, key) = (rows_contiguous(query), rows_contiguous(key));
-    let mut out = crate::attention::zeros::<T>([dims.batch, dims.tq, dims.tv], "scores")?;
+    let mut out = crate::alloc::zeros::<T>([dims.batch, dims.tq, dims.tv], "scores")?;
     for (b, mut sb) in out.axis_iter_mut(Axis(0)).enumerate() {
         for (i, mut row) in sb.axis_iter_mut(Axis(0)).enumerate() {
             let q = query.slice(ndarray::s![b, i, ..]);

@@ -10,8 +10,8 @@ What computes:
 - numpy backend: luong's kernel on the NumPy arrays (`luong.attention`'s path);
 - jax backend: `luong.jax.attention`, so `jit`, `model.fit` and gradients (into `scale`,
   `concat_score_weight` and the layers upstream) run luong's forward and backward kernels;
-- other backends (tensorflow, torch), or a compute dtype luong does not take (float16 and
-  bfloat16 until luong computes in them): Keras's own `keras.layers.Attention.call`.
+- other backends (tensorflow, torch), or a compute dtype luong does not take (`_luong_dtype`):
+  Keras's own `keras.layers.Attention.call`.
 
 Numbers are Keras's up to float32 rounding (see the README's parity notes). Deviations from
 Keras, all luong's documented behaviour: value masks with other than one batch dim and full score

@@ -35,59 +35,8 @@
 use std::arch::asm;
 use std::arch::x86_64::*;
 use std::ops::Range;
-use std::sync::OnceLock;
 
 use super::simd::exp_table;
-
-/// Whether this process can run the tile kernels (checked once; asks Linux for the tile state).
-pub(crate) fn available() -> bool {
-    static OK: OnceLock<bool> = OnceLock::new();
-    *OK.get_or_init(|| cpu_has_amx() && os_grants_tiles())
-}
-
-fn cpu_has_amx() -> bool {
-    if !is_x86_feature_detected!("avx512f") || !is_x86_feature_detected!("xsave") {
-        return false;
-    }
-    // CPUID leaf 7 exists on every CPU with AVX-512F.
-    let leaf7 = __cpuid_count(7, 0);
-    let (amx_bf16, amx_tile) = (leaf7.edx >> 22 & 1 == 1, leaf7.edx >> 24 & 1 == 1);
-    if !(amx_bf16 && amx_tile) {
-        return false;
-    }
-    // XCR0 bits 17 (XTILECFG) and 18 (XTILEDATA): the OS saves and restores tile state.
-    // SAFETY: OSXSAVE is set whenever is_x86_feature_detected!("xsave") holds with OS support;
-    // XGETBV with ECX = 0 reads XCR0.
-    let xcr0 = unsafe { _xgetbv(0) };
-    xcr0 >> 17 & 3 == 3
-}
-
-#[cfg(target_os = "linux")]
-fn os_grants_tiles() -> bool {
-    const ARCH_REQ_XCOMP_PERM: i64 = 0x1023;
-    const XFEATURE_XTILEDATA: i64 = 18;
-    const SYS_ARCH_PRCTL: i64 = 158;
-    let ret: i64;
-    // SAFETY: arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA) only asks for permission; it reads and
-    // writes no user memory. The syscall clobbers rcx and r11, declared here.
-    unsafe {
-        asm!(
-            "syscall",
-            inlateout("rax") SYS_ARCH_PRCTL => ret,
-            in("rdi") ARCH_REQ_XCOMP_PERM,
-            in("rsi") XFEATURE_XTILEDATA,
-            lateout("rcx") _,
-            lateout("r11") _,
-            options(nostack),
-        );
-    }
-    ret == 0
-}
-
-#[cfg(not(target_os = "linux"))]
-fn os_grants_tiles() -> bool {
-    false
-}
 
 /// A 64-byte aligned buffer of bf16 (as `u16`) that keeps its allocation between uses.
 #[derive(Default)]
@@ -1767,7 +1716,7 @@ mod tests {
                 &abs,
                 2f64.powi(-22),
             );
-            if !available() {
+            if !crate::cpu::amx_available() {
                 continue; // the layouts are checked; this CPU has no tiles to run them
             }
             // SAFETY: available() holds; the buffers were sized above for these shapes.

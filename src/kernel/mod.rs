@@ -24,7 +24,8 @@ mod rows;
 mod simd;
 
 use std::mem::MaybeUninit;
-use std::sync::OnceLock;
+
+pub use crate::cpu::Isa;
 
 use ndarray::{ArrayView3, Axis};
 
@@ -36,68 +37,6 @@ use crate::mask::{mask_row, Masks};
 use crate::score::{score_row, ScoreParams};
 use crate::shape::Dims;
 use crate::softmax::softmax_row;
-
-/// The instruction sets the f32 kernels can use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Isa {
-    /// AVX-512F, with the forward's two dot products on AMX tiles (AMX-TILE and AMX-BF16, where
-    /// the OS grants the tile state): each f32 operand split into three bfloat16 parts, six tile
-    /// products per f32 product, error at or below an f32 FMA chain's (see `kernel::amx`).
-    /// Everything else runs as [`Isa::Avx512`].
-    Amx,
-    /// AVX-512F: 16 lanes, masked loads, `vscalefps`.
-    Avx512,
-    /// AVX2 and FMA: 8 lanes.
-    Avx2,
-    /// The portable row-by-row path.
-    Scalar,
-}
-
-impl Isa {
-    /// The best set this CPU supports, or what `LUONG_ISA` (`amx`, `avx512`, `avx2`, `scalar`)
-    /// asks for when the CPU supports it (to test and benchmark every path on one machine;
-    /// `amx` also runs calls of every size on tiles). Detected once.
-    /// [`Isa::Amx`] asks Linux for the tile state the first time (`arch_prctl`).
-    pub fn detect() -> Isa {
-        static ISA: OnceLock<Isa> = OnceLock::new();
-        *ISA.get_or_init(|| {
-            let best = Isa::best();
-            match std::env::var("LUONG_ISA").ok().as_deref() {
-                Some("scalar") => Isa::Scalar,
-                Some("avx2") if best != Isa::Scalar => Isa::Avx2,
-                Some("avx512") if best == Isa::Amx => Isa::Avx512,
-                _ => best,
-            }
-        })
-    }
-
-    /// The name `LUONG_ISA` takes for this set: `amx`, `avx512`, `avx2` or `scalar`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Isa::Amx => "amx",
-            Isa::Avx512 => "avx512",
-            Isa::Avx2 => "avx2",
-            Isa::Scalar => "scalar",
-        }
-    }
-
-    fn best() -> Isa {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx512f") {
-                return if amx::available() {
-                    Isa::Amx
-                } else {
-                    Isa::Avx512
-                };
-            }
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                return Isa::Avx2;
-            }
-        }
-        Isa::Scalar
-    }
-}
 
 /// Below this many query rows the dot scores read key rows in place instead of packing Kᵀ: the
 /// packing pass costs as much as the product when each key meets only a few queries.
@@ -144,8 +83,7 @@ pub(crate) struct AmxGate {
 /// when [`Isa::Amx`] is asked for by the builder or by `LUONG_ISA=amx` (for tests and
 /// benchmarks), else [`AMX_MIN_FLOP`], [`AMX_MIN_ROWS`] and [`AMX_WEIGHTS_MAX_TV`].
 pub(crate) fn amx_gate(requested: Option<Isa>) -> AmxGate {
-    static ENV: OnceLock<bool> = OnceLock::new();
-    let env = *ENV.get_or_init(|| std::env::var("LUONG_ISA").is_ok_and(|v| v == "amx"));
+    let env = crate::cpu::requested_by_env() == Some(Isa::Amx);
     if requested == Some(Isa::Amx) || (requested.is_none() && env) {
         AmxGate {
             min_flop: 0,
@@ -464,8 +402,8 @@ fn pack_keys(isa: Isa, key: ndarray::ArrayView2<'_, f32>, nr: usize, out: &mut [
             gemm::pack::<simd::Avx2>(key, nr, out)
         }
         match isa {
-            // SAFETY: the ISA was detected (`Isa::detect`); `nr` is `panel_width(isa)`, a
-            // multiple of the lanes, and callers size `out` for it.
+            // SAFETY: the ISA was detected (`Isa::detect`); `nr` is `panel_width(isa)` or
+            // `fwd_panel_width(isa)`, a multiple of the lanes, and callers size `out` for it.
             Isa::Avx512 | Isa::Amx => return unsafe { avx512(key, nr, out) },
             // SAFETY: as above.
             Isa::Avx2 => return unsafe { avx2(key, nr, out) },
@@ -544,7 +482,7 @@ pub(crate) fn block_f32(
     out: &mut [MaybeUninit<f32>],
     mut stats: Option<&mut [f32]>,
 ) {
-    use crate::attention::init;
+    use crate::alloc::init;
     let Dims { tv, d, dv, .. } = ctx.dims;
     if tv == 0 || d == 0 || dv == 0 {
         return portable_block(ctx, item, init(scores), init(out), stats);
@@ -635,17 +573,18 @@ struct Tiles {
 /// The fused block on ISA `S`.
 ///
 /// # Safety
-/// `S`'s instructions must be available; `ctx` was prepared by `prepare_f32` for this ISA.
+/// `S`'s instructions must be available; `keys` was prepared (`KeyCache::prepare`) for this
+/// batch element and ISA.
 ///
 /// Why the raw pointers stay in bounds: the views in `ctx` have non-negative strides and
 /// contiguous rows (`shape::rows_contiguous`), and `shape::check_qkv` / `check_masks` checked
 /// every size against `ctx.dims`. The query block starts at row `i0 < Tq` and spans `rows`
-/// rows with `i0 + rows <= Tq` (`run_items`); packed panels are `per_batch` floats per batch
-/// element (`prepare_f32` allocated `batch · per_batch`), zero-padded to whole panels, so the
-/// full-width loads of a panel stay inside; value rows are read with full-width loads only for
-/// whole panels of `Dv` columns and with masked loads (which touch no masked-off lane) for the
-/// tail; `scores` holds `rows · Tv` and `out` `rows · Dv` floats (asserted below), and the
-/// products write only `rows × cols` and `rows × Dv` of them.
+/// rows with `i0 + rows <= Tq` (`run_items`); the packed panels of the element are `per_batch`
+/// floats (`KeyCache::prepare` sizes them), zero-padded to whole panels, so the full-width
+/// loads of a panel stay inside; value rows are read with full-width loads only for whole
+/// panels of `Dv` columns and with masked loads (which touch no masked-off lane) for the tail;
+/// `scores` holds `rows · Tv` and `out` `rows · Dv` floats (asserted below), and the products
+/// write only `rows × cols` and `rows × Dv` of them.
 #[inline(always)]
 unsafe fn block_simd<S: simd::Simd, const NVS: usize>(
     ctx: &Ctx<'_, '_, f32>,
@@ -710,7 +649,7 @@ unsafe fn block_simd<S: simd::Simd, const NVS: usize>(
             std::slice::from_raw_parts_mut(sc, rows * tv)
         }
         ScoreMode::Dot => {
-            let scores = crate::attention::init(&mut scores[..rows * tv]);
+            let scores = crate::alloc::init(&mut scores[..rows * tv]);
             let k = ctx.key.index_axis(Axis(0), b);
             for r in 0..rows {
                 let qr = std::slice::from_raw_parts(q0.offset(r as isize * q_ld), d);
@@ -726,7 +665,7 @@ unsafe fn block_simd<S: simd::Simd, const NVS: usize>(
             scores
         }
         ScoreMode::Concat => {
-            let scores = crate::attention::init(&mut scores[..rows * tv]);
+            let scores = crate::alloc::init(&mut scores[..rows * tv]);
             concat_scores::<S, NVS>(ctx, item, keys, cols, scores, tiles.scores_mr);
             scores
         }
@@ -1156,7 +1095,7 @@ unsafe fn block_amx(
                 item,
                 keys,
                 (scratch, &tiles, dp),
-                crate::attention::init(out),
+                crate::alloc::init(out),
                 stats.as_deref_mut(),
                 &mut inv,
             );
