@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 
 import luong
+from luong._run import Options
 from luong._timing import cpu_model, steady_ms
-from luong.layer import _functional_options
 from luong.reference import reference_attention
 
 # (label, score_mode, (B, Tq, Tv, D), masks + causal, return scores)
@@ -66,11 +66,8 @@ def write_plot(path: str) -> int:
 def path(mode: str, shape: tuple[int, int, int, int], causal: bool, scores: bool) -> str:
     """The kernel family this case runs on (`_core.planned_isa`)."""
     b, tq, tv, d = shape
-    options = _functional_options(
-        score_mode=mode, scale=None, concat_score_weight=1.0, dropout=0.0, seed=None,
-        training=False, use_causal_mask=causal, return_attention_scores=scores,
-    )
-    return luong._core.planned_isa((b, tq, tv, d, d), "float32", options)
+    options = Options(score_mode=mode, causal=causal, return_scores=scores)
+    return luong._core.planned_isa((b, tq, tv, d, d), "float32", options.to_core())
 
 
 def main(argv: list[str] | None = None) -> int:

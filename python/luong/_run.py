@@ -3,7 +3,9 @@ hand them to the Rust kernel. Shared by the `Attention` layer and the functional
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -139,6 +141,72 @@ def check_seed(seed: Any) -> int:
 
 
 
+@dataclass(frozen=True)
+class Options:
+    """One call's kernel settings, as the layer, the functional form and every bridge hand them
+    to `_core`: build it with `Options.of(...)` from the user's arguments (which validates
+    them), change a field with `replace`, and pass `to_core()` to the kernel.
+
+    `dropout` is the rate in effect (0 outside training), `seed` the unsigned 64-bit key of the
+    dropout masks, `call` the call index that picks them."""
+
+    score_mode: str = "dot"
+    scale: float | None = None
+    concat_score_weight: float = 1.0
+    dropout: float = 0.0
+    seed: int = 0
+    call: int = 0
+    causal: bool = False
+    return_scores: bool = False
+
+    @classmethod
+    def of(
+        cls,
+        *,
+        score_mode: str = "dot",
+        scale: float | None = None,
+        concat_score_weight: float = 1.0,
+        dropout: float = 0.0,
+        seed: Any = None,
+        training: bool = False,
+        call: int = 0,
+        use_causal_mask: bool = False,
+        return_attention_scores: bool = False,
+    ) -> Options:
+        """The settings of a call from its Keras-named arguments, checked by Keras's rules:
+        dropout applies only when `training`, and then `seed` None draws a fresh key."""
+        rate = check_dropout(dropout) if training else 0.0
+        return cls(
+            score_mode=score_mode,
+            scale=None if scale is None else float(scale),
+            concat_score_weight=float(concat_score_weight),
+            dropout=rate,
+            seed=check_seed(seed) if rate > 0 else 0,
+            call=int(call),
+            causal=bool(use_causal_mask),
+            return_scores=bool(return_attention_scores),
+        ).validate()
+
+    def validate(self) -> Options:
+        """Raises Keras's ValueError for an unknown score mode or a dropout rate outside
+        [0, 1); returns the options."""
+        if self.score_mode not in ("dot", "concat"):
+            raise ValueError(
+                "Invalid value for argument score_mode. Expected one of {'dot', 'concat'}. "
+                f"Received: score_mode={self.score_mode}"
+            )
+        check_dropout(self.dropout)
+        return self
+
+    def replace(self, **changes: Any) -> Options:
+        """A copy with `changes` applied."""
+        return dataclasses.replace(self, **changes)
+
+    def to_core(self) -> dict[str, Any]:
+        """The dict `_core` takes."""
+        return dataclasses.asdict(self)
+
+
 # (query, value, key, query_mask, value_mask) as the kernel takes them.
 Arrays = tuple[
     np.ndarray, np.ndarray, Optional[np.ndarray], Optional[np.ndarray], Optional[np.ndarray]
@@ -167,17 +235,18 @@ def run(
     value_mask: Any,
     *,
     dtype: np.dtype,
-    options: dict[str, Any],
+    options: Options,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Converts the arrays and runs the kernel; returns (output, scores or None)."""
-    return _core.attention(*convert(query, value, key, query_mask, value_mask, dtype), options)
+    arrays = convert(query, value, key, query_mask, value_mask, dtype)
+    return _core.attention(*arrays, options.to_core())
 
 
 Backward = Callable[[Any], dict[str, np.ndarray]]
 
 
 def vjp(
-    arrays: Arrays, *, dtype: np.dtype, options: dict[str, Any]
+    arrays: Arrays, *, dtype: np.dtype, options: Options
 ) -> tuple[np.ndarray, Backward]:
     """The forward output and a function from the upstream gradient to the gradients.
 
@@ -185,20 +254,20 @@ def vjp(
     gradient keys: query, value, key (when a key was passed), scale (when set),
     concat_score_weight (concat mode).
     """
-    options = {**options, "return_scores": False}
+    core = options.replace(return_scores=False).to_core()
     # The forward keeps each row's softmax statistics, so the backward recomputes the weights
     # block by block instead of rerunning the forward (half precision reruns it, in float32).
     half = dtype.name in HALF
     if half:
-        output, _ = _core.attention(*arrays, options)
+        output, _ = _core.attention(*arrays, core)
     else:
-        output, stats = _core.forward_saved(*arrays, options)
+        output, stats = _core.forward_saved(*arrays, core)
     has_key = arrays[2] is not None
 
     def backward(d_output: Any) -> dict[str, np.ndarray]:
         d = as_input(d_output, "d_output", dtype)
         saved = None if half else (output, stats)
-        dq, dk, dv, d_scale, d_weight = _core.backward(*arrays, d, options, saved=saved)
+        dq, dk, dv, d_scale, d_weight = _core.backward(*arrays, d, core, saved=saved)
         grads = {"query": dq, "value": dv}
         if has_key and dk is not None:
             grads["key"] = dk

@@ -41,7 +41,6 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     ) from e
 
 from . import _run
-from .layer import _functional_options
 
 # dask.array's functions carry no annotations; typed aliases keep mypy --strict checking the
 # calls below without a `type: ignore` on each.
@@ -92,9 +91,10 @@ def attention(
         TypeError: non-numeric inputs.
     """
     compute = _run.compute_dtype(dtype)
-    options = _functional_options(
-        score_mode, scale, concat_score_weight, dropout, seed, training, use_causal_mask,
-        return_attention_scores,
+    options = _run.Options.of(
+        score_mode=score_mode, scale=scale, concat_score_weight=concat_score_weight,
+        dropout=dropout, seed=seed, training=training, use_causal_mask=use_causal_mask,
+        return_attention_scores=return_attention_scores,
     )
     q, v = _asarray(query), _asarray(value)
     k = None if key is None else _asarray(key)
@@ -124,7 +124,7 @@ def attention(
         None if qm is None else _aligned(qm, labels, (_TQ,), chunks),
         None if vm is None else _aligned(vm, labels, (_TQ, _TV) if full_mask else (_TV,), chunks),
     ]
-    dropping = options["dropout"] > 0
+    dropping = options.dropout > 0
     # Under dropout: per batch axis, a tiny int array holding each element's block index along
     # that axis (the same chunks as the batch axis), so a chunk knows which block it is.
     ids = [_block_ids(c) for c in chunks] if dropping else []
@@ -166,7 +166,7 @@ def _probe(
     qm: da.Array | None,
     vm: da.Array | None,
     compute: np.dtype,
-    options: dict[str, Any],
+    options: _run.Options,
 ) -> None:
     """luong's own shape and dtype checks, run now on zero-size stand-ins: every batch dim
     becomes 0 (and one 0 is prepended to all, so arrays without batch dims are probed too, and a
@@ -242,7 +242,7 @@ ChunkArgs = tuple[Optional[np.ndarray], ...]
 
 
 def _run_chunk(
-    args: ChunkArgs, options: dict[str, Any], compute: np.dtype, grid: tuple[int, ...]
+    args: ChunkArgs, options: _run.Options, compute: np.dtype, grid: tuple[int, ...]
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """One luong call on one chunk: `args` are query, value, key, query_mask, value_mask and,
     under dropout, one block-id array per batch axis."""
@@ -250,21 +250,21 @@ def _run_chunk(
     assert query is not None and value is not None  # always passed
     if ids:  # dropout: this chunk's masks are luong's masks for call = flat block index
         block = tuple(int(i[0]) if i is not None and i.size else 0 for i in ids)
-        options = {**options, "call": int(np.ravel_multi_index(block, grid))}
+        options = options.replace(call=int(np.ravel_multi_index(block, grid)))
     return _run.run(query, value, key, query_mask, value_mask, dtype=compute, options=options)
 
 
 def _chunk_output(
-    *args: np.ndarray | None, options: dict[str, Any], compute: np.dtype, grid: tuple[int, ...]
+    *args: np.ndarray | None, options: _run.Options, compute: np.dtype, grid: tuple[int, ...]
 ) -> np.ndarray:
     """The output of one chunk."""
     return _run_chunk(args, options, compute, grid)[0]
 
 
 def _chunk_both(
-    *args: np.ndarray | None, options: dict[str, Any], compute: np.dtype, grid: tuple[int, ...]
+    *args: np.ndarray | None, options: _run.Options, compute: np.dtype, grid: tuple[int, ...]
 ) -> tuple[np.ndarray, np.ndarray]:
     """`(output, scores)` of one chunk."""
     output, scores = _run_chunk(args, options, compute, grid)
-    assert scores is not None  # options["return_scores"] is set
+    assert scores is not None  # options.return_scores is set
     return output, scores

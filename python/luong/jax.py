@@ -40,7 +40,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _core, _run
-from .layer import _functional_options
 
 __all__ = ["attention"]
 
@@ -60,7 +59,7 @@ class _Plan:
     The shapes let the host side tell `vmap`'s added leading dims from the user's own.
     """
 
-    options: tuple[tuple[str, Any], ...]
+    options: _run.Options  # with scale, concat_score_weight and call at their defaults
     dtype: str
     query: Shape
     value: Shape
@@ -73,23 +72,22 @@ class _Plan:
 
     @property
     def dropout(self) -> float:
-        return float(dict(self.options)["dropout"])
+        return self.options.dropout
 
     def results(self, saved: bool) -> tuple[Shape, ...]:
         """The forward's result shapes: `(output, stats)` when saving for the backward, else
         `(output,)` or `(output, scores)`."""
         if saved:
             return (self.output, self.stats)
-        return (self.output, self.scores) if dict(self.options)["return_scores"] else (self.output,)
+        return (self.output, self.scores) if self.options.return_scores else (self.output,)
 
     def kernel_options(self, scale: Host, weight: Host, call: Host) -> dict[str, Any]:
-        """luong's options dict for one kernel call, with the scalars read from the host."""
-        return {
-            **dict(self.options),
-            "scale": None if scale is None else float(scale.reshape(-1)[0]),
-            "concat_score_weight": 1.0 if weight is None else float(weight.reshape(-1)[0]),
-            "call": 0 if call is None else int(call.reshape(-1)[0]) % (1 << 64),
-        }
+        """luong's options for one kernel call, with the scalars read from the host."""
+        return self.options.replace(
+            scale=None if scale is None else float(scale.reshape(-1)[0]),
+            concat_score_weight=1.0 if weight is None else float(weight.reshape(-1)[0]),
+            call=0 if call is None else int(call.reshape(-1)[0]) % (1 << 64),
+        ).to_core()
 
 
 def _host(x: Any) -> Host:
@@ -262,7 +260,7 @@ Residuals = tuple[Primals, Extras, Saved]
 def _attention_fwd(
     plan: _Plan, primals: Primals, extras: Extras
 ) -> tuple[tuple[jax.Array, ...], Residuals]:
-    if dict(plan.options)["return_scores"]:  # forward_saved returns no scores
+    if plan.options.return_scores:  # forward_saved returns no scores
         return _run_forward(plan, primals, extras), (primals, extras, None)
     output, stats = _run_forward(plan, primals, extras, saved=True)
     return (output,), (primals, extras, (output, stats))
@@ -420,17 +418,15 @@ def attention(
             both), a non-scalar `scale` or `concat_score_weight`, a non-integer `call`.
         TypeError: non-real (e.g. complex) inputs.
     """
-    options = _functional_options(
-        score_mode,
-        None,
-        1.0,
-        dropout,
-        0 if seed is None else seed,
-        training,
-        use_causal_mask,
-        return_attention_scores,
+    options = _run.Options.of(
+        score_mode=score_mode,
+        dropout=dropout,
+        seed=0 if seed is None else seed,
+        training=training,
+        use_causal_mask=use_causal_mask,
+        return_attention_scores=return_attention_scores,
     )
-    if options["dropout"] > 0 and seed is None:
+    if options.dropout > 0 and seed is None:
         raise ValueError(
             "luong.jax.attention needs an integer `seed` when dropout applies (training=True "
             "and dropout > 0); JAX functions draw no hidden randomness."
@@ -456,9 +452,8 @@ def attention(
         None if qm is None else qm.shape,
         None if vm is None else vm.shape,
     )
-    static = {n: x for n, x in options.items() if n not in ("scale", "concat_score_weight", "call")}
     plan = _Plan(
-        options=tuple(sorted(static.items())),
+        options=options,
         dtype=dtype,
         query=tuple(q.shape),
         value=tuple(v.shape),

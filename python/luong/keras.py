@@ -33,7 +33,6 @@ import keras  # type: ignore[import-untyped]  # Keras ships no type information
 import numpy as np
 
 from . import _run
-from .layer import _functional_options
 
 __all__ = ["Attention"]
 
@@ -131,17 +130,17 @@ class Attention(keras.layers.Attention):  # type: ignore[misc]  # Keras's classe
                 use_causal_mask=use_causal_mask,
                 return_attention_scores=return_attention_scores,
             )
-        options = _functional_options(
-            self.score_mode,
-            None if scale is None else float(scale),
-            float(weight),
-            rate,
-            self._luong_seed,
-            rate > 0,
-            use_causal_mask,
-            return_attention_scores,
+        options = _run.Options.of(
+            score_mode=self.score_mode,
+            scale=None if scale is None else float(scale),
+            concat_score_weight=float(weight),
+            dropout=rate,
+            seed=self._luong_seed,
+            training=rate > 0,
+            call=int(call),
+            use_causal_mask=use_causal_mask,
+            return_attention_scores=return_attention_scores,
         )
-        options["call"] = int(call)
         output, scores = _run.run(
             query, value, key, query_mask, value_mask, dtype=dtype, options=options
         )

@@ -233,24 +233,24 @@ class Attention:
 
     def _options(
         self, training: bool | None, use_causal_mask: bool, return_scores: bool
-    ) -> dict[str, Any]:
+    ) -> _run.Options:
         """The kernel's settings for one call; advances the dropout counter when it applies."""
         dropout = self.dropout if training else 0.0
         call = self._calls
         if dropout > 0:
             self._calls += 1  # each training call draws new masks, as Keras's SeedGenerator
-        return {
-            "score_mode": self.score_mode,
-            "scale": None if self.scale is None else float(self.scale),
-            "concat_score_weight": (
+        return _run.Options(
+            score_mode=self.score_mode,
+            scale=None if self.scale is None else float(self.scale),
+            concat_score_weight=(
                 1.0 if self.concat_score_weight is None else float(self.concat_score_weight)
             ),
-            "dropout": dropout,
-            "seed": self._seed_key,
-            "call": call,
-            "causal": bool(use_causal_mask),
-            "return_scores": bool(return_scores),
-        }
+            dropout=dropout,
+            seed=self._seed_key,
+            call=call,
+            causal=bool(use_causal_mask),
+            return_scores=bool(return_scores),
+        )
 
     def compute_output_shape(
         self, input_shape: Sequence[Sequence[int | None]]
@@ -300,34 +300,6 @@ class Attention:
         )
 
 
-def _functional_options(
-    score_mode: str,
-    scale: float | None,
-    concat_score_weight: float,
-    dropout: float,
-    seed: int | None,
-    training: bool,
-    use_causal_mask: bool,
-    return_attention_scores: bool,
-) -> dict[str, Any]:
-    if score_mode not in ("dot", "concat"):
-        raise ValueError(
-            "Invalid value for argument score_mode. Expected one of {'dot', 'concat'}. "
-            f"Received: score_mode={score_mode}"
-        )
-    rate = _run.check_dropout(dropout) if training else 0.0
-    return {
-        "score_mode": score_mode,
-        "scale": None if scale is None else float(scale),
-        "concat_score_weight": float(concat_score_weight),
-        "dropout": rate,
-        "seed": _run.check_seed(seed) if rate > 0 else 0,
-        "call": 0,
-        "causal": bool(use_causal_mask),
-        "return_scores": bool(return_attention_scores),
-    }
-
-
 def attention(
     query: Any,
     value: Any,
@@ -352,9 +324,10 @@ def attention(
     applies when `training` and `dropout > 0`, with masks drawn from `seed` (None: a fresh one).
     Shapes, masks, returns and errors as `Attention.__call__`.
     """
-    options = _functional_options(
-        score_mode, scale, concat_score_weight, dropout, seed, training, use_causal_mask,
-        return_attention_scores,
+    options = _run.Options.of(
+        score_mode=score_mode, scale=scale, concat_score_weight=concat_score_weight,
+        dropout=dropout, seed=seed, training=training, use_causal_mask=use_causal_mask,
+        return_attention_scores=return_attention_scores,
     )
     out, scores = _run.run(
         query, value, key, query_mask, value_mask,
@@ -387,8 +360,9 @@ def attention_vjp(
     Gradient keys: "query", "value", "key" (when a key is passed), "scale" (when `scale` is
     not None), "concat_score_weight" (concat mode).
     """
-    options = _functional_options(
-        score_mode, scale, concat_score_weight, dropout, seed, training, use_causal_mask, False
+    options = _run.Options.of(
+        score_mode=score_mode, scale=scale, concat_score_weight=concat_score_weight,
+        dropout=dropout, seed=seed, training=training, use_causal_mask=use_causal_mask,
     )
     compute = _run.compute_dtype(dtype)
     arrays = _run.convert(query, value, key, query_mask, value_mask, compute)

@@ -34,7 +34,6 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 from torch.autograd.function import once_differentiable
 
 from . import _core, _run
-from .layer import _functional_options
 
 __all__ = ["Attention", "attention", "AttentionFunction"]
 
@@ -211,7 +210,7 @@ def _apply(
     concat_score_weight: Any,
     query_mask: Any,
     value_mask: Any,
-    options: dict[str, Any],
+    options: _run.Options,
 ) -> Output:
     """Checks the tensors and runs the Function; returns output or (output, scores)."""
     q = _input(query, "query", None)
@@ -220,8 +219,8 @@ def _apply(
     s = None if scale is None else _scalar(scale, "scale", q.dtype)
     w = _scalar(concat_score_weight, "concat_score_weight", q.dtype)
     qm, vm = _mask(query_mask, "query_mask"), _mask(value_mask, "value_mask")
-    output, scores = AttentionFunction.apply(q, v, k, s, w, qm, vm, options)
-    if options["return_scores"]:
+    output, scores = AttentionFunction.apply(q, v, k, s, w, qm, vm, options.to_core())
+    if options.return_scores:
         return output, scores
     return output  # type: ignore[no-any-return]  # Function.apply is typed Any
 
@@ -266,8 +265,9 @@ def attention(
     """
     if training and dropout and seed is None:
         seed = _torch_seed()
-    options = _functional_options(
-        score_mode, None, 1.0, dropout, seed, training, use_causal_mask, return_attention_scores
+    options = _run.Options.of(
+        score_mode=score_mode, dropout=dropout, seed=seed, training=training,
+        use_causal_mask=use_causal_mask, return_attention_scores=return_attention_scores,
     )
     return _apply(query, value, key, scale, concat_score_weight, query_mask, value_mask, options)
 
@@ -299,7 +299,7 @@ class Attention(torch.nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        _functional_options(score_mode, None, 1.0, 0.0, None, False, False, False)  # validates
+        _run.Options(score_mode=score_mode).validate()
         self.use_scale = bool(use_scale)
         self.score_mode = score_mode
         self.dropout = _run.check_dropout(dropout)
@@ -332,16 +332,14 @@ class Attention(torch.nn.Module):
         call = self._calls
         if rate > 0:
             self._calls += 1  # each training call draws new masks, as Keras's SeedGenerator
-        options = {
-            "score_mode": self.score_mode,
-            "scale": None,
-            "concat_score_weight": 1.0,
-            "dropout": rate,
-            "seed": self._seed_key,
-            "call": call,
-            "causal": bool(use_causal_mask),
-            "return_scores": bool(return_attention_scores),
-        }
+        options = _run.Options(
+            score_mode=self.score_mode,
+            dropout=rate,
+            seed=self._seed_key,
+            call=call,
+            causal=bool(use_causal_mask),
+            return_scores=bool(return_attention_scores),
+        )
         weight = self.concat_score_weight if self.concat_score_weight is not None else 1.0
         return _apply(query, value, key, self.scale, weight, query_mask, value_mask, options)
 

@@ -12,15 +12,12 @@ import pytest
 
 import luong
 from luong import __main__ as main_job
+from luong._run import Options
 from luong._timing import cpu_model, steady_ms, wait_until_idle
-from luong.layer import _functional_options
 
 
 def options(mode: str = "dot", scores: bool = False) -> dict:
-    return _functional_options(
-        score_mode=mode, scale=None, concat_score_weight=1.0, dropout=0.0, seed=None,
-        training=False, use_causal_mask=False, return_attention_scores=scores,
-    )
+    return Options(score_mode=mode, return_scores=scores).to_core()
 
 
 def test_the_table_names_the_cpu_the_kernels_and_every_case() -> None:
