@@ -37,5 +37,6 @@ def test_the_pages_have_python_examples() -> None:
 @pytest.mark.parametrize("where, code", BLOCKS, ids=[where for where, _ in BLOCKS])
 def test_python_example_runs(where: str, code: str) -> None:
     if re.search(r"^import torch|^import luong\.torch", code, re.M):
+        # PyTorch is an optional extra (3 GB); CI installs it, so these blocks run there.
         pytest.importorskip("torch")
     exec(compile(code, where, "exec"), {"__name__": "__doc_example__"})
