@@ -428,6 +428,31 @@ fn kernel_isa() -> &'static str {
     crate::Isa::detect().name()
 }
 
+/// check_shapes(query, value, key, query_mask, value_mask) -> batch shape
+///
+/// luong's shape rules (`shape::plan`) on shapes alone, for callers that check before any array
+/// exists (the JAX bridge while tracing): the broadcast batch shape, or the `ValueError` the
+/// call itself would raise.
+#[pyfunction]
+#[pyo3(signature = (query, value, key, query_mask, value_mask))]
+fn check_shapes(
+    query: Vec<usize>,
+    value: Vec<usize>,
+    key: Option<Vec<usize>>,
+    query_mask: Option<Vec<usize>>,
+    value_mask: Option<Vec<usize>>,
+) -> PyResult<Vec<usize>> {
+    let plan = crate::shape::plan(crate::shape::Shapes {
+        query: &query,
+        value: &value,
+        key: key.as_deref(),
+        query_mask: query_mask.as_deref(),
+        value_mask: value_mask.as_deref(),
+    })
+    .map_err(to_py)?;
+    Ok(plan.batch_shape)
+}
+
 /// planned_isa(dims, dtype, options) -> "amx" | "avx512" | "avx2" | "scalar"
 ///
 /// The kernel family a call of `dims = (B, Tq, Tv, D, Dv)` (B the product of the broadcast
@@ -470,5 +495,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(kernel_isa, m)?)?;
     m.add_function(wrap_pyfunction!(planned_isa, m)?)?;
+    m.add_function(wrap_pyfunction!(check_shapes, m)?)?;
     Ok(())
 }

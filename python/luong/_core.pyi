@@ -9,6 +9,7 @@ __all__ = [
     "__version__",
     "attention",
     "backward",
+    "check_shapes",
     "forward_saved",
     "get_num_threads",
     "kernel_isa",
@@ -55,6 +56,13 @@ def backward(
 def set_num_threads(threads: int) -> None: ...
 def get_num_threads() -> int: ...
 def kernel_isa() -> str: ...
+def check_shapes(
+    query: tuple[int, ...],
+    value: tuple[int, ...],
+    key: tuple[int, ...] | None,
+    query_mask: tuple[int, ...] | None,
+    value_mask: tuple[int, ...] | None,
+) -> list[int]: ...
 def planned_isa(
     dims: tuple[int, int, int, int, int], dtype: str, options: _Options | dict[str, Any]
 ) -> str: ...

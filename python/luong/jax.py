@@ -321,38 +321,10 @@ def _check_shapes(
     query_mask: Shape | None,
     value_mask: Shape | None,
 ) -> Shape:
-    """The batch shape, after luong's shape rules (src/shape.rs), checked while tracing: a
-    mistake raises ValueError here, not a runtime error from inside the callback."""
-
-    def fail(arg: str, shape: Shape, other: str, other_shape: Shape, rule: str) -> ValueError:
-        return ValueError(
-            f"`{arg}` shape {shape} does not match `{other}` shape {other_shape}: {rule}"
-        )
-
-    for arg, shape in (("query", query), ("value", value), ("key", key)):
-        if shape is not None and len(shape) < 2:
-            raise ValueError(f"`{arg}` must have at least 2 dims, (..., T, D); got shape {shape}")
-    key_arg, k = ("value", value) if key is None else ("key", key)
-    if k[-1] != query[-1]:
-        raise fail(key_arg, k, "query", query, "the last dims (D) must be equal")
-    if k[-2] != value[-2]:
-        raise fail("key", k, "value", value, "the second-to-last dims (Tv) must be equal")
-    try:
-        batch: Shape = np.broadcast_shapes(query[:-2], value[:-2], k[:-2])
-    except ValueError:
-        raise fail(key_arg, k, "query", query, "the leading dims must broadcast") from None
-    scores = (*batch, query[-2], value[-2])
-    for arg, m in (("query_mask", query_mask), ("value_mask", value_mask)):
-        if m is None:
-            continue
-        # a value mask with as many dims as the scores is a full score mask, else per key
-        tail = 2 if arg == "value_mask" and len(m) == len(scores) else 1
-        end = scores[-2:-1] if arg == "query_mask" else scores[-tail:]
-        if not tail <= len(m) <= len(scores) or tuple(m[len(m) - tail :]) != end:
-            raise fail(arg, m, "scores", scores, f"the mask must end in {end}")
-        if not _run.broadcasts_to(m[: len(m) - tail], batch):
-            raise fail(arg, m, "scores", scores, "the leading dims must broadcast to the batch")
-    return batch
+    """The batch shape, after luong's shape rules (src/shape.rs, through `_core.check_shapes`),
+    checked while tracing: a mistake raises ValueError here, not a runtime error from inside the
+    callback."""
+    return tuple(_core.check_shapes(query, value, key, query_mask, value_mask))
 
 
 def _as_mask(mask: Any) -> jax.Array | None:

@@ -189,3 +189,14 @@ print(status("VmHWM") - before, out.nbytes + w.nbytes)
     assert grown < 2 * results, f"peak RSS grew by {grown} bytes for {results} bytes of results"
     # The results themselves must show up in the growth (else the measurement saw nothing).
     assert grown > results // 2, f"peak RSS grew by only {grown} bytes: not measured"
+
+
+def test_shape_rules_on_shapes_alone_give_the_batch_shape() -> None:
+    """`_core.check_shapes` (what the JAX bridge checks while tracing) is luong's own rule."""
+    check = luong._core.check_shapes
+    assert check((2, 1, 3, 4), (1, 5, 7, 4), None, None, (5, 7)) == [2, 5]
+    assert check((3, 4), (7, 6), (7, 4), (3,), (3, 7)) == []
+    with pytest.raises(ValueError, match=r"`key` shape \(2, 7, 5\) does not match `query`"):
+        check((2, 3, 4), (2, 7, 6), (2, 7, 5), None, None)
+    with pytest.raises(ValueError, match="value_mask"):
+        check((2, 3, 4), (2, 7, 4), None, None, (3, 7))
