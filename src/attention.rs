@@ -20,8 +20,6 @@ use ndarray::{
 use crate::alloc::{init, uninit};
 use crate::config::Attention;
 use crate::dropout::DropoutMask;
-#[allow(unused_imports)] // named by the doc links of the entry points
-use crate::error::AttentionError;
 use crate::error::Result;
 use crate::float::Float;
 use crate::kernel::{Ctx, Item, KeyCache};
@@ -138,9 +136,11 @@ impl Attention {
     /// set, the weights `(B, Tq, Tv)`.
     ///
     /// # Errors
-    /// [`AttentionError::Mismatch`] when shapes disagree (the message names both arguments and
-    /// their shapes); [`AttentionError::Config`] for a dropout rate outside `[0, 1)`;
-    /// [`AttentionError::TooLarge`] when the results cannot be allocated.
+    /// [`AttentionError::Mismatch`](crate::AttentionError::Mismatch) when shapes disagree (the
+    /// message names both arguments and their shapes);
+    /// [`AttentionError::Config`](crate::AttentionError::Config) for a dropout rate outside
+    /// `[0, 1)`; [`AttentionError::TooLarge`](crate::AttentionError::TooLarge) when the results
+    /// cannot be allocated.
     pub fn forward<T: Float>(
         &self,
         query: ArrayView3<'_, T>,
@@ -292,8 +292,9 @@ impl Attention {
     /// NumPy-style; masks as in [`MasksNd`].
     ///
     /// # Errors
-    /// As [`forward`](Attention::forward), plus [`AttentionError::Rank`] and
-    /// [`AttentionError::Broadcast`] from [`shape::plan`].
+    /// As [`forward`](Attention::forward), plus
+    /// [`AttentionError::Rank`](crate::AttentionError::Rank) and
+    /// [`AttentionError::Broadcast`](crate::AttentionError::Broadcast) from [`shape::plan`].
     pub fn forward_nd<T: Float>(
         &self,
         query: ArrayViewD<'_, T>,
