@@ -19,43 +19,15 @@ use ndarray::{
 
 use crate::alloc::{init, uninit};
 use crate::config::Attention;
+use crate::dispatch;
 use crate::dropout::DropoutMask;
 use crate::error::Result;
 use crate::float::Float;
+use crate::kernel::plan::{self, call_threads, Route};
 use crate::kernel::{Ctx, Item, KeyCache};
 use crate::mask::{Masks, ValueMask};
 use crate::score::ScoreParams;
 use crate::shape::{self, fold, rows_contiguous, Dims, Shapes};
-
-/// Below this many floating-point operations a call runs on the calling thread: handing work to
-/// the pool costs a few microseconds, more than the whole computation.
-const SERIAL_FLOPS: usize = 1 << 20;
-/// The most bytes of scores one work item keeps (its `rows × Tv` block). L2-resident up to
-/// Tv = 4096 at 64 rows; beyond, fewer rows per item would mean more passes over the keys and
-/// values, which cost more than a block that spills to L3: with 1 MiB (4 rows per item at
-/// Tv = 65536) against 4 MiB, 2 threads, medians of 11, (1, 512, 65536, 64) took 113 -> 60 ms,
-/// (1, 1024, 16384, 64) 26.7 -> 21.5, (1, 2048, 8192, 64) 19.2 -> 18.4, and with returned
-/// weights 160 -> 116, 48.5 -> 43.0, 42.4 -> 40.7 (16 MiB was no better).
-const SCRATCH_BYTES: usize = 4 << 20;
-
-/// The threads a call of `dims` runs on, out of a pool of `pool_threads`: one below
-/// [`SERIAL_FLOPS`].
-fn call_threads(dims: Dims, pool_threads: usize) -> usize {
-    let flops = (dims.batch * dims.tq)
-        .saturating_mul(dims.tv)
-        .saturating_mul(2 * (dims.d + dims.dv) + 8);
-    match flops >= SERIAL_FLOPS {
-        true => pool_threads,
-        false => 1,
-    }
-}
-
-/// How a call runs ([`Attention::route`]).
-struct Route {
-    isa: crate::kernel::Isa,
-    rows: usize,
-    flash: bool,
-}
 
 /// What a 3-D call returns.
 #[derive(Debug, Clone, PartialEq)]
@@ -230,9 +202,9 @@ impl Attention {
         // SAFETY: the work items cover every row of the three arrays (`run_items` splits all
         // B · Tq rows among them); each initialises its statistics rows (`init`) before the
         // kernel writes them, and its output and scores rows are written in full by the item
-        // (`Float::attend_block`: the tile path's copy-out, the packed product and a zeroed
+        // (`dispatch::attend_block`: the tile path's copy-out, the packed product and a zeroed
         // tail, or `init`); or the split-keys path took the call (no scores array) and its merge
-        // writes every element of the output and the statistics (`kernel::decode::merge`).
+        // writes every element of the output and the statistics (`kernel::run_split`).
         let (output, scores, stats) = unsafe {
             (
                 output.assume_init(),
@@ -250,7 +222,7 @@ impl Attention {
     /// cannot split exactly (inf, NaN, |x| >= 2^127) still falls back to AVX-512 at run time.
     /// Half-precision calls run as float32 (`T = f32`). For reports such as `python -m luong`.
     pub fn planned_isa<T: Float>(&self, dims: Dims, causal: bool) -> crate::Isa {
-        match T::NAME == f32::NAME {
+        match dispatch::is_f32::<T>() {
             true => {
                 self.route::<T>(dims, causal, call_threads(dims, crate::num_threads()))
                     .isa
@@ -259,32 +231,18 @@ impl Attention {
         }
     }
 
-    /// How a call of `dims` on `threads` threads runs: the family, the rows per work item, and
-    /// whether its keys run in chunks on tiles (`kernel::flash`).
+    /// How a call of `dims` on `threads` threads runs (`kernel::plan::route`).
     fn route<T: Float>(&self, dims: Dims, causal: bool, threads: usize) -> Route {
-        // Long keys on tiles run in chunks (`kernel::flash`), their items not shrunk by Tv
-        // (float32 only: the tiles and the chunks are the f32 fast path's).
-        let chunks = T::NAME == f32::NAME
-            && crate::kernel::flash(
-                dims.tv,
-                self.return_scores,
-                self.active_dropout().is_some(),
-                causal,
-            );
-        let (isa, rows) = crate::kernel::tiles_or_not(
-            self.effective_isa(),
-            crate::kernel::amx_gate(self.isa),
-            self.mode,
+        plan::route::<T>(plan::Call {
+            isa: self.effective_isa(),
+            requested: self.isa,
+            mode: self.mode,
             dims,
-            item_rows::<T>(dims, threads, chunks),
-            self.return_scores,
-        );
-        let flash = chunks && isa == crate::kernel::Isa::Amx;
-        let rows = match chunks && !flash {
-            true => item_rows::<T>(dims, threads, false), // not on tiles after all
-            false => rows,
-        };
-        Route { isa, rows, flash }
+            weights: self.return_scores,
+            dropout: self.active_dropout().is_some(),
+            causal,
+            threads,
+        })
     }
 
     /// Runs attention on N-D views: query `(..., Tq, D)`, value `(..., Tv, Dv)`, key
@@ -408,23 +366,6 @@ fn take_rows<'a, T>(
     })
 }
 
-/// Query rows per work item: enough items for load balance (8 per thread), at most 64 rows, and
-/// a scores block of at most [`SCRATCH_BYTES`]. Items whose keys run in chunks
-/// ([`crate::kernel::flash`]) need no cap, and 4 per thread are enough: each item streams all the
-/// keys and values, so fewer, larger items stream them less often ((1, 512, 65536, 64): 49.8 ->
-/// 39.6 ms, 8 -> 4 items per thread, 2 threads; (1, 256, 32768, 64) 12.6 -> 10.0; 2 per thread
-/// no better).
-pub(crate) fn item_rows<T>(dims: Dims, threads: usize, chunked: bool) -> usize {
-    let per_thread = if chunked { 4 } else { 8 };
-    let rows = (dims.batch * dims.tq)
-        .div_ceil(per_thread * threads)
-        .clamp(1, crate::kernel::MAX_ITEM_ROWS);
-    match chunked {
-        false => rows.min((SCRATCH_BYTES / std::mem::size_of::<T>() / dims.tv.max(1)).max(1)),
-        true => rows,
-    }
-}
-
 fn run_items<T: Float>(
     ctx: &Ctx<'_, '_, T>,
     pool: Option<&rayon::ThreadPool>,
@@ -433,7 +374,9 @@ fn run_items<T: Float>(
     let Dims {
         batch, tq, tv, dv, ..
     } = ctx.dims;
-    if outs.scores.is_none() && T::run_split(ctx, pool, &mut outs.output, outs.stats.as_mut()) {
+    if outs.scores.is_none()
+        && dispatch::run_split(ctx, pool, &mut outs.output, outs.stats.as_mut())
+    {
         return;
     }
     let per_item = ctx.item_rows;
@@ -459,7 +402,7 @@ fn run_items<T: Float>(
     type Rows<'a, T> = ArrayViewMut2<'a, MaybeUninit<T>>;
     type Job<'a, T> = (Item, Rows<'a, T>, Option<Rows<'a, T>>, Option<Rows<'a, T>>);
     type State<T> = (Vec<MaybeUninit<T>>, KeyCache);
-    let state = || (Vec::new(), T::key_cache());
+    let state = || (Vec::new(), dispatch::key_cache::<T>());
     let work = |(scratch, keys): &mut State<T>, (item, mut out, sc, mut st): Job<'_, T>| {
         // The output rows go in uninitialised too: every path writes them in full (the tile
         // path by its copy-out, the others after `init`).
@@ -472,11 +415,11 @@ fn run_items<T: Float>(
         match sc {
             Some(mut sc) => {
                 let sc = sc.as_slice_mut().expect("standard layout");
-                T::attend_block(ctx, item, keys, sc, out, st)
+                dispatch::attend_block(ctx, item, keys, sc, out, st)
             }
             None => {
                 scratch.resize(item.rows * tv, MaybeUninit::uninit());
-                T::attend_block(ctx, item, keys, &mut scratch[..item.rows * tv], out, st)
+                dispatch::attend_block(ctx, item, keys, &mut scratch[..item.rows * tv], out, st)
             }
         }
     };

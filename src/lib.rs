@@ -40,7 +40,6 @@ pub mod dropout;
 pub mod error;
 pub mod float;
 pub mod half;
-pub mod kernel;
 pub mod mask;
 pub mod score;
 pub mod shape;
@@ -49,6 +48,8 @@ pub mod softmax;
 mod alloc;
 mod attention;
 mod cpu;
+mod dispatch;
+mod kernel;
 mod pool;
 
 #[cfg(feature = "python")]

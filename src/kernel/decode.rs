@@ -18,8 +18,14 @@ use std::ops::Range;
 
 use ndarray::{ArrayViewMut3, Axis};
 
-use super::{gemm, rows, simd, Ctx, Isa, PACK_MIN_TQ};
+use super::family::Family;
+use super::gemm::{self, dot_rows};
+use super::item::Ctx;
+use super::plan::PACK_MIN_TQ;
+use super::simd::Simd;
+use super::softmax::softmax_row;
 use crate::config::ScoreMode;
+use crate::cpu::Isa;
 use crate::mask::mask_cols;
 use crate::shape::Dims;
 
@@ -44,7 +50,10 @@ fn chunks(ctx: &Ctx<'_, '_, f32>) -> Option<usize> {
 
 /// Runs the call on the split path when it applies (returns false, touching nothing, when not):
 /// writes every row of `output` and of `stats` (`(max, ln Σ)` per row).
-pub(crate) fn run_split(
+///
+/// # Safety
+/// `F`'s instructions must be available.
+pub(crate) unsafe fn run_split<F: Family>(
     ctx: &Ctx<'_, '_, f32>,
     pool: Option<&rayon::ThreadPool>,
     output: &mut ArrayViewMut3<'_, MaybeUninit<f32>>,
@@ -65,7 +74,9 @@ pub(crate) fn run_split(
         let (b, c) = (idx / n, idx % n);
         let keys = c * len..((c + 1) * len).min(tv);
         scratch.resize(tq * len, 0.0);
-        chunk_f32(ctx, b, keys, scratch, part);
+        // SAFETY: the caller vouches for `F`; `scratch` was sized just above and `part` is one
+        // item's `tq · (Dv + 2)` partial rows.
+        unsafe { F::decode_chunk(ctx, b, keys, scratch, part) };
     };
     match pool {
         Some(pool) => {
@@ -141,50 +152,9 @@ fn merge(
     }
 }
 
-/// One chunk of keys of batch element `b`, all its query rows: scores, softmax statistics and
-/// the unnormalised output into `part` (`tq` rows of `[m, s, o..]`).
-fn chunk_f32(
-    ctx: &Ctx<'_, '_, f32>,
-    b: usize,
-    keys: Range<usize>,
-    scratch: &mut [f32],
-    part: &mut [f32],
-) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx512f")]
-        unsafe fn avx512(
-            ctx: &Ctx<'_, '_, f32>,
-            b: usize,
-            keys: Range<usize>,
-            scratch: &mut [f32],
-            part: &mut [f32],
-        ) {
-            chunk_simd::<simd::Avx512, 4>(ctx, b, keys, scratch, part, 6)
-        }
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2(
-            ctx: &Ctx<'_, '_, f32>,
-            b: usize,
-            keys: Range<usize>,
-            scratch: &mut [f32],
-            part: &mut [f32],
-        ) {
-            chunk_simd::<simd::Avx2, 4>(ctx, b, keys, scratch, part, 3)
-        }
-        match ctx.isa {
-            // SAFETY: the ISA was detected (`Isa::detect`); sizes as `chunk_simd` needs
-            // (`run_split` sizes the scratch and the partial rows).
-            Isa::Avx512 | Isa::Amx => return unsafe { avx512(ctx, b, keys, scratch, part) },
-            // SAFETY: as above.
-            Isa::Avx2 => return unsafe { avx2(ctx, b, keys, scratch, part) },
-            Isa::Scalar => {}
-        }
-    }
-    unreachable!("the split path runs only on a SIMD ISA (`chunks`)")
-}
-
-/// [`chunk_f32`] on ISA `S`.
+/// One chunk of keys of batch element `b`, all its query rows, on ISA `S` (a family's
+/// `decode_chunk`): scores, softmax statistics and the unnormalised output into `part` (`tq`
+/// rows of `[m, s, o..]`).
 ///
 /// # Safety
 /// `S`'s instructions must be available; `scratch` holds `tq · keys.len()` floats and `part`
@@ -193,7 +163,7 @@ fn chunk_f32(
 /// element `b` are in bounds; the combine reads whole value rows with full-width loads only
 /// for whole panels of Dv and masked loads for the tail.
 #[inline(always)]
-unsafe fn chunk_simd<S: simd::Simd, const NV: usize>(
+pub(crate) unsafe fn chunk_simd<S: Simd, const NV: usize>(
     ctx: &Ctx<'_, '_, f32>,
     b: usize,
     keys: Range<usize>,
@@ -215,7 +185,7 @@ unsafe fn chunk_simd<S: simd::Simd, const NV: usize>(
     for r in 0..tq {
         let qr = std::slice::from_raw_parts(q.as_ptr().add(r * q_ld), d);
         let s = &mut scratch[r * n..(r + 1) * n];
-        rows::dot_rows::<S>(
+        dot_rows::<S>(
             qr,
             k.as_ptr().add(keys.start * k_ld),
             k_ld,
@@ -231,7 +201,7 @@ unsafe fn chunk_simd<S: simd::Simd, const NV: usize>(
                 ctx.params.mask_bias,
             );
         }
-        let (max, sum) = rows::softmax_row::<S>(s, false, None);
+        let (max, sum) = softmax_row::<S>(s, false, None);
         (part[r * stride], part[r * stride + 1]) = (max, sum);
     }
     let g = gemm::Gemm {

@@ -391,6 +391,51 @@ pub(crate) fn pack_panels(key: ArrayView2<'_, f32>, nr: usize, out: &mut [f32]) 
     }
 }
 
+/// How many key rows ahead [`dot_rows`] prefetches.
+const KEY_PREFETCH_ROWS: usize = 6;
+
+/// `out[j] = (query · key_j) × scale` for key rows `key_j` (each `query.len()` contiguous floats,
+/// row j at `key + j·ld`). Lane partial sums, then a fixed-order
+/// horizontal sum.
+///
+/// # Safety
+/// `S`'s instructions must be available; key rows `0..out.len()` at `key + j·ld` must each have
+/// `query.len()` readable floats. The tail of each row is read with masked loads only.
+#[inline(always)]
+pub(crate) unsafe fn dot_rows<S: Simd>(
+    query: &[f32],
+    key: *const f32,
+    ld: usize,
+    out: &mut [f32],
+    scale: Option<f32>,
+) {
+    let (l, d) = (S::LANES, query.len());
+    let full = d - d % l;
+    let m = S::mask(d - full);
+    for (j, o) in out.iter_mut().enumerate() {
+        let k = key.add(j * ld);
+        // Key rows stream from memory once each (decoding: one query row per batch element);
+        // asking for row j + 6 now hides the latency the few FMAs per row cannot (measured
+        // 7-13% at (8,1,4096,64) on 1 and 2 threads). A prefetch past the end does not fault.
+        S::prefetch(key.wrapping_add((j + KEY_PREFETCH_ROWS) * ld));
+        let mut acc = S::zero();
+        let mut x = 0;
+        while x < full {
+            acc = S::fma(S::load(query.as_ptr().add(x)), S::load(k.add(x)), acc);
+            x += l;
+        }
+        if full < d {
+            acc = S::fma(
+                S::load_masked(query.as_ptr().add(full), m),
+                S::load_masked(k.add(full), m),
+                acc,
+            );
+        }
+        let s = S::sum(acc);
+        *o = scale.map_or(s, |c| s * c);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

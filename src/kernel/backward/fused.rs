@@ -1,5 +1,5 @@
 //! The f32 backward work item of dot-mode attention on the SIMD micro-kernels: the portable
-//! item's algorithm (`crate::backward`), with its five products on the register-tiled `gemm`.
+//! item's algorithm (`ctx::BackCtx::portable_item`), with its five products on the register-tiled `gemm`.
 //!
 //! Per block of 64 keys `Kc`, `Vc` (both packed transposed once per block) and per chunk of up
 //! to 512 query rows:
@@ -17,58 +17,15 @@ use std::ops::Range;
 
 use ndarray::{s, Axis};
 
-use super::{gemm, panel_width, simd, Isa};
-use crate::backward::{BackCtx, ItemGrads, Partials, KEY_BLOCK, ROW_CHUNK};
+use super::super::gemm;
+use super::super::simd::Simd;
+use super::ctx::{BackCtx, ItemGrads, Partials, KEY_BLOCK, ROW_CHUNK};
 use crate::mask::mask_cols;
 use crate::shape::Dims;
 
 /// Query rows per sub-chunk of the `Wᵀ · dO` and `dSᵀ · Q` products: 128 rows of 64 floats are
 /// 32 KiB, inside L1 (48 KiB).
 const TA_ROWS: usize = 128;
-
-/// Runs one backward item on the f32 fast path, or the portable item where it does not apply
-/// (concat mode, no SIMD, empty dims).
-pub(crate) fn item_f32(
-    ctx: &BackCtx<'_, '_, f32>,
-    b: usize,
-    keys: Range<usize>,
-    g: ItemGrads<'_, f32>,
-) -> Partials {
-    let Dims { d, dv, .. } = ctx.dims;
-    let fast = ctx.p.mode == crate::config::ScoreMode::Dot && d > 0 && dv > 0;
-    match ctx.isa {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Isa::detect` chose Avx512 only after `is_x86_feature_detected!("avx512f")`.
-        Isa::Avx512 | Isa::Amx if fast => unsafe { item_avx512(ctx, b, keys, g) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: Avx2 only after detecting avx2 and fma.
-        Isa::Avx2 if fast => unsafe { item_avx2(ctx, b, keys, g) },
-        _ => ctx.portable_item(b, keys, g),
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn item_avx512(
-    ctx: &BackCtx<'_, '_, f32>,
-    b: usize,
-    keys: Range<usize>,
-    g: ItemGrads<'_, f32>,
-) -> Partials {
-    // Tiles: 12 × 32 for the transposed-B products, 6 × 64 for the others.
-    item_simd::<simd::Avx512, 2, 4>(ctx, b, keys, g, (12, 6))
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn item_avx2(
-    ctx: &BackCtx<'_, '_, f32>,
-    b: usize,
-    keys: Range<usize>,
-    g: ItemGrads<'_, f32>,
-) -> Partials {
-    item_simd::<simd::Avx2, 2, 4>(ctx, b, keys, g, (6, 3))
-}
 
 /// The item on ISA `S`; `mr` = (rows of the `·ᵀ` tiles, rows of the plain tiles).
 ///
@@ -81,7 +38,7 @@ unsafe fn item_avx2(
 /// `r × c` (scores), `c × D`, `c × Dv` (accumulators) and `r × D` (dQ rows `i0..i0 + r` of the
 /// item's `Tq × D` share) parts.
 #[inline(always)]
-unsafe fn item_simd<S: simd::Simd, const NVS: usize, const NVC: usize>(
+pub(crate) unsafe fn item<S: Simd, const NVS: usize, const NVC: usize>(
     ctx: &BackCtx<'_, '_, f32>,
     b: usize,
     keys: Range<usize>,
@@ -91,7 +48,7 @@ unsafe fn item_simd<S: simd::Simd, const NVS: usize, const NVC: usize>(
     let Dims { tq, tv, d, dv, .. } = ctx.dims;
     debug_assert!(g.dq.len() == tq * d);
     debug_assert!(g.dk.len() == keys.len() * d && g.dv.len() == keys.len() * dv);
-    let nr = panel_width(ctx.isa);
+    let nr = NVS * S::LANES;
     let kb = KEY_BLOCK;
     let panels = kb.div_ceil(nr);
     let mut kt = vec![0.0f32; panels * d * nr];
@@ -257,7 +214,7 @@ unsafe fn item_simd<S: simd::Simd, const NVS: usize, const NVC: usize>(
 /// # Safety
 /// `S`'s instructions must be available.
 #[inline(always)]
-unsafe fn exp_shifted<S: simd::Simd>(xs: &mut [f32], max: f32, ln_sum: f32) {
+unsafe fn exp_shifted<S: Simd>(xs: &mut [f32], max: f32, ln_sum: f32) {
     let (l, mv, lv) = (S::LANES, S::splat(max), S::splat(ln_sum));
     let mut chunks = xs.chunks_exact_mut(l);
     for ch in &mut chunks {
@@ -279,7 +236,7 @@ unsafe fn exp_shifted<S: simd::Simd>(xs: &mut [f32], max: f32, ln_sum: f32) {
 /// # Safety
 /// `S`'s instructions must be available; the three slices have equal lengths.
 #[inline(always)]
-unsafe fn weights_and_ds<S: simd::Simd>(
+unsafe fn weights_and_ds<S: Simd>(
     raw: &[f32],
     p: &mut [f32],
     ds: &mut [f32],
@@ -316,59 +273,4 @@ unsafe fn weights_and_ds<S: simd::Simd>(
     } else {
         0.0
     }
-}
-
-/// `out[i] = dO_i · O_i`, each a sequential FMA chain over the features in order: the order in
-/// which the products compute `dP_ij = dO_i · v_j`. Where a row sees one key (weight exactly 1,
-/// so `O_i` is that value row, bit for bit) `Δ_i` then equals `dP_ij` exactly and the row's dS
-/// is exactly 0, as it is mathematically; in general the two roundings stay alike. Eight rows
-/// at a time hide the FMA latency. Falls back to ndarray's dot without FMA.
-pub(crate) fn row_dots_f32(
-    d_out: ndarray::ArrayView2<'_, f32>,
-    out: ndarray::ArrayView2<'_, f32>,
-) -> Vec<f32> {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if Isa::detect() != Isa::Scalar && is_x86_feature_detected!("fma") {
-            // SAFETY: FMA was detected just above.
-            return unsafe { row_dots_fma(d_out, out) };
-        }
-    }
-    d_out
-        .rows()
-        .into_iter()
-        .zip(out.rows())
-        .map(|(a, b)| a.dot(&b))
-        .collect()
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "fma")]
-unsafe fn row_dots_fma(
-    a: ndarray::ArrayView2<'_, f32>,
-    b: ndarray::ArrayView2<'_, f32>,
-) -> Vec<f32> {
-    const ROWS: usize = 8;
-    let (n, d) = a.dim();
-    let mut result = vec![0.0f32; n];
-    let (a, b) = (a.as_standard_layout(), b.as_standard_layout());
-    let (a, b) = (
-        a.as_slice().expect("standard layout"),
-        b.as_slice().expect("standard layout"),
-    );
-    if d == 0 {
-        return result;
-    }
-    for ((out, ra), rb) in result
-        .chunks_mut(ROWS)
-        .zip(a.chunks(ROWS * d))
-        .zip(b.chunks(ROWS * d))
-    {
-        for kk in 0..d {
-            for (r, acc) in out.iter_mut().enumerate() {
-                *acc = ra[r * d + kk].mul_add(rb[r * d + kk], *acc);
-            }
-        }
-    }
-    result
 }

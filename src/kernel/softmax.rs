@@ -1,5 +1,6 @@
-//! Row kernels: the softmax of one row of scores, and the scores of one query row against key
-//! rows read in place (the path for few query rows, where packing Kᵀ would cost a pass over K).
+//! The SIMD softmax of one row of scores, and the SIMD exponential passes over a buffer, generic
+//! over [`Simd`]: the fused item, the AMX item's softmax, the decoding path and the backward all
+//! take their softmax from here.
 
 use super::simd::Simd;
 
@@ -114,47 +115,20 @@ unsafe fn exp_in_place<S: Simd>(p: *mut f32, max: S::V) -> S::V {
     e
 }
 
-/// How many key rows ahead [`dot_rows`] prefetches.
-const KEY_PREFETCH_ROWS: usize = 6;
-
-/// `out[j] = (query · key_j) × scale` for key rows `key_j` (each `query.len()` contiguous floats,
-/// row j at `key + j·ld`). Lane partial sums, then a fixed-order
-/// horizontal sum.
+/// `x = e^{c·x}` over a slice on ISA `S`.
 ///
 /// # Safety
-/// `S`'s instructions must be available; key rows `0..out.len()` at `key + j·ld` must each have
-/// `query.len()` readable floats. The tail of each row is read with masked loads only.
+/// `S`'s instructions must be available. Whole vectors come from `chunks_exact_mut`; the tail is
+/// read and written with masked loads and stores of exactly its length.
 #[inline(always)]
-pub(crate) unsafe fn dot_rows<S: Simd>(
-    query: &[f32],
-    key: *const f32,
-    ld: usize,
-    out: &mut [f32],
-    scale: Option<f32>,
-) {
-    let (l, d) = (S::LANES, query.len());
-    let full = d - d % l;
-    let m = S::mask(d - full);
-    for (j, o) in out.iter_mut().enumerate() {
-        let k = key.add(j * ld);
-        // Key rows stream from memory once each (decoding: one query row per batch element);
-        // asking for row j + 6 now hides the latency the few FMAs per row cannot (measured
-        // 7-13% at (8,1,4096,64) on 1 and 2 threads). A prefetch past the end does not fault.
-        S::prefetch(key.wrapping_add((j + KEY_PREFETCH_ROWS) * ld));
-        let mut acc = S::zero();
-        let mut x = 0;
-        while x < full {
-            acc = S::fma(S::load(query.as_ptr().add(x)), S::load(k.add(x)), acc);
-            x += l;
-        }
-        if full < d {
-            acc = S::fma(
-                S::load_masked(query.as_ptr().add(full), m),
-                S::load_masked(k.add(full), m),
-                acc,
-            );
-        }
-        let s = S::sum(acc);
-        *o = scale.map_or(s, |c| s * c);
+pub(crate) unsafe fn exp_scaled_simd<S: Simd>(xs: &mut [f32], c: f32) {
+    let (l, cv) = (S::LANES, S::splat(c));
+    let mut chunks = xs.chunks_exact_mut(l);
+    for ch in &mut chunks {
+        S::store(ch.as_mut_ptr(), S::exp(S::mul(S::load(ch.as_ptr()), cv)));
     }
+    let tail = chunks.into_remainder();
+    let m = S::mask(tail.len());
+    let v = S::exp(S::mul(S::load_masked(tail.as_ptr(), m), cv));
+    S::store_masked(tail.as_mut_ptr(), m, v);
 }

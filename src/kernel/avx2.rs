@@ -1,0 +1,67 @@
+//! The AVX2 family ([`Family`]): the fused item, the decoding chunk and the backward item
+//! instantiated for `simd::Avx2` inside `#[target_feature(enable = "avx2,fma")]` trampolines.
+//! AVX2 with FMA has 16 registers of 8 floats: scores tiles 6 rows × 16 keys (2 vectors),
+//! combine 3 × 32 (12 accumulators of the 16 registers); the backward 6 × 16 and 3 × 32.
+
+use std::mem::MaybeUninit;
+use std::ops::Range;
+
+use super::backward::ctx::{BackCtx, ItemGrads, Partials};
+use super::family::Family;
+use super::fused::{self, Tiles};
+use super::item::{Ctx, Item};
+use super::keys::KeyCache;
+use super::simd;
+use super::{backward, decode, softmax};
+
+/// The Avx2 family.
+pub(crate) struct Avx2;
+
+impl Family for Avx2 {
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn prepare(keys: &mut KeyCache, ctx: &Ctx<'_, '_, f32>, b: usize) {
+        keys.prepare::<simd::Avx2, 2>(ctx, b)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn item(
+        ctx: &Ctx<'_, '_, f32>,
+        item: Item,
+        keys: &KeyCache,
+        scores: &mut [MaybeUninit<f32>],
+        out: &mut [f32],
+        stats: Option<&mut [f32]>,
+    ) {
+        let tiles = Tiles {
+            scores_mr: 6,
+            combine_mr: 3,
+        };
+        fused::item::<simd::Avx2, 2>(ctx, item, keys, scores, out, stats, tiles)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn exp_scaled(xs: &mut [f32], c: f32) {
+        softmax::exp_scaled_simd::<simd::Avx2>(xs, c)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn decode_chunk(
+        ctx: &Ctx<'_, '_, f32>,
+        b: usize,
+        keys: Range<usize>,
+        scratch: &mut [f32],
+        part: &mut [f32],
+    ) {
+        decode::chunk_simd::<simd::Avx2, 4>(ctx, b, keys, scratch, part, 3)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn backward_item(
+        ctx: &BackCtx<'_, '_, f32>,
+        b: usize,
+        keys: Range<usize>,
+        g: ItemGrads<'_, f32>,
+    ) -> Partials {
+        backward::fused::item::<simd::Avx2, 2, 4>(ctx, b, keys, g, (6, 3))
+    }
+}
