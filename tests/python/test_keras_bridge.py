@@ -120,6 +120,9 @@ def _tokens(rng: np.random.Generator, batch: int, t: int) -> np.ndarray:
 def test_functional_model_with_embedding_masks_matches_keras(
     config: dict[str, Any], key: bool, causal: bool
 ) -> None:
+    # The embeddings' initial weights come from Keras's generator: seeded, so a failure here
+    # reproduces (unseeded, one run in many put one element 1.02x past the rounding bound).
+    keras.utils.set_random_seed(len(config) + 2 * key + causal)
     ours, embeddings = _embedding_models(luong.keras.Attention, config, key, causal)
     theirs, _ = _embedding_models(keras.layers.Attention, config, key, causal)
     _set_test_weights(ours.get_layer("attention"))
