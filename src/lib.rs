@@ -10,7 +10,8 @@
 //! 2. score mask: value mask, full score mask, causal; masked scores get `1e9` subtracted
 //!    ([`mask`]);
 //! 3. softmax over Tv ([`softmax`]); 4. dropout when training ([`dropout`]);
-//! 5. output `(B, Tq, Dv)` = weights · value ([`combine`](mod@combine)); the query mask zeroes output rows.
+//! 5. output `(B, Tq, Dv)` = weights · value ([`combine`](mod@combine)); the query mask zeroes
+//!    output rows.
 //!
 //! ```
 //! use luong::{Attention, Masks, ScoreMode};

@@ -137,8 +137,8 @@ pub(crate) fn scale_row(ctx: &Ctx<'_, '_, f32>, s: &mut [f32]) {
     }
 }
 
-/// The last step of a fast item: each output row times its `inv` (from `fused::finish_fast_row`), or
-/// zeros where the query mask drops the row.
+/// The last step of a fast item: each output row times its `inv` (from `fused::finish_fast_row`),
+/// or zeros where the query mask drops the row.
 pub(crate) fn finish_out_rows(ctx: &Ctx<'_, '_, f32>, item: Item, out: &mut [f32], inv: &[f32]) {
     let dv = ctx.dims.dv;
     for (r, o) in out[..item.rows * dv].chunks_exact_mut(dv).enumerate() {

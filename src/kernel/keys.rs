@@ -137,7 +137,7 @@ impl Drop for KeyCache {
             if amx.bytes() <= KEEP {
                 AMX_PACKED.with(|c| c.set(amx));
             }
-            super::amx_item::trim_scratch(KEEP);
+            amx::trim_scratch(KEEP);
         }
     }
 }
@@ -169,7 +169,7 @@ fn all_finite(a: ndarray::ArrayView2<'_, f32>) -> bool {
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     use super::*;
-    use crate::kernel::amx_item::SCRATCH;
+    use crate::kernel::amx::SCRATCH;
 
     /// A thread keeps its tile buffers for its next call only up to 64 MiB each: a call with
     /// very long keys does not leave hundreds of MiB behind.

@@ -14,26 +14,22 @@
 //! | `simd.rs` | the `Simd` trait, its AVX-512 and AVX2 implementations, the SIMD exp |
 //! | `keys.rs` | what a thread prepares per batch element ([`KeyCache`]) |
 //! | `decode.rs` | few query rows against many keys: split keys, merged in a fixed order |
-//! | `amx.rs`, `amx_item.rs`, `amx_softmax.rs` | AMX tiles at f32 accuracy: its own item |
+//! | `amx/` | the AMX family: f32 on tiles, its own item and softmax (one `cfg` on the folder) |
 //! | `backward/` | the backward item's context, its portable and its SIMD form |
 //!
 //! So "the softmax on AVX2" is `softmax::softmax_row::<simd::Avx2>`, called by `fused::item`,
 //! which `avx2.rs` instantiates with its tiles; the portable family runs the readable stage
 //! functions of `crate::softmax` instead.
 //!
-//! Selection is in one place, [`on_family!`]: [`Isa::Avx512`](crate::Isa::Avx512) and
-//! [`Isa::Amx`](crate::Isa::Amx) take the AVX-512 family (an AMX call tries its tiles first and
-//! falls back to it), [`Isa::Avx2`](crate::Isa::Avx2) the AVX2 family, anything else the
+//! Selection is in one place, `on_family!`: [`Isa::Avx512`] and
+//! [`Isa::Amx`] take the AVX-512 family (an AMX call tries its tiles first and
+//! falls back to it), [`Isa::Avx2`] the AVX2 family, anything else the
 //! portable one. Adding a family is adding one implementation of [`family::Family`] and one arm
 //! there. These paths compute in f32; the entry layer sends f64 to the portable item. Tests hold
 //! every family equal to the stage functions within float32 rounding (`tests/kernels.rs`).
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
-#[cfg(target_arch = "x86_64")]
-mod amx_item;
-#[cfg(target_arch = "x86_64")]
-mod amx_softmax;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
@@ -120,7 +116,7 @@ pub(crate) fn run_item(
             && keys.amx_ready
             && unsafe {
                 let packed = (&keys.amx, keys.finite);
-                amx_item::block_amx(ctx, item, packed, scores, out, stats.as_deref_mut())
+                amx::block_amx(ctx, item, packed, scores, out, stats.as_deref_mut())
             }
         {
             return;

@@ -1,5 +1,5 @@
-//! The f32 backward work item of dot-mode attention on the SIMD micro-kernels: the portable
-//! item's algorithm (`ctx::BackCtx::portable_item`), with its five products on the register-tiled `gemm`.
+//! The f32 backward work item of dot-mode attention on the SIMD micro-kernels: the portable item's
+//! algorithm (`ctx::BackCtx::portable_item`), with its five products on the register-tiled `gemm`.
 //!
 //! Per block of 64 keys `Kc`, `Vc` (both packed transposed once per block) and per chunk of up
 //! to 512 query rows:

@@ -1,11 +1,13 @@
 //! The softmax of an AMX item's rows ([`RowSoftmax`]), one row after another, as a pass of its own
-//! or as side work between the other block's tile products ([`amx::SideWork`]).
+//! or as side work between the other block's tile products ([`SideWork`]).
 
-use super::amx;
-use super::item::{mask_fast_row, row_done, scale_row, Ctx, Item};
-use super::plan::MAX_ITEM_ROWS;
-use super::simd;
-use super::softmax::max_of_row;
+use crate::kernel::item::{mask_fast_row, row_done, scale_row, Ctx, Item};
+use crate::kernel::plan::MAX_ITEM_ROWS;
+use crate::kernel::simd;
+use crate::kernel::softmax::max_of_row;
+
+use super::exp::{self, ExpPass};
+use super::side_work::SideWork;
 
 /// Where an AMX item's softmax reads and writes: the raw scores (`ld` floats per row), the
 /// weight parts (`kp` wide), the returned weights (`Tv` per row) and each row's length.
@@ -22,9 +24,9 @@ pub(crate) struct SoftmaxBufs<'a> {
 
 /// The softmax of rows `r .. end` of an AMX item without dropout, one row after another: each
 /// row's scale and masks (done one row ahead), `e^(s - max)` split into the weight parts
-/// ([`amx::ExpPass`], which also finds the next row's max and normalises the row before's
+/// ([`ExpPass`], which also finds the next row's max and normalises the row before's
 /// returned weights), the row's statistics and output factor (`inv`). As side work
-/// ([`amx::SideWork`]) it runs 32 scores per step between another block's tile products.
+/// ([`SideWork`]) it runs 32 scores per step between another block's tile products.
 pub(crate) struct RowSoftmax<'a, 'c, 'm> {
     ctx: &'a Ctx<'c, 'm, f32>,
     item: Item,
@@ -32,7 +34,7 @@ pub(crate) struct RowSoftmax<'a, 'c, 'm> {
     r: usize,
     end: usize,
     max: f32,
-    pass: Option<amx::ExpPass>,
+    pass: Option<ExpPass>,
     /// The row before's returned weights, to normalise by its 1 / sum during this row's pass.
     pending: Option<(*mut f32, usize, f32)>,
     inv: &'a mut [f32; MAX_ITEM_ROWS],
@@ -115,7 +117,7 @@ impl<'a, 'c, 'm> RowSoftmax<'a, 'c, 'm> {
         let b = self.bufs;
         let w = (!b.weights.is_null()).then(|| b.weights.add(r * self.ctx.dims.tv));
         let parts = (b.parts, r, b.kp);
-        self.pass = Some(amx::ExpPass::new(
+        self.pass = Some(ExpPass::new(
             self.row(r),
             self.max,
             parts,
@@ -152,7 +154,7 @@ impl<'a, 'c, 'm> RowSoftmax<'a, 'c, 'm> {
     pub(crate) unsafe fn finish(mut self) {
         // A row under way goes on step by step, the rest each in one loop.
         while self.pass.is_some() {
-            amx::SideWork::step(&mut self);
+            SideWork::step(&mut self);
         }
         while self.r < self.end {
             self.start_row();
@@ -164,12 +166,12 @@ impl<'a, 'c, 'm> RowSoftmax<'a, 'c, 'm> {
             }
         }
         if let Some((w, len, inv)) = self.pending {
-            amx::scale_weights(w, len, inv);
+            exp::scale_weights(w, len, inv);
         }
     }
 }
 
-impl amx::SideWork for RowSoftmax<'_, '_, '_> {
+impl SideWork for RowSoftmax<'_, '_, '_> {
     fn units(&self) -> usize {
         (self.end - self.r) * (self.bufs.kp / 32)
     }

@@ -1,5 +1,5 @@
 //! One forward item on AMX tiles: the scores product, the softmax (overlapped with the other
-//! 32-row block's tile products where it can be, `amx_softmax`), the combine, and the chunked
+//! 32-row block's tile products where it can be, `softmax`), the combine, and the chunked
 //! (flash) form for long keys. Falls back to the AVX-512 family when a query row does not split
 //! exactly.
 
@@ -7,18 +7,25 @@ use std::mem::MaybeUninit;
 
 use ndarray::Axis;
 
-use super::amx;
-use super::amx_softmax::{RowSoftmax, SoftmaxBufs};
-use super::fused::finish_fast_row;
-use super::item::{causal_lengths, finish_out_rows, mask_fast_row, row_done, scale_row, Ctx, Item};
-use super::plan::{FLASH_KEYS, MAX_ITEM_ROWS};
-use super::simd;
-use super::softmax::max_of_row;
+use crate::kernel::fused::finish_fast_row;
+use crate::kernel::item::{
+    causal_lengths, finish_out_rows, mask_fast_row, row_done, scale_row, Ctx, Item,
+};
+use crate::kernel::plan::{FLASH_KEYS, MAX_ITEM_ROWS};
+use crate::kernel::simd;
+use crate::kernel::softmax::max_of_row;
 use crate::shape::Dims;
+
+use super::buf::{Packed, QueryRows, Scratch};
+use super::exp;
+use super::side_work::{self, NoWork, Prefetch, SplitAhead};
+use super::softmax::{RowSoftmax, SoftmaxBufs};
+use super::split;
+use super::tile::{self, Tiles};
 
 thread_local! {
     /// The tile kernels' per-item scratch on this thread.
-    pub(crate) static SCRATCH: std::cell::RefCell<amx::Scratch> = std::cell::RefCell::default();
+    pub(crate) static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
 }
 
 /// Frees this thread's tile scratch if it holds more than `keep` bytes (a call with very long
@@ -26,7 +33,7 @@ thread_local! {
 pub(crate) fn trim_scratch(keep: usize) {
     SCRATCH.with_borrow_mut(|s| {
         if s.bytes() > keep {
-            *s = amx::Scratch::default();
+            *s = Scratch::default();
         }
     });
 }
@@ -34,7 +41,7 @@ pub(crate) fn trim_scratch(keep: usize) {
 /// The query rows of the item this thread most likely takes next: the rows after `item`'s, in
 /// its batch element or the next ([`crate::pool::run_indexed`] hands a thread its share in
 /// order); none after the last.
-fn next_item_queries(ctx: &Ctx<'_, '_, f32>, item: Item) -> Option<amx::QueryRows> {
+fn next_item_queries(ctx: &Ctx<'_, '_, f32>, item: Item) -> Option<QueryRows> {
     let Dims { batch, tq, d, .. } = ctx.dims;
     let (b, i0) = match item.i0 + item.rows < tq {
         true => (item.b, item.i0 + item.rows),
@@ -43,7 +50,7 @@ fn next_item_queries(ctx: &Ctx<'_, '_, f32>, item: Item) -> Option<amx::QueryRow
     (b < batch).then(|| {
         let q = ctx.query.index_axis(Axis(0), b);
         let ld = q.stride_of(Axis(0)) as usize;
-        amx::QueryRows {
+        QueryRows {
             call: ctx.call,
             q0: q.as_ptr().wrapping_add(i0 * ld),
             ld,
@@ -62,35 +69,35 @@ fn item_bytes(ctx: &Ctx<'_, '_, f32>, rows: usize) -> usize {
 }
 
 /// Up to this many [`item_bytes`] (the L2 of a core with tiles is 2 MiB), an item's returned
-/// weights are prefetched into L2 during its scores ([`amx::Prefetch`]). Beyond, the prefetched
+/// weights are prefetched into L2 during its scores ([`Prefetch`]). Beyond, the prefetched
 /// rows push the keys' and values' parts out: (2, 2048, 2048, 64), 3.3 MB per item, took
 /// 9.9-12.4 against 9.3-10.2 ms with them, and (4, 1024, 1024, 64), 1.7 MB, gained nothing
 /// (2.65-2.75 against 2.58-2.74 ms), where (4, 768, 768, 64), 1.3 MB, took 1.34-1.39 against
 /// 1.40-1.44 (2 threads, alternating, medians of 40-100).
 const PREFETCH_WEIGHTS_UP_TO: usize = 3 << 19;
 
-/// One item on AMX tiles ([`amx`]): scores product on tiles into scratch, then row by row the
-/// scale and masks, the softmax (`e^(s - max)` split into three parts; the row's max found while
-/// the row before was exponentiated, [`RowSoftmax`]) and the returned weights, or with dropout
-/// [`finish_fast_row`] and the split, then the combine on tiles and each output row over its
-/// sum. Without returned weights or dropout, an item of two 32-row blocks runs each block's
-/// softmax between the other block's tile products ([`amx::SideWork`]): block 0's scores, block
-/// 1's scores with block 0's softmax, block 0's combine with block 1's softmax, block 1's
-/// combine. The output rows may come uninitialised: the copy-out from the tiles' O writes each
-/// in full (zeroing them first cost 0.4-4.2% of a call at (8, 512, 512, 64) with returned
-/// weights, 0-4.6% without: Rust, 2 threads, old and new binaries alternating, medians of 200).
-/// Returns false, touching nothing the caller reads, when a query row of the item does not
-/// split exactly (`amx::split_queries`); the caller then runs the AVX-512 path.
+/// One item on AMX tiles (the [`amx`](super) family): scores product on tiles into scratch, then
+/// row by row the scale and masks, the softmax (`e^(s - max)` split into three parts; the row's max
+/// found while the row before was exponentiated, [`RowSoftmax`]) and the returned weights, or with
+/// dropout [`finish_fast_row`] and the split, then the combine on tiles and each output row over
+/// its sum. Without returned weights or dropout, an item of two 32-row blocks runs each block's
+/// softmax between the other block's tile products ([`SideWork`](side_work::SideWork)): block 0's
+/// scores, block 1's scores with block 0's softmax, block 0's combine with block 1's softmax, block
+/// 1's combine. The output rows may come uninitialised: the copy-out from the tiles' O writes each
+/// in full (zeroing them first cost 0.4-4.2% of a call at (8, 512, 512, 64) with returned weights,
+/// 0-4.6% without: Rust, 2 threads, old and new binaries alternating, medians of 200). Returns
+/// false, touching nothing the caller reads, when a query row of the item does not split exactly
+/// (`split::split_queries`); the caller then runs the AVX-512 path.
 ///
 /// # Safety
-/// [`Isa::Amx`] was detected; `amx_keys` holds batch element `item.b`'s keys and values in tile
-/// layout, every one split exactly (`KeyCache::amx_ready`); `finite` is `KeyCache::finite`.
-/// Sizes as `fused::item`.
+/// [`Isa::Amx`](crate::Isa::Amx) was detected; `amx_keys` holds batch element `item.b`'s keys and
+/// values in tile layout, every one split exactly (`KeyCache::amx_ready`); `finite` is
+/// `KeyCache::finite`. Sizes as `fused::item`.
 #[target_feature(enable = "avx512f")]
 pub(crate) unsafe fn block_amx(
     ctx: &Ctx<'_, '_, f32>,
     item: Item,
-    (amx_keys, finite): (&amx::Packed, bool),
+    (amx_keys, finite): (&Packed, bool),
     scores: &mut [MaybeUninit<f32>],
     out: &mut [MaybeUninit<f32>],
     mut stats: Option<&mut [f32]>,
@@ -106,17 +113,17 @@ pub(crate) unsafe fn block_amx(
     let weights = scores.as_mut_ptr().cast::<f32>();
     let mut inv = [1.0f32; MAX_ITEM_ROWS];
     let done = SCRATCH.with_borrow_mut(|scratch| {
-        let at = amx::QueryRows {
+        let at = QueryRows {
             call: ctx.call,
             q0,
             ld: q_ld,
             rows,
             d,
         };
-        let Some(dp) = amx::queries_for(scratch, at) else {
+        let Some(dp) = side_work::queries_for(scratch, at) else {
             return false;
         };
-        let tiles = amx::Tiles::configure();
+        let tiles = Tiles::configure();
         if ctx.flash {
             amx_flash(
                 ctx,
@@ -129,7 +136,7 @@ pub(crate) unsafe fn block_amx(
             );
             return true;
         }
-        let (kp, parts) = amx::weight_parts(scratch, rows, cols);
+        let (kp, parts) = split::weight_parts(scratch, rows, cols);
         let blocks = rows.div_ceil(32);
         let (s_dims, c_dims) = ((rows, 0, cols, dp), (rows, 0, kp, dv));
         // Without returned weights or dropout, the softmax of one 32-row block runs between the
@@ -139,12 +146,12 @@ pub(crate) unsafe fn block_amx(
         let overlap = ctx.dropout.is_none() && !ctx.normalize && blocks > 1;
         let first = overlap.then_some(0..1); // None: every block
         let (raw, ld) = if ctx.normalize && item_bytes(ctx, rows) <= PREFETCH_WEIGHTS_UP_TO {
-            // The returned weights' rows come into L2 during the scores ([`amx::Prefetch`]).
+            // The returned weights' rows come into L2 during the scores ([`Prefetch`]).
             let bytes = rows * tv * std::mem::size_of::<f32>();
-            let mut rows_ahead = amx::Prefetch::new(weights.cast(), bytes);
-            amx::scores(&tiles, scratch, amx_keys, s_dims, first, &mut rows_ahead)
+            let mut rows_ahead = Prefetch::new(weights.cast(), bytes);
+            tile::scores(&tiles, scratch, amx_keys, s_dims, first, &mut rows_ahead)
         } else {
-            amx::scores(&tiles, scratch, amx_keys, s_dims, first, &mut amx::NoWork)
+            tile::scores(&tiles, scratch, amx_keys, s_dims, first, &mut NoWork)
         };
         let weights = if ctx.normalize {
             weights
@@ -161,10 +168,10 @@ pub(crate) unsafe fn block_amx(
             lens,
         };
         // The next item's queries are split during this one's last combine, after every
-        // scores product of this one ([`amx::SplitAhead`]).
+        // scores product of this one ([`SplitAhead`]).
         let last = if overlap { blocks - 1 } else { blocks };
         let groups = last * dv.div_ceil(32) * (kp / 32) * 6;
-        let mut ahead = amx::SplitAhead::new(scratch, next_item_queries(ctx, item), groups);
+        let mut ahead = SplitAhead::new(scratch, next_item_queries(ctx, item), groups);
         let (o, ldo) = if ctx.dropout.is_some() {
             // SAFETY: the scores scratch holds `⌈rows/32⌉·32` rows of `ld ≥ cols ≥ lens[r]`
             // floats; nothing else refers to it here, and the loop holds one row at a time.
@@ -174,7 +181,7 @@ pub(crate) unsafe fn block_amx(
                 scale_row(ctx, s);
                 inv[r] =
                     finish_fast_row::<simd::Avx512>(ctx, item, r, s, None, stats.as_deref_mut());
-                amx::split_weights(parts, r, s, kp);
+                split::split_weights(parts, r, s, kp);
                 if ctx.normalize {
                     // The returned weights: this row of `scores` (`rows · Tv`, possibly
                     // uninitialised) is written in full here.
@@ -183,21 +190,21 @@ pub(crate) unsafe fn block_amx(
                     std::ptr::write_bytes(w.add(len), 0, tv - len);
                 }
             }
-            amx::combine(&tiles, scratch, amx_keys, c_dims, None, &mut ahead)
+            tile::combine(&tiles, scratch, amx_keys, c_dims, None, &mut ahead)
         } else if overlap {
             let st = stats.as_deref_mut();
             let mut sm = RowSoftmax::new(ctx, item, bufs, 0..32, &mut inv, st, true);
             let rest = Some(1..blocks);
-            amx::scores(&tiles, scratch, amx_keys, s_dims, rest, &mut sm);
+            tile::scores(&tiles, scratch, amx_keys, s_dims, rest, &mut sm);
             sm.finish();
             let mut sm = RowSoftmax::new(ctx, item, bufs, 32..rows, &mut inv, stats, true);
-            amx::combine(&tiles, scratch, amx_keys, c_dims, Some(0..1), &mut sm);
+            tile::combine(&tiles, scratch, amx_keys, c_dims, Some(0..1), &mut sm);
             sm.finish();
             let rest = Some(1..blocks);
-            amx::combine(&tiles, scratch, amx_keys, c_dims, rest, &mut ahead)
+            tile::combine(&tiles, scratch, amx_keys, c_dims, rest, &mut ahead)
         } else {
             RowSoftmax::new(ctx, item, bufs, 0..rows, &mut inv, stats, false).finish();
-            amx::combine(&tiles, scratch, amx_keys, c_dims, None, &mut ahead)
+            tile::combine(&tiles, scratch, amx_keys, c_dims, None, &mut ahead)
         };
         ahead.finish(scratch);
         // Each output row times its factor as it is copied out (one pass, in AVX-512), which
@@ -222,12 +229,12 @@ pub(crate) unsafe fn block_amx(
     done
 }
 
-/// An item on tiles with long keys ([`plan::flash`](super::plan::flash)): for each chunk of [`FLASH_KEYS`] keys, the scores
-/// product, per row the scale, the value mask, the running max `m` and `e^(s - m)` split into the
-/// weight parts, then the combine, added to the output row after scaling it by `e^(m_old - m)`
-/// (as its sum is). Leaves each row's output factor ([`row_done`]) in `inv` for
-/// [`finish_out_rows`], and its statistics in `stats`. The chunks depend on Tv alone, so results
-/// are the same for any thread count.
+/// An item on tiles with long keys ([`plan::flash`](crate::kernel::plan::flash)): for each chunk of
+/// [`FLASH_KEYS`] keys, the scores product, per row the scale, the value mask, the running max `m`
+/// and `e^(s - m)` split into the weight parts, then the combine, added to the output row after
+/// scaling it by `e^(m_old - m)` (as its sum is). Leaves each row's output factor ([`row_done`]) in
+/// `inv` for [`finish_out_rows`], and its statistics in `stats`. The chunks depend on Tv alone, so
+/// results are the same for any thread count.
 ///
 /// # Safety
 /// As [`block_amx`], with `tiles` configured, the item's queries split (`dp` wide) and `out`
@@ -236,8 +243,8 @@ pub(crate) unsafe fn block_amx(
 unsafe fn amx_flash(
     ctx: &Ctx<'_, '_, f32>,
     item: Item,
-    amx_keys: &amx::Packed,
-    (scratch, tiles, dp): (&mut amx::Scratch, &amx::Tiles, usize),
+    amx_keys: &Packed,
+    (scratch, tiles, dp): (&mut Scratch, &Tiles, usize),
     out: &mut [f32],
     mut stats: Option<&mut [f32]>,
     inv: &mut [f32; MAX_ITEM_ROWS],
@@ -251,15 +258,15 @@ unsafe fn amx_flash(
     let mut c0 = 0;
     while c0 < tv {
         let ck = FLASH_KEYS.min(tv - c0);
-        let (raw, ld) = amx::scores(
+        let (raw, ld) = tile::scores(
             tiles,
             scratch,
             amx_keys,
             (rows, c0, ck, dp),
             None,
-            &mut amx::NoWork,
+            &mut NoWork,
         );
-        let (kp, parts) = amx::weight_parts(scratch, rows, ck);
+        let (kp, parts) = split::weight_parts(scratch, rows, ck);
         // SAFETY: the scores scratch holds `⌈rows/32⌉·32` rows of `ld ≥ ck` floats; nothing
         // else refers to it here, and the loop below holds at most one reference to each row at
         // a time.
@@ -280,16 +287,16 @@ unsafe fn amx_flash(
             // NaN anywhere reaches the sum and the output through its own e^(s - m).
             let m = max[r].max(chunk_max);
             alpha[r] = (max[r] - m).exp();
-            let (e, next_max) = amx::exp_split(row(r), m, (parts, r, kp), None, next, None);
+            let (e, next_max) = exp::exp_split(row(r), m, (parts, r, kp), None, next, None);
             (sum[r], max[r], chunk_max) = (sum[r] * alpha[r] + e, m, next_max);
         }
-        let (o, ldo) = amx::combine(
+        let (o, ldo) = tile::combine(
             tiles,
             scratch,
             amx_keys,
             (rows, c0, kp, dv),
             None,
-            &mut amx::NoWork,
+            &mut NoWork,
         );
         for (r, acc) in out[..rows * dv].chunks_exact_mut(dv).enumerate() {
             // SAFETY: O holds `rows` rows of `ldo ≥ dv` floats.
