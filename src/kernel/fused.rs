@@ -8,13 +8,11 @@ use std::mem::MaybeUninit;
 use ndarray::Axis;
 
 use super::gemm::{self, dot_rows};
-use super::item::{
-    apply_dropout_row, causal_lengths, finish_out_rows, mask_fast_row, masked, row_done, Ctx, Item,
-};
+use super::item::{causal_lengths, finish_fast_row, finish_out_rows, masked, Ctx, Item};
 use super::keys::KeyCache;
 use super::plan::{CONCAT_EXP_LIMIT, MAX_ITEM_ROWS};
 use super::simd::Simd;
-use super::softmax::{exp_scaled_simd, softmax_row};
+use super::softmax::exp_scaled_simd;
 use crate::config::ScoreMode;
 use crate::score::score_row;
 use crate::shape::Dims;
@@ -192,30 +190,6 @@ pub(crate) unsafe fn item<S: Simd, const NVS: usize>(
         k0 += kc;
     }
     finish_out_rows(ctx, item, out, &inv);
-}
-
-/// Step 2 of a fast item for its row `r`, `s` the row's first `lens[r]` scores: mask, softmax,
-/// statistics (`stats`, the item's `rows × 2`), dropout. Returns what the combined output row is
-/// to be multiplied by: `1 / sum` unless the weights are normalised in place (then 1).
-///
-/// # Safety
-/// `S`'s instructions must be available.
-#[inline(always)]
-pub(crate) unsafe fn finish_fast_row<S: Simd>(
-    ctx: &Ctx<'_, '_, f32>,
-    item: Item,
-    r: usize,
-    s: &mut [f32],
-    known_max: Option<f32>,
-    stats: Option<&mut [f32]>,
-) -> f32 {
-    let Dims { tq, tv, .. } = ctx.dims;
-    let (b, i) = (item.b, item.i0 + r);
-    mask_fast_row(ctx, item, r, 0, s);
-    let (max, sum) = softmax_row::<S>(s, ctx.normalize, known_max);
-    let inv = row_done(ctx.normalize, r, (max, sum), stats);
-    apply_dropout_row(ctx, (b * tq + i) * tv, s);
-    inv
 }
 
 /// Concat scores for one item: the exponential form where it is safe, else tanh row by row.

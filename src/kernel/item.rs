@@ -5,6 +5,8 @@
 use ndarray::ArrayView3;
 
 use super::plan::MAX_ITEM_ROWS;
+use super::simd::Simd;
+use super::softmax::softmax_row;
 use crate::cpu::Isa;
 use crate::dropout::{dropout_row, DropoutMask};
 use crate::float::Float;
@@ -137,7 +139,7 @@ pub(crate) fn scale_row(ctx: &Ctx<'_, '_, f32>, s: &mut [f32]) {
     }
 }
 
-/// The last step of a fast item: each output row times its `inv` (from `fused::finish_fast_row`),
+/// The last step of a fast item: each output row times its `inv` (from [`finish_fast_row`]),
 /// or zeros where the query mask drops the row.
 pub(crate) fn finish_out_rows(ctx: &Ctx<'_, '_, f32>, item: Item, out: &mut [f32], inv: &[f32]) {
     let dv = ctx.dims.dv;
@@ -148,4 +150,28 @@ pub(crate) fn finish_out_rows(ctx: &Ctx<'_, '_, f32>, item: Item, out: &mut [f32
             o.iter_mut().for_each(|x| *x *= inv[r]);
         }
     }
+}
+
+/// Step 2 of a fast item for its row `r`, `s` the row's first `lens[r]` scores: mask, softmax,
+/// statistics (`stats`, the item's `rows × 2`), dropout. Returns what the combined output row is
+/// to be multiplied by: `1 / sum` unless the weights are normalised in place (then 1).
+///
+/// # Safety
+/// `S`'s instructions must be available.
+#[inline(always)]
+pub(crate) unsafe fn finish_fast_row<S: Simd>(
+    ctx: &Ctx<'_, '_, f32>,
+    item: Item,
+    r: usize,
+    s: &mut [f32],
+    known_max: Option<f32>,
+    stats: Option<&mut [f32]>,
+) -> f32 {
+    let Dims { tq, tv, .. } = ctx.dims;
+    let (b, i) = (item.b, item.i0 + r);
+    mask_fast_row(ctx, item, r, 0, s);
+    let (max, sum) = softmax_row::<S>(s, ctx.normalize, known_max);
+    let inv = row_done(ctx.normalize, r, (max, sum), stats);
+    apply_dropout_row(ctx, (b * tq + i) * tv, s);
+    inv
 }

@@ -7,9 +7,8 @@ use std::mem::MaybeUninit;
 
 use ndarray::Axis;
 
-use crate::kernel::fused::finish_fast_row;
 use crate::kernel::item::{
-    causal_lengths, finish_out_rows, mask_fast_row, row_done, scale_row, Ctx, Item,
+    causal_lengths, finish_fast_row, finish_out_rows, mask_fast_row, row_done, scale_row, Ctx, Item,
 };
 use crate::kernel::plan::{FLASH_KEYS, MAX_ITEM_ROWS};
 use crate::kernel::simd;
