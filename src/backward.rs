@@ -318,8 +318,13 @@ impl Attention {
         };
         // SAFETY: the items cover every (b, key range), so every element of dk, dv and of dq
         // (one item per batch element) or of the shares was initialised (`init`) and written.
-        let (mut dk, mut dvv) = unsafe { (dk.assume_init(), dvv.assume_init()) };
-        let parts = parts.map(|p| unsafe { p.assume_init() });
+        let (mut dk, mut dvv, parts) = unsafe {
+            (
+                dk.assume_init(),
+                dvv.assume_init(),
+                parts.map(|p| p.assume_init()),
+            )
+        };
         let mut dq = if let Some(parts) = &parts {
             // dQ of a split batch element: its shares summed in key order.
             let parts = parts.as_slice().expect("fresh arrays are standard");

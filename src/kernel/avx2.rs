@@ -20,7 +20,9 @@ pub(crate) struct Avx2;
 impl Family for Avx2 {
     #[target_feature(enable = "avx2,fma")]
     unsafe fn prepare(keys: &mut KeyCache, ctx: &Ctx<'_, '_, f32>, b: usize) {
-        keys.prepare::<simd::Avx2, 2>(ctx, b)
+        // SAFETY: the `Family` contract (AVX2 and FMA detected) is what this trampoline enables,
+        // and the rest of it is the callee's own contract, passed on unchanged.
+        unsafe { keys.prepare::<simd::Avx2, 2>(ctx, b) }
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -32,16 +34,22 @@ impl Family for Avx2 {
         out: &mut [f32],
         stats: Option<&mut [f32]>,
     ) {
-        let tiles = Tiles {
-            scores_mr: 6,
-            combine_mr: 3,
-        };
-        fused::item::<simd::Avx2, 2>(ctx, item, keys, scores, out, stats, tiles)
+        // SAFETY: the `Family` contract (AVX2 and FMA detected) is what this trampoline enables,
+        // and the rest of it is the callee's own contract, passed on unchanged.
+        unsafe {
+            let tiles = Tiles {
+                scores_mr: 6,
+                combine_mr: 3,
+            };
+            fused::item::<simd::Avx2, 2>(ctx, item, keys, scores, out, stats, tiles)
+        }
     }
 
     #[target_feature(enable = "avx2,fma")]
     unsafe fn exp_scaled(xs: &mut [f32], c: f32) {
-        softmax::exp_scaled_simd::<simd::Avx2>(xs, c)
+        // SAFETY: the `Family` contract (AVX2 and FMA detected) is what this trampoline enables,
+        // and the rest of it is the callee's own contract, passed on unchanged.
+        unsafe { softmax::exp_scaled_simd::<simd::Avx2>(xs, c) }
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -52,7 +60,9 @@ impl Family for Avx2 {
         scratch: &mut [f32],
         part: &mut [f32],
     ) {
-        decode::chunk_simd::<simd::Avx2, 4>(ctx, b, keys, scratch, part, 3)
+        // SAFETY: the `Family` contract (AVX2 and FMA detected) is what this trampoline enables,
+        // and the rest of it is the callee's own contract, passed on unchanged.
+        unsafe { decode::chunk_simd::<simd::Avx2, 4>(ctx, b, keys, scratch, part, 3) }
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -62,6 +72,8 @@ impl Family for Avx2 {
         keys: Range<usize>,
         g: ItemGrads<'_, f32>,
     ) -> Partials {
-        backward::fused::item::<simd::Avx2, 2, 4>(ctx, b, keys, g, (6, 3))
+        // SAFETY: the `Family` contract (AVX2 and FMA detected) is what this trampoline enables,
+        // and the rest of it is the callee's own contract, passed on unchanged.
+        unsafe { backward::fused::item::<simd::Avx2, 2, 4>(ctx, b, keys, g, (6, 3)) }
     }
 }

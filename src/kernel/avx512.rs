@@ -22,7 +22,9 @@ pub(crate) struct Avx512;
 impl Family for Avx512 {
     #[target_feature(enable = "avx512f")]
     unsafe fn prepare(keys: &mut KeyCache, ctx: &Ctx<'_, '_, f32>, b: usize) {
-        keys.prepare::<simd::Avx512, 4>(ctx, b)
+        // SAFETY: the `Family` contract (AVX-512F detected) is what this trampoline enables, and
+        // the rest of it is the callee's own contract, passed on unchanged.
+        unsafe { keys.prepare::<simd::Avx512, 4>(ctx, b) }
     }
 
     #[target_feature(enable = "avx512f")]
@@ -34,16 +36,22 @@ impl Family for Avx512 {
         out: &mut [f32],
         stats: Option<&mut [f32]>,
     ) {
-        let tiles = Tiles {
-            scores_mr: 6,
-            combine_mr: 6,
-        };
-        fused::item::<simd::Avx512, 4>(ctx, item, keys, scores, out, stats, tiles)
+        // SAFETY: the `Family` contract (AVX-512F detected) is what this trampoline enables, and
+        // the rest of it is the callee's own contract, passed on unchanged.
+        unsafe {
+            let tiles = Tiles {
+                scores_mr: 6,
+                combine_mr: 6,
+            };
+            fused::item::<simd::Avx512, 4>(ctx, item, keys, scores, out, stats, tiles)
+        }
     }
 
     #[target_feature(enable = "avx512f")]
     unsafe fn exp_scaled(xs: &mut [f32], c: f32) {
-        softmax::exp_scaled_simd::<simd::Avx512>(xs, c)
+        // SAFETY: the `Family` contract (AVX-512F detected) is what this trampoline enables, and
+        // the rest of it is the callee's own contract, passed on unchanged.
+        unsafe { softmax::exp_scaled_simd::<simd::Avx512>(xs, c) }
     }
 
     #[target_feature(enable = "avx512f")]
@@ -54,7 +62,9 @@ impl Family for Avx512 {
         scratch: &mut [f32],
         part: &mut [f32],
     ) {
-        decode::chunk_simd::<simd::Avx512, 4>(ctx, b, keys, scratch, part, 6)
+        // SAFETY: the `Family` contract (AVX-512F detected) is what this trampoline enables, and
+        // the rest of it is the callee's own contract, passed on unchanged.
+        unsafe { decode::chunk_simd::<simd::Avx512, 4>(ctx, b, keys, scratch, part, 6) }
     }
 
     #[target_feature(enable = "avx512f")]
@@ -64,6 +74,8 @@ impl Family for Avx512 {
         keys: Range<usize>,
         g: ItemGrads<'_, f32>,
     ) -> Partials {
-        backward::fused::item::<simd::Avx512, 2, 4>(ctx, b, keys, g, (12, 6))
+        // SAFETY: the `Family` contract (AVX-512F detected) is what this trampoline enables, and
+        // the rest of it is the callee's own contract, passed on unchanged.
+        unsafe { backward::fused::item::<simd::Avx512, 2, 4>(ctx, b, keys, g, (12, 6)) }
     }
 }

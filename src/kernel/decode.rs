@@ -171,51 +171,54 @@ pub(crate) unsafe fn chunk_simd<S: Simd, const NV: usize>(
     part: &mut [f32],
     mr: usize,
 ) {
-    let Dims { tq, d, dv, .. } = ctx.dims;
-    let n = keys.len();
-    let stride = dv + 2;
-    let q = ctx.query.index_axis(Axis(0), b);
-    let k = ctx.key.index_axis(Axis(0), b);
-    let v = ctx.value.index_axis(Axis(0), b);
-    let (q_ld, k_ld, v_ld) = (
-        q.stride_of(Axis(0)) as usize,
-        k.stride_of(Axis(0)) as usize,
-        v.stride_of(Axis(0)) as usize,
-    );
-    for r in 0..tq {
-        let qr = std::slice::from_raw_parts(q.as_ptr().add(r * q_ld), d);
-        let s = &mut scratch[r * n..(r + 1) * n];
-        dot_rows::<S>(
-            qr,
-            k.as_ptr().add(keys.start * k_ld),
-            k_ld,
-            s,
-            ctx.params.scale,
+    // SAFETY: within this function's `# Safety` contract, which the caller upholds.
+    unsafe {
+        let Dims { tq, d, dv, .. } = ctx.dims;
+        let n = keys.len();
+        let stride = dv + 2;
+        let q = ctx.query.index_axis(Axis(0), b);
+        let k = ctx.key.index_axis(Axis(0), b);
+        let v = ctx.value.index_axis(Axis(0), b);
+        let (q_ld, k_ld, v_ld) = (
+            q.stride_of(Axis(0)) as usize,
+            k.stride_of(Axis(0)) as usize,
+            v.stride_of(Axis(0)) as usize,
         );
-        if ctx.masks.value.is_some() || ctx.masks.causal {
-            mask_cols(
+        for r in 0..tq {
+            let qr = std::slice::from_raw_parts(q.as_ptr().add(r * q_ld), d);
+            let s = &mut scratch[r * n..(r + 1) * n];
+            dot_rows::<S>(
+                qr,
+                k.as_ptr().add(keys.start * k_ld),
+                k_ld,
                 s,
-                keys.start,
-                ctx.masks.keys_of_row(b, r),
-                ctx.masks.causal.then_some(r),
-                ctx.params.mask_bias,
+                ctx.params.scale,
             );
+            if ctx.masks.value.is_some() || ctx.masks.causal {
+                mask_cols(
+                    s,
+                    keys.start,
+                    ctx.masks.keys_of_row(b, r),
+                    ctx.masks.causal.then_some(r),
+                    ctx.params.mask_bias,
+                );
+            }
+            let (max, sum) = softmax_row::<S>(s, false, None);
+            (part[r * stride], part[r * stride + 1]) = (max, sum);
         }
-        let (max, sum) = softmax_row::<S>(s, false, None);
-        (part[r * stride], part[r * stride + 1]) = (max, sum);
+        let g = gemm::Gemm {
+            m: tq,
+            n: dv,
+            k: n,
+            a: scratch.as_ptr(),
+            lda: n,
+            b: v.as_ptr().add(keys.start * v_ld),
+            b_row: v_ld,
+            b_panel: NV * S::LANES,
+            c: part.as_mut_ptr().add(2),
+            ldc: stride,
+        };
+        // Value rows stream from memory too: prefetched 8 rows ahead (1-3% more).
+        gemm::gemm::<S, _, NV>(&g, gemm::DotPrefetch::<8>, mr);
     }
-    let g = gemm::Gemm {
-        m: tq,
-        n: dv,
-        k: n,
-        a: scratch.as_ptr(),
-        lda: n,
-        b: v.as_ptr().add(keys.start * v_ld),
-        b_row: v_ld,
-        b_panel: NV * S::LANES,
-        c: part.as_mut_ptr().add(2),
-        ldc: stride,
-    };
-    // Value rows stream from memory too: prefetched 8 rows ahead (1-3% more).
-    gemm::gemm::<S, _, NV>(&g, gemm::DotPrefetch::<8>, mr);
 }

@@ -55,141 +55,144 @@ pub(crate) unsafe fn item<S: Simd, const NVS: usize>(
     mut stats: Option<&mut [f32]>,
     tiles: Tiles,
 ) {
-    let Dims { tv, d, dv, .. } = ctx.dims;
-    let Item { b, i0, rows } = item;
-    debug_assert!(scores.len() >= rows * tv && out.len() >= rows * dv);
-    let q = ctx.query.index_axis(Axis(0), b);
-    let q_ld = q.stride_of(Axis(0));
-    let q0 = q.as_ptr().offset(i0 as isize * q_ld);
-    let nr = NVS * S::LANES;
-    let panel = d * nr;
-    let mut lens = [tv; MAX_ITEM_ROWS];
-    let cols = causal_lengths(ctx, item, keys.finite, &mut lens);
+    // SAFETY: within this function's `# Safety` contract, which the caller upholds.
+    unsafe {
+        let Dims { tv, d, dv, .. } = ctx.dims;
+        let Item { b, i0, rows } = item;
+        debug_assert!(scores.len() >= rows * tv && out.len() >= rows * dv);
+        let q = ctx.query.index_axis(Axis(0), b);
+        let q_ld = q.stride_of(Axis(0));
+        let q0 = q.as_ptr().offset(i0 as isize * q_ld);
+        let nr = NVS * S::LANES;
+        let panel = d * nr;
+        let mut lens = [tv; MAX_ITEM_ROWS];
+        let cols = causal_lengths(ctx, item, keys.finite, &mut lens);
 
-    // 1. Scores, for the first `cols` keys (the rest are hidden from every row of the block).
-    //    `scores` may be uninitialised (the returned weights' rows): the packed product writes
-    //    every row's first `cols` entries and the rest are zeroed here, so no pass writes zeros
-    //    first; the other score paths work on slices and get a zeroed block.
-    // Without masks the packed product also finds each row's max (lane-wise, per row) as it
-    // stores the scores, and the softmax skips its pass to find it.
-    let fused_max = keys.has_panels && ctx.params.mode == ScoreMode::Dot && !masked(ctx.masks);
-    let mut row_max = [f32::NEG_INFINITY; MAX_ITEM_ROWS * 16];
-    let scores: &mut [f32] = match ctx.params.mode {
-        ScoreMode::Dot if keys.has_panels => {
-            let sc = scores.as_mut_ptr().cast::<f32>();
+        // 1. Scores, for the first `cols` keys (the rest are hidden from every row of the block).
+        //    `scores` may be uninitialised (the returned weights' rows): the packed product writes
+        //    every row's first `cols` entries and the rest are zeroed here, so no pass writes zeros
+        //    first; the other score paths work on slices and get a zeroed block.
+        // Without masks the packed product also finds each row's max (lane-wise, per row) as it
+        // stores the scores, and the softmax skips its pass to find it.
+        let fused_max = keys.has_panels && ctx.params.mode == ScoreMode::Dot && !masked(ctx.masks);
+        let mut row_max = [f32::NEG_INFINITY; MAX_ITEM_ROWS * 16];
+        let scores: &mut [f32] = match ctx.params.mode {
+            ScoreMode::Dot if keys.has_panels => {
+                let sc = scores.as_mut_ptr().cast::<f32>();
+                let g = gemm::Gemm {
+                    m: rows,
+                    n: cols,
+                    k: d,
+                    a: q0,
+                    lda: q_ld as usize,
+                    b: keys.packed.as_ptr(),
+                    b_row: nr,
+                    b_panel: panel,
+                    c: sc,
+                    ldc: tv,
+                };
+                let dot = gemm::Dot {
+                    scale: ctx.params.scale,
+                };
+                if fused_max {
+                    let max = row_max.as_mut_ptr();
+                    gemm::gemm::<S, _, NVS>(&g, gemm::DotMax { dot, max }, tiles.scores_mr);
+                } else {
+                    gemm::gemm::<S, _, NVS>(&g, dot, tiles.scores_mr);
+                }
+                if cols < tv {
+                    for r in 0..rows {
+                        std::ptr::write_bytes(sc.add(r * tv + cols), 0, tv - cols);
+                    }
+                }
+                // SAFETY: every one of the `rows · Tv` entries was just written (the product the
+                // first `cols` of each row, `write_bytes` the rest), and MaybeUninit<f32> has f32's
+                // layout.
+                std::slice::from_raw_parts_mut(sc, rows * tv)
+            }
+            ScoreMode::Dot => {
+                let scores = crate::alloc::init(&mut scores[..rows * tv]);
+                let k = ctx.key.index_axis(Axis(0), b);
+                for r in 0..rows {
+                    let qr = std::slice::from_raw_parts(q0.offset(r as isize * q_ld), d);
+                    let s = &mut scores[r * tv..r * tv + cols];
+                    dot_rows::<S>(
+                        qr,
+                        k.as_ptr(),
+                        k.stride_of(Axis(0)) as usize,
+                        s,
+                        ctx.params.scale,
+                    );
+                }
+                scores
+            }
+            ScoreMode::Concat => {
+                let scores = crate::alloc::init(&mut scores[..rows * tv]);
+                concat_scores::<S, NVS>(ctx, item, keys, cols, scores, tiles.scores_mr);
+                scores
+            }
+        };
+
+        // 2. Mask, softmax, dropout. Unless the weights are returned, rows stay unnormalised and
+        //    the output rows are scaled by 1/sum after the combine.
+        //    Row r covers its first `lens[r]` keys; the rest of its first `cols` are zeroed for the
+        //    combine (and of all Tv when the weights are returned).
+        let mut inv = [1.0f32; MAX_ITEM_ROWS];
+        let normalize = ctx.normalize;
+        for r in 0..rows {
+            let (row, len) = (&mut scores[r * tv..(r + 1) * tv], lens[r]);
+            let known_max = if fused_max {
+                let m = S::hmax(S::load(row_max.as_ptr().add(r * S::LANES)));
+                debug_assert!(
+                    row[..len].iter().any(|x| x.is_nan())
+                        || m == row[..len].iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x)),
+                    "the product's row max is the row's max"
+                );
+                Some(m)
+            } else {
+                None
+            };
+            inv[r] = finish_fast_row::<S>(
+                ctx,
+                item,
+                r,
+                &mut row[..len],
+                known_max,
+                stats.as_deref_mut(),
+            );
+            row[len..if normalize { tv } else { cols }].fill(0.0);
+        }
+
+        // 3. Combine, then the query mask. The keys go in chunks of COMBINE_KEYS so a chunk of
+        //    value rows stays in L1 while every row tile of the block passes over it; each output
+        //    element is still one sequential chain over the keys (the tiles continue from C).
+        let v = ctx.value.index_axis(Axis(0), b);
+        let v_ld = v.stride_of(Axis(0)) as usize;
+        let mut k0 = 0;
+        while k0 < cols {
+            let kc = COMBINE_KEYS.min(cols - k0);
             let g = gemm::Gemm {
                 m: rows,
-                n: cols,
-                k: d,
-                a: q0,
-                lda: q_ld as usize,
-                b: keys.packed.as_ptr(),
-                b_row: nr,
-                b_panel: panel,
-                c: sc,
-                ldc: tv,
+                n: dv,
+                k: kc,
+                a: scores.as_ptr().add(k0),
+                lda: tv,
+                b: v.as_ptr().add(k0 * v_ld),
+                b_row: v_ld,
+                b_panel: 4 * S::LANES,
+                c: out.as_mut_ptr(),
+                ldc: dv,
             };
-            let dot = gemm::Dot {
-                scale: ctx.params.scale,
-            };
-            if fused_max {
-                let max = row_max.as_mut_ptr();
-                gemm::gemm::<S, _, NVS>(&g, gemm::DotMax { dot, max }, tiles.scores_mr);
+            let dot = gemm::Dot { scale: None };
+            if k0 == 0 {
+                gemm::gemm::<S, _, 4>(&g, dot, tiles.combine_mr);
             } else {
-                gemm::gemm::<S, _, NVS>(&g, dot, tiles.scores_mr);
+                gemm::gemm_with::<S, _, 4, false, true>(&g, dot, tiles.combine_mr);
             }
-            if cols < tv {
-                for r in 0..rows {
-                    std::ptr::write_bytes(sc.add(r * tv + cols), 0, tv - cols);
-                }
-            }
-            // SAFETY: every one of the `rows · Tv` entries was just written (the product the
-            // first `cols` of each row, `write_bytes` the rest), and MaybeUninit<f32> has f32's
-            // layout.
-            std::slice::from_raw_parts_mut(sc, rows * tv)
+            k0 += kc;
         }
-        ScoreMode::Dot => {
-            let scores = crate::alloc::init(&mut scores[..rows * tv]);
-            let k = ctx.key.index_axis(Axis(0), b);
-            for r in 0..rows {
-                let qr = std::slice::from_raw_parts(q0.offset(r as isize * q_ld), d);
-                let s = &mut scores[r * tv..r * tv + cols];
-                dot_rows::<S>(
-                    qr,
-                    k.as_ptr(),
-                    k.stride_of(Axis(0)) as usize,
-                    s,
-                    ctx.params.scale,
-                );
-            }
-            scores
-        }
-        ScoreMode::Concat => {
-            let scores = crate::alloc::init(&mut scores[..rows * tv]);
-            concat_scores::<S, NVS>(ctx, item, keys, cols, scores, tiles.scores_mr);
-            scores
-        }
-    };
-
-    // 2. Mask, softmax, dropout. Unless the weights are returned, rows stay unnormalised and
-    //    the output rows are scaled by 1/sum after the combine.
-    //    Row r covers its first `lens[r]` keys; the rest of its first `cols` are zeroed for the
-    //    combine (and of all Tv when the weights are returned).
-    let mut inv = [1.0f32; MAX_ITEM_ROWS];
-    let normalize = ctx.normalize;
-    for r in 0..rows {
-        let (row, len) = (&mut scores[r * tv..(r + 1) * tv], lens[r]);
-        let known_max = if fused_max {
-            let m = S::hmax(S::load(row_max.as_ptr().add(r * S::LANES)));
-            debug_assert!(
-                row[..len].iter().any(|x| x.is_nan())
-                    || m == row[..len].iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x)),
-                "the product's row max is the row's max"
-            );
-            Some(m)
-        } else {
-            None
-        };
-        inv[r] = finish_fast_row::<S>(
-            ctx,
-            item,
-            r,
-            &mut row[..len],
-            known_max,
-            stats.as_deref_mut(),
-        );
-        row[len..if normalize { tv } else { cols }].fill(0.0);
+        finish_out_rows(ctx, item, out, &inv);
     }
-
-    // 3. Combine, then the query mask. The keys go in chunks of COMBINE_KEYS so a chunk of
-    //    value rows stays in L1 while every row tile of the block passes over it; each output
-    //    element is still one sequential chain over the keys (the tiles continue from C).
-    let v = ctx.value.index_axis(Axis(0), b);
-    let v_ld = v.stride_of(Axis(0)) as usize;
-    let mut k0 = 0;
-    while k0 < cols {
-        let kc = COMBINE_KEYS.min(cols - k0);
-        let g = gemm::Gemm {
-            m: rows,
-            n: dv,
-            k: kc,
-            a: scores.as_ptr().add(k0),
-            lda: tv,
-            b: v.as_ptr().add(k0 * v_ld),
-            b_row: v_ld,
-            b_panel: 4 * S::LANES,
-            c: out.as_mut_ptr(),
-            ldc: dv,
-        };
-        let dot = gemm::Dot { scale: None };
-        if k0 == 0 {
-            gemm::gemm::<S, _, 4>(&g, dot, tiles.combine_mr);
-        } else {
-            gemm::gemm_with::<S, _, 4, false, true>(&g, dot, tiles.combine_mr);
-        }
-        k0 += kc;
-    }
-    finish_out_rows(ctx, item, out, &inv);
 }
 
 /// Concat scores for one item: the exponential form where it is safe, else tanh row by row.
@@ -205,42 +208,45 @@ unsafe fn concat_scores<S: Simd, const NVS: usize>(
     scores: &mut [f32],
     mr: usize,
 ) {
-    let Dims { tv, d, .. } = ctx.dims;
-    let Item { b, i0, rows } = item;
-    let p = ctx.params;
-    let two_s = 2.0 * p.scale.unwrap_or(1.0);
-    let q = ctx.query.slice(ndarray::s![b, i0..i0 + rows, ..]);
-    // The block's queries, row by row (ndarray's element iterator over a 2-D slice cost 4% of
-    // a concat call), then the bound on a contiguous slice.
-    let mut eq: Vec<f32> = Vec::with_capacity(rows * d);
-    for r in q.rows() {
-        eq.extend_from_slice(r.to_slice().expect("query rows are contiguous"));
-    }
-    let q_ok = eq.iter().all(|&x| (two_s * x).abs() <= CONCAT_EXP_LIMIT);
-    if !(q_ok && keys.concat_ok) {
-        let k = ctx.key.index_axis(Axis(0), b);
-        for (r, qr) in eq.chunks_exact(d).enumerate() {
-            score_row(&p, qr, k, &mut scores[r * tv..(r + 1) * tv]);
+    // SAFETY: within this function's `# Safety` contract, which the caller upholds.
+    unsafe {
+        let Dims { tv, d, .. } = ctx.dims;
+        let Item { b, i0, rows } = item;
+        let p = ctx.params;
+        let two_s = 2.0 * p.scale.unwrap_or(1.0);
+        let q = ctx.query.slice(ndarray::s![b, i0..i0 + rows, ..]);
+        // The block's queries, row by row (ndarray's element iterator over a 2-D slice cost 4% of
+        // a concat call), then the bound on a contiguous slice.
+        let mut eq: Vec<f32> = Vec::with_capacity(rows * d);
+        for r in q.rows() {
+            eq.extend_from_slice(r.to_slice().expect("query rows are contiguous"));
         }
-        return;
+        let q_ok = eq.iter().all(|&x| (two_s * x).abs() <= CONCAT_EXP_LIMIT);
+        if !(q_ok && keys.concat_ok) {
+            let k = ctx.key.index_axis(Axis(0), b);
+            for (r, qr) in eq.chunks_exact(d).enumerate() {
+                score_row(&p, qr, k, &mut scores[r * tv..(r + 1) * tv]);
+            }
+            return;
+        }
+        exp_scaled_simd::<S>(&mut eq, two_s);
+        let nr = NVS * S::LANES;
+        let g = gemm::Gemm {
+            m: rows,
+            n: cols,
+            k: d,
+            a: eq.as_ptr(),
+            lda: d,
+            b: keys.packed.as_ptr(),
+            b_row: nr,
+            b_panel: d * nr,
+            c: scores.as_mut_ptr(),
+            ldc: tv,
+        };
+        let op = gemm::Concat {
+            weight: p.concat_score_weight,
+            d: d as f32,
+        };
+        gemm::gemm::<S, _, NVS>(&g, op, mr);
     }
-    exp_scaled_simd::<S>(&mut eq, two_s);
-    let nr = NVS * S::LANES;
-    let g = gemm::Gemm {
-        m: rows,
-        n: cols,
-        k: d,
-        a: eq.as_ptr(),
-        lda: d,
-        b: keys.packed.as_ptr(),
-        b_row: nr,
-        b_panel: d * nr,
-        c: scores.as_mut_ptr(),
-        ldc: tv,
-    };
-    let op = gemm::Concat {
-        weight: p.concat_score_weight,
-        d: d as f32,
-    };
-    gemm::gemm::<S, _, NVS>(&g, op, mr);
 }

@@ -42,13 +42,19 @@ pub(crate) struct Dot {
 impl<S: Simd> Op<S> for Dot {
     #[inline(always)]
     unsafe fn step(&self, acc: S::V, a: S::V, b: S::V) -> S::V {
-        S::fma(a, b, acc)
+        // SAFETY: `S`'s instructions are available (the `Op` methods run inside the kernels'
+        // target-feature code).
+        unsafe { S::fma(a, b, acc) }
     }
     #[inline(always)]
     unsafe fn finish(&self, acc: S::V) -> S::V {
-        match self.scale {
-            Some(s) => S::mul(acc, S::splat(s)),
-            None => acc,
+        // SAFETY: `S`'s instructions are available (the `Op` methods run inside the kernels'
+        // target-feature code).
+        unsafe {
+            match self.scale {
+                Some(s) => S::mul(acc, S::splat(s)),
+                None => acc,
+            }
         }
     }
 }
@@ -66,11 +72,15 @@ pub(crate) struct DotMax {
 impl<S: Simd> Op<S> for DotMax {
     #[inline(always)]
     unsafe fn step(&self, acc: S::V, a: S::V, b: S::V) -> S::V {
-        <Dot as Op<S>>::step(&self.dot, acc, a, b)
+        // SAFETY: `S`'s instructions are available (the `Op` methods run inside the kernels'
+        // target-feature code).
+        unsafe { <Dot as Op<S>>::step(&self.dot, acc, a, b) }
     }
     #[inline(always)]
     unsafe fn finish(&self, acc: S::V) -> S::V {
-        <Dot as Op<S>>::finish(&self.dot, acc)
+        // SAFETY: `S`'s instructions are available (the `Op` methods run inside the kernels'
+        // target-feature code).
+        unsafe { <Dot as Op<S>>::finish(&self.dot, acc) }
     }
     #[inline(always)]
     unsafe fn see_row<const NV: usize>(
@@ -79,16 +89,20 @@ impl<S: Simd> Op<S> for DotMax {
         xs: &[S::V; NV],
         valid: Option<&[S::M; NV]>,
     ) {
-        let p = self.max.add(row * S::LANES);
-        let mut m = S::load(p);
-        for (v, &x) in xs.iter().enumerate() {
-            let x = match valid {
-                Some(masks) => S::select(masks[v], x, S::splat(f32::NEG_INFINITY)),
-                None => x,
-            };
-            m = S::max(m, x);
+        // SAFETY: `S`'s instructions are available; `max` has a vector per row of C (`DotMax`'s
+        // contract), so `row`'s is in bounds.
+        unsafe {
+            let p = self.max.add(row * S::LANES);
+            let mut m = S::load(p);
+            for (v, &x) in xs.iter().enumerate() {
+                let x = match valid {
+                    Some(masks) => S::select(masks[v], x, S::splat(f32::NEG_INFINITY)),
+                    None => x,
+                };
+                m = S::max(m, x);
+            }
+            S::store(p, m);
         }
-        S::store(p, m);
     }
 }
 
@@ -101,7 +115,9 @@ impl<S: Simd, const PF: usize> Op<S> for DotPrefetch<PF> {
     const PREFETCH: usize = PF;
     #[inline(always)]
     unsafe fn step(&self, acc: S::V, a: S::V, b: S::V) -> S::V {
-        S::fma(a, b, acc)
+        // SAFETY: `S`'s instructions are available (the `Op` methods run inside the kernels'
+        // target-feature code).
+        unsafe { S::fma(a, b, acc) }
     }
     #[inline(always)]
     unsafe fn finish(&self, acc: S::V) -> S::V {
@@ -122,12 +138,18 @@ pub(crate) struct Concat {
 impl<S: Simd> Op<S> for Concat {
     #[inline(always)]
     unsafe fn step(&self, acc: S::V, a: S::V, b: S::V) -> S::V {
-        S::add(acc, S::recip(S::fma(a, b, S::splat(1.0))))
+        // SAFETY: `S`'s instructions are available (the `Op` methods run inside the kernels'
+        // target-feature code).
+        unsafe { S::add(acc, S::recip(S::fma(a, b, S::splat(1.0)))) }
     }
     #[inline(always)]
     unsafe fn finish(&self, acc: S::V) -> S::V {
-        let sum_tanh = S::fma(acc, S::splat(-2.0), S::splat(self.d));
-        S::mul(S::splat(self.weight), sum_tanh)
+        // SAFETY: `S`'s instructions are available (the `Op` methods run inside the kernels'
+        // target-feature code).
+        unsafe {
+            let sum_tanh = S::fma(acc, S::splat(-2.0), S::splat(self.d));
+            S::mul(S::splat(self.weight), sum_tanh)
+        }
     }
 }
 
@@ -157,7 +179,8 @@ pub(crate) struct Gemm {
 /// panels of a row-major B are read with masked loads).
 #[inline(always)]
 pub(crate) unsafe fn gemm<S: Simd, O: Op<S>, const NV: usize>(g: &Gemm, op: O, mr: usize) {
-    gemm_with::<S, O, NV, false, false>(g, op, mr)
+    // SAFETY: within this function's `# Safety` contract, which the caller upholds.
+    unsafe { gemm_with::<S, O, NV, false, false>(g, op, mr) }
 }
 
 /// [`gemm`] with two variations the backward needs: with `TA`, A is read transposed (`A(i, kk)`
@@ -179,44 +202,47 @@ pub(crate) unsafe fn gemm_with<
     op: O,
     mr: usize,
 ) {
-    let nr = NV * S::LANES;
-    for p in 0..g.n.div_ceil(nr) {
-        let cols = (g.n - p * nr).min(nr);
-        let b = g.b.add(p * g.b_panel);
-        let mut i = 0;
-        while i < g.m {
-            let rows = (g.m - i).min(mr);
-            let a = if TA { g.a.add(i) } else { g.a.add(i * g.lda) };
-            let c = g.c.add(i * g.ldc + p * nr);
-            let t = Tile {
-                row0: i,
-                a,
-                lda: g.lda,
-                b,
-                b_row: g.b_row,
-                k: g.k,
-                c,
-                ldc: g.ldc,
-                cols,
-            };
-            match rows {
-                1 => tile::<S, O, 1, NV, TA, ACC>(&t, op),
-                2 => tile::<S, O, 2, NV, TA, ACC>(&t, op),
-                3 => tile::<S, O, 3, NV, TA, ACC>(&t, op),
-                4 => tile::<S, O, 4, NV, TA, ACC>(&t, op),
-                5 => tile::<S, O, 5, NV, TA, ACC>(&t, op),
-                6 => tile::<S, O, 6, NV, TA, ACC>(&t, op),
-                7 => tile::<S, O, 7, NV, TA, ACC>(&t, op),
-                8 => tile::<S, O, 8, NV, TA, ACC>(&t, op),
-                9 => tile::<S, O, 9, NV, TA, ACC>(&t, op),
-                10 => tile::<S, O, 10, NV, TA, ACC>(&t, op),
-                11 => tile::<S, O, 11, NV, TA, ACC>(&t, op),
+    // SAFETY: within this function's `# Safety` contract, which the caller upholds.
+    unsafe {
+        let nr = NV * S::LANES;
+        for p in 0..g.n.div_ceil(nr) {
+            let cols = (g.n - p * nr).min(nr);
+            let b = g.b.add(p * g.b_panel);
+            let mut i = 0;
+            while i < g.m {
+                let rows = (g.m - i).min(mr);
+                let a = if TA { g.a.add(i) } else { g.a.add(i * g.lda) };
+                let c = g.c.add(i * g.ldc + p * nr);
+                let t = Tile {
+                    row0: i,
+                    a,
+                    lda: g.lda,
+                    b,
+                    b_row: g.b_row,
+                    k: g.k,
+                    c,
+                    ldc: g.ldc,
+                    cols,
+                };
+                match rows {
+                    1 => tile::<S, O, 1, NV, TA, ACC>(&t, op),
+                    2 => tile::<S, O, 2, NV, TA, ACC>(&t, op),
+                    3 => tile::<S, O, 3, NV, TA, ACC>(&t, op),
+                    4 => tile::<S, O, 4, NV, TA, ACC>(&t, op),
+                    5 => tile::<S, O, 5, NV, TA, ACC>(&t, op),
+                    6 => tile::<S, O, 6, NV, TA, ACC>(&t, op),
+                    7 => tile::<S, O, 7, NV, TA, ACC>(&t, op),
+                    8 => tile::<S, O, 8, NV, TA, ACC>(&t, op),
+                    9 => tile::<S, O, 9, NV, TA, ACC>(&t, op),
+                    10 => tile::<S, O, 10, NV, TA, ACC>(&t, op),
+                    11 => tile::<S, O, 11, NV, TA, ACC>(&t, op),
 
-                12 => tile::<S, O, 12, NV, TA, ACC>(&t, op),
-                13 => tile::<S, O, 13, NV, TA, ACC>(&t, op),
-                _ => tile::<S, O, 14, NV, TA, ACC>(&t, op),
+                    12 => tile::<S, O, 12, NV, TA, ACC>(&t, op),
+                    13 => tile::<S, O, 13, NV, TA, ACC>(&t, op),
+                    _ => tile::<S, O, 14, NV, TA, ACC>(&t, op),
+                }
+                i += rows;
             }
-            i += rows;
         }
     }
 }
@@ -251,69 +277,73 @@ unsafe fn tile<
     t: &Tile,
     op: O,
 ) {
-    let l = S::LANES;
-    let mut acc = [[S::zero(); NV]; R];
-    // Row pointers once, so each broadcast is a plain base + index load.
-    // (`wrapping_add`: with TA these are never read, and need not point inside A.)
-    let ap: [*const f32; R] = std::array::from_fn(|r| t.a.wrapping_add(r * t.lda));
-    if t.cols == NV * l {
-        if ACC {
-            for (r, row) in acc.iter_mut().enumerate() {
-                for (v, x) in row.iter_mut().enumerate() {
-                    *x = S::load(t.c.add(r * t.ldc + v * l));
+    // SAFETY: within this function's `# Safety` contract, which the caller upholds.
+    unsafe {
+        let l = S::LANES;
+        let mut acc = [[S::zero(); NV]; R];
+        // Row pointers once, so each broadcast is a plain base + index load.
+        // (`wrapping_add`: with TA these are never read, and need not point inside A.)
+        let ap: [*const f32; R] = std::array::from_fn(|r| t.a.wrapping_add(r * t.lda));
+        if t.cols == NV * l {
+            if ACC {
+                for (r, row) in acc.iter_mut().enumerate() {
+                    for (v, x) in row.iter_mut().enumerate() {
+                        *x = S::load(t.c.add(r * t.ldc + v * l));
+                    }
                 }
             }
-        }
-        for kk in 0..t.k {
-            let bp = t.b.add(kk * t.b_row);
-            if O::PREFETCH > 0 {
-                S::prefetch(bp.wrapping_add(O::PREFETCH * t.b_row));
-            }
-            let bv: [S::V; NV] = std::array::from_fn(|v| S::load(bp.add(v * l)));
-            let at = t.a.wrapping_add(kk * t.lda); // read only with TA
-            for (r, row) in acc.iter_mut().enumerate() {
-                let av = S::splat(if TA { *at.add(r) } else { *ap[r].add(kk) });
-                for (x, &b) in row.iter_mut().zip(&bv) {
-                    *x = op.step(*x, av, b);
+            for kk in 0..t.k {
+                let bp = t.b.add(kk * t.b_row);
+                if O::PREFETCH > 0 {
+                    S::prefetch(bp.wrapping_add(O::PREFETCH * t.b_row));
+                }
+                let bv: [S::V; NV] = std::array::from_fn(|v| S::load(bp.add(v * l)));
+                let at = t.a.wrapping_add(kk * t.lda); // read only with TA
+                for (r, row) in acc.iter_mut().enumerate() {
+                    let av = S::splat(if TA { *at.add(r) } else { *ap[r].add(kk) });
+                    for (x, &b) in row.iter_mut().zip(&bv) {
+                        *x = op.step(*x, av, b);
+                    }
                 }
             }
-        }
-        for (r, row) in acc.iter().enumerate() {
-            let xs: [S::V; NV] = std::array::from_fn(|v| op.finish(row[v]));
-            for (v, &x) in xs.iter().enumerate() {
-                S::store(t.c.add(r * t.ldc + v * l), x);
+            for (r, row) in acc.iter().enumerate() {
+                let xs: [S::V; NV] = std::array::from_fn(|v| op.finish(row[v]));
+                for (v, &x) in xs.iter().enumerate() {
+                    S::store(t.c.add(r * t.ldc + v * l), x);
+                }
+                op.see_row(t.row0 + r, &xs, None);
             }
-            op.see_row(t.row0 + r, &xs, None);
-        }
-    } else {
-        let masks: [S::M; NV] = std::array::from_fn(|v| S::mask(t.cols.saturating_sub(v * l)));
-        if ACC {
-            for (r, row) in acc.iter_mut().enumerate() {
-                for (v, x) in row.iter_mut().enumerate() {
-                    *x = S::load_masked(t.c.add(r * t.ldc + v * l), masks[v]);
+        } else {
+            let masks: [S::M; NV] = std::array::from_fn(|v| S::mask(t.cols.saturating_sub(v * l)));
+            if ACC {
+                for (r, row) in acc.iter_mut().enumerate() {
+                    for (v, x) in row.iter_mut().enumerate() {
+                        *x = S::load_masked(t.c.add(r * t.ldc + v * l), masks[v]);
+                    }
                 }
             }
-        }
-        for kk in 0..t.k {
-            let bp = t.b.add(kk * t.b_row);
-            if O::PREFETCH > 0 {
-                S::prefetch(bp.wrapping_add(O::PREFETCH * t.b_row));
-            }
-            let bv: [S::V; NV] = std::array::from_fn(|v| S::load_masked(bp.add(v * l), masks[v]));
-            let at = t.a.wrapping_add(kk * t.lda); // read only with TA
-            for (r, row) in acc.iter_mut().enumerate() {
-                let av = S::splat(if TA { *at.add(r) } else { *ap[r].add(kk) });
-                for (x, &b) in row.iter_mut().zip(&bv) {
-                    *x = op.step(*x, av, b);
+            for kk in 0..t.k {
+                let bp = t.b.add(kk * t.b_row);
+                if O::PREFETCH > 0 {
+                    S::prefetch(bp.wrapping_add(O::PREFETCH * t.b_row));
+                }
+                let bv: [S::V; NV] =
+                    std::array::from_fn(|v| S::load_masked(bp.add(v * l), masks[v]));
+                let at = t.a.wrapping_add(kk * t.lda); // read only with TA
+                for (r, row) in acc.iter_mut().enumerate() {
+                    let av = S::splat(if TA { *at.add(r) } else { *ap[r].add(kk) });
+                    for (x, &b) in row.iter_mut().zip(&bv) {
+                        *x = op.step(*x, av, b);
+                    }
                 }
             }
-        }
-        for (r, row) in acc.iter().enumerate() {
-            let xs: [S::V; NV] = std::array::from_fn(|v| op.finish(row[v]));
-            for (v, &x) in xs.iter().enumerate() {
-                S::store_masked(t.c.add(r * t.ldc + v * l), masks[v], x);
+            for (r, row) in acc.iter().enumerate() {
+                let xs: [S::V; NV] = std::array::from_fn(|v| op.finish(row[v]));
+                for (v, &x) in xs.iter().enumerate() {
+                    S::store_masked(t.c.add(r * t.ldc + v * l), masks[v], x);
+                }
+                op.see_row(t.row0 + r, &xs, Some(&masks));
             }
-            op.see_row(t.row0 + r, &xs, Some(&masks));
         }
     }
 }
@@ -326,13 +356,19 @@ unsafe fn tile<
 /// `Tv.div_ceil(nr) · D · nr` elements.
 #[inline(always)]
 pub(crate) unsafe fn pack<S: Simd>(key: ArrayView2<'_, f32>, nr: usize, out: &mut [f32]) {
-    let (tv, d) = key.dim();
-    let ld = key.stride_of(ndarray::Axis(0));
-    match usize::try_from(ld) {
-        Ok(ld) if ld.saturating_mul(S::LANES) < 1 << 31 && key.stride_of(ndarray::Axis(1)) == 1 => {
-            pack_panels_simd::<S>(key.as_ptr(), ld, tv, d, nr, out)
+    // SAFETY: within this function's `# Safety` contract, which the caller upholds.
+    unsafe {
+        let (tv, d) = key.dim();
+        let ld = key.stride_of(ndarray::Axis(0));
+        match usize::try_from(ld) {
+            Ok(ld)
+                if ld.saturating_mul(S::LANES) < 1 << 31
+                    && key.stride_of(ndarray::Axis(1)) == 1 =>
+            {
+                pack_panels_simd::<S>(key.as_ptr(), ld, tv, d, nr, out)
+            }
+            _ => pack_panels(key, nr, out),
         }
-        _ => pack_panels(key, nr, out),
     }
 }
 
@@ -352,18 +388,21 @@ pub(crate) unsafe fn pack_panels_simd<S: Simd>(
     nr: usize,
     out: &mut [f32],
 ) {
-    let l = S::LANES;
-    debug_assert!(nr.is_multiple_of(l) && out.len() == tv.div_ceil(nr) * d * nr);
-    for (p, panel) in out.chunks_exact_mut(d * nr).enumerate() {
-        for v in 0..nr / l {
-            let j0 = p * nr + v * l;
-            let m = S::mask(tv.saturating_sub(j0));
-            let src = key.wrapping_add(j0 * ld); // read only through the mask's lanes
-            for x in 0..d {
-                S::store(
-                    panel.as_mut_ptr().add(x * nr + v * l),
-                    S::gather(src.wrapping_add(x), ld, m),
-                );
+    // SAFETY: within this function's `# Safety` contract, which the caller upholds.
+    unsafe {
+        let l = S::LANES;
+        debug_assert!(nr.is_multiple_of(l) && out.len() == tv.div_ceil(nr) * d * nr);
+        for (p, panel) in out.chunks_exact_mut(d * nr).enumerate() {
+            for v in 0..nr / l {
+                let j0 = p * nr + v * l;
+                let m = S::mask(tv.saturating_sub(j0));
+                let src = key.wrapping_add(j0 * ld); // read only through the mask's lanes
+                for x in 0..d {
+                    S::store(
+                        panel.as_mut_ptr().add(x * nr + v * l),
+                        S::gather(src.wrapping_add(x), ld, m),
+                    );
+                }
             }
         }
     }
@@ -409,30 +448,33 @@ pub(crate) unsafe fn dot_rows<S: Simd>(
     out: &mut [f32],
     scale: Option<f32>,
 ) {
-    let (l, d) = (S::LANES, query.len());
-    let full = d - d % l;
-    let m = S::mask(d - full);
-    for (j, o) in out.iter_mut().enumerate() {
-        let k = key.add(j * ld);
-        // Key rows stream from memory once each (decoding: one query row per batch element);
-        // asking for row j + 6 now hides the latency the few FMAs per row cannot (measured
-        // 7-13% at (8,1,4096,64) on 1 and 2 threads). A prefetch past the end does not fault.
-        S::prefetch(key.wrapping_add((j + KEY_PREFETCH_ROWS) * ld));
-        let mut acc = S::zero();
-        let mut x = 0;
-        while x < full {
-            acc = S::fma(S::load(query.as_ptr().add(x)), S::load(k.add(x)), acc);
-            x += l;
+    // SAFETY: within this function's `# Safety` contract, which the caller upholds.
+    unsafe {
+        let (l, d) = (S::LANES, query.len());
+        let full = d - d % l;
+        let m = S::mask(d - full);
+        for (j, o) in out.iter_mut().enumerate() {
+            let k = key.add(j * ld);
+            // Key rows stream from memory once each (decoding: one query row per batch element);
+            // asking for row j + 6 now hides the latency the few FMAs per row cannot (measured
+            // 7-13% at (8,1,4096,64) on 1 and 2 threads). A prefetch past the end does not fault.
+            S::prefetch(key.wrapping_add((j + KEY_PREFETCH_ROWS) * ld));
+            let mut acc = S::zero();
+            let mut x = 0;
+            while x < full {
+                acc = S::fma(S::load(query.as_ptr().add(x)), S::load(k.add(x)), acc);
+                x += l;
+            }
+            if full < d {
+                acc = S::fma(
+                    S::load_masked(query.as_ptr().add(full), m),
+                    S::load_masked(k.add(full), m),
+                    acc,
+                );
+            }
+            let s = S::sum(acc);
+            *o = scale.map_or(s, |c| s * c);
         }
-        if full < d {
-            acc = S::fma(
-                S::load_masked(query.as_ptr().add(full), m),
-                S::load_masked(k.add(full), m),
-                acc,
-            );
-        }
-        let s = S::sum(acc);
-        *o = scale.map_or(s, |c| s * c);
     }
 }
 
@@ -458,11 +500,14 @@ mod tests {
                 {
                     #[target_feature(enable = "avx512f")]
                     unsafe fn avx512(k: ArrayView2<'_, f32>, nr: usize, out: &mut [f32]) {
-                        pack::<crate::kernel::simd::Avx512>(k, nr, out)
+                        // SAFETY: AVX-512F was detected above; `out` has the size `pack` needs.
+                        unsafe { pack::<crate::kernel::simd::Avx512>(k, nr, out) }
                     }
                     #[target_feature(enable = "avx2,fma")]
                     unsafe fn avx2(k: ArrayView2<'_, f32>, nr: usize, out: &mut [f32]) {
-                        pack::<crate::kernel::simd::Avx2>(k, nr, out)
+                        // SAFETY: AVX2 and FMA were detected above; `out` has the size `pack`
+                        // needs.
+                        unsafe { pack::<crate::kernel::simd::Avx2>(k, nr, out) }
                     }
                     let best = Isa::detect();
                     let mut got = vec![f32::NAN; len];

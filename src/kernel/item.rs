@@ -167,11 +167,14 @@ pub(crate) unsafe fn finish_fast_row<S: Simd>(
     known_max: Option<f32>,
     stats: Option<&mut [f32]>,
 ) -> f32 {
-    let Dims { tq, tv, .. } = ctx.dims;
-    let (b, i) = (item.b, item.i0 + r);
-    mask_fast_row(ctx, item, r, 0, s);
-    let (max, sum) = softmax_row::<S>(s, ctx.normalize, known_max);
-    let inv = row_done(ctx.normalize, r, (max, sum), stats);
-    apply_dropout_row(ctx, (b * tq + i) * tv, s);
-    inv
+    // SAFETY: within this function's `# Safety` contract, which the caller upholds.
+    unsafe {
+        let Dims { tq, tv, .. } = ctx.dims;
+        let (b, i) = (item.b, item.i0 + r);
+        mask_fast_row(ctx, item, r, 0, s);
+        let (max, sum) = softmax_row::<S>(s, ctx.normalize, known_max);
+        let inv = row_done(ctx.normalize, r, (max, sum), stats);
+        apply_dropout_row(ctx, (b * tq + i) * tv, s);
+        inv
+    }
 }

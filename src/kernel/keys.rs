@@ -100,8 +100,11 @@ impl KeyCache {
         let two_s = 2.0 * params.scale.unwrap_or(1.0);
         (self.has_panels, self.concat_ok) = match params.mode {
             ScoreMode::Dot if tq >= PACK_MIN_TQ => {
-                self.packed.resize(per_batch, 0.0); // every element is written below
-                gemm::pack::<S>(key, nr, &mut self.packed);
+                // Every element is written below.
+                self.packed.resize(per_batch, 0.0);
+                // SAFETY: `S`'s instructions are available (this fn's contract); `nr` is
+                // `NV · LANES` and `packed` holds `Tv.div_ceil(nr) · D · nr` floats.
+                unsafe { gemm::pack::<S>(key, nr, &mut self.packed) };
                 (true, true)
             }
             ScoreMode::Dot => (false, true),
@@ -112,8 +115,11 @@ impl KeyCache {
                 });
                 if ok {
                     self.packed.resize(per_batch, 0.0);
-                    gemm::pack::<S>(key, nr, &mut self.packed);
-                    softmax::exp_scaled_simd::<S>(&mut self.packed, two_s);
+                    // SAFETY: as for the dot panels above; the exp pass needs only `S`.
+                    unsafe {
+                        gemm::pack::<S>(key, nr, &mut self.packed);
+                        softmax::exp_scaled_simd::<S>(&mut self.packed, two_s);
+                    }
                 }
                 (ok, ok)
             }

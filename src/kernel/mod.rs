@@ -108,18 +108,15 @@ pub(crate) fn run_item(
         // SAFETY: `ctx.isa` was detected (`on_family!`).
         unsafe { F::prepare(keys, ctx, item.b) };
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: Isa::Amx implies AVX-512F and the tile state (`cpu::amx_available`); `prepare`
-        // packed this batch element's keys and values for the tiles when `amx_ready`. The tiles
-        // write the output rows themselves; the family's item (also when the tiles decline the
-        // item) gets them zeroed.
-        if ctx.isa == Isa::Amx
-            && keys.amx_ready
-            && unsafe {
-                let packed = (&keys.amx, keys.finite);
-                amx::block_amx(ctx, item, packed, scores, out, stats.as_deref_mut())
+        if ctx.isa == Isa::Amx && keys.amx_ready {
+            let packed = (&keys.amx, keys.finite);
+            // SAFETY: Isa::Amx implies AVX-512F and the tile state (`cpu::amx_available`);
+            // `prepare` packed this batch element's keys and values for the tiles (`amx_ready`).
+            // The tiles write the output rows themselves; the family's item (also when the
+            // tiles decline the item) gets them zeroed.
+            if unsafe { amx::block_amx(ctx, item, packed, scores, out, stats.as_deref_mut()) } {
+                return;
             }
-        {
-            return;
         }
         // SAFETY: as above; `keys` was prepared by this family just now.
         unsafe { F::item(ctx, item, keys, scores, init(out), stats) }

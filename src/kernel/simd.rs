@@ -33,11 +33,14 @@ pub(crate) trait Simd: Copy {
     /// Hints the 256 bytes from `p` into L1 (no fault, whatever `p` is).
     #[inline(always)]
     unsafe fn prefetch(p: *const f32) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            let p = p as *const i8;
-            _mm_prefetch::<_MM_HINT_T0>(p);
-            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(128));
+        // SAFETY: a prefetch never faults, whatever the address.
+        unsafe {
+            #[cfg(target_arch = "x86_64")]
+            {
+                let p = p as *const i8;
+                _mm_prefetch::<_MM_HINT_T0>(p);
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(128));
+            }
         }
     }
     /// `a · b + c`, one rounding.
@@ -90,18 +93,21 @@ pub(crate) const EXP_LO: f32 = -86.5;
 /// either n keeps |r| ≤ ln2/2 + 1e-7, where the polynomial is as accurate.
 #[inline(always)]
 unsafe fn exp_poly<S: Simd>(x: S::V) -> (S::V, S::V) {
-    let magic = S::splat(12_582_912.0); // 1.5 · 2^23
-    let n = S::sub(S::fma(x, S::splat(LOG2E), magic), magic);
-    // n·C1 is exact (C1 has 9 significant bits), and each step rounds once.
-    let r = S::fnma(n, S::splat(C1), x);
-    let r = S::fnma(n, S::splat(C2), r);
-    let z = S::mul(r, r);
-    let mut y = S::splat(P[0]);
-    for &c in &P[1..] {
-        y = S::fma(y, r, S::splat(c));
+    // SAFETY: register-only AVX2 and FMA operations (the `Simd` contract of its caller).
+    unsafe {
+        let magic = S::splat(12_582_912.0); // 1.5 · 2^23
+        let n = S::sub(S::fma(x, S::splat(LOG2E), magic), magic);
+        // n·C1 is exact (C1 has 9 significant bits), and each step rounds once.
+        let r = S::fnma(n, S::splat(C1), x);
+        let r = S::fnma(n, S::splat(C2), r);
+        let z = S::mul(r, r);
+        let mut y = S::splat(P[0]);
+        for &c in &P[1..] {
+            y = S::fma(y, r, S::splat(c));
+        }
+        let y = S::add(S::fma(y, z, r), S::splat(1.0));
+        (y, n)
     }
-    let y = S::add(S::fma(y, z, r), S::splat(1.0));
-    (y, n)
 }
 
 /// `2^(k/16)` for k = 0..16, each rounded to f32.
@@ -149,30 +155,33 @@ const EXP2_SIXTEENTHS: [f32; 16] = [
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub(crate) unsafe fn exp_table<const CLAMP_HI: bool>(x: __m512) -> __m512 {
-    let lo = _mm512_set1_ps(EXP_LO);
-    // Lanes with x >= EXP_LO or NaN (not-less-than, unordered: true) keep the result; the
-    // others' arithmetic runs on x as it is and is dropped by the zero-masked scalef.
-    let keep = _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(x, lo);
-    let mut xc = x;
-    if CLAMP_HI {
-        xc = _mm512_min_ps(_mm512_set1_ps(89.0), xc);
+    // SAFETY: within this function's `# Safety` contract, which the caller upholds.
+    unsafe {
+        let lo = _mm512_set1_ps(EXP_LO);
+        // Lanes with x >= EXP_LO or NaN (not-less-than, unordered: true) keep the result; the
+        // others' arithmetic runs on x as it is and is dropped by the zero-masked scalef.
+        let keep = _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(x, lo);
+        let mut xc = x;
+        if CLAMP_HI {
+            xc = _mm512_min_ps(_mm512_set1_ps(89.0), xc);
+        }
+        // 1.5 · 2^19: the sum rounds to a sixteenth, n/16 (the same n as rounding 16 x log2 e to
+        // an integer, one multiply fewer: scalef takes n/16 as it is).
+        let magic = _mm512_set1_ps(786_432.0);
+        let t = _mm512_fmadd_ps(xc, _mm512_set1_ps(LOG2E), magic);
+        let n16 = _mm512_sub_ps(t, magic);
+        // (n/16)·C1 is exact (C1 has 9 significant bits, n at most 11).
+        let r = _mm512_fnmadd_ps(n16, _mm512_set1_ps(C1), xc);
+        let r = _mm512_fnmadd_ps(n16, _mm512_set1_ps(C2), r);
+        // The low bits of t's pattern are n mod 16 (t is in the binade where the ulp is 1/16).
+        let table = _mm512_loadu_ps(EXP2_SIXTEENTHS.as_ptr());
+        let tab = _mm512_permutexvar_ps(_mm512_castps_si512(t), table);
+        let mut p = _mm512_fmadd_ps(r, _mm512_set1_ps(1.0 / 24.0), _mm512_set1_ps(1.0 / 6.0));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0));
+        let y = _mm512_fmadd_ps(_mm512_mul_ps(p, r), tab, tab); // tab · e^r
+        _mm512_maskz_scalef_ps(keep, y, n16)
     }
-    // 1.5 · 2^19: the sum rounds to a sixteenth, n/16 (the same n as rounding 16 x log2 e to
-    // an integer, one multiply fewer: scalef takes n/16 as it is).
-    let magic = _mm512_set1_ps(786_432.0);
-    let t = _mm512_fmadd_ps(xc, _mm512_set1_ps(LOG2E), magic);
-    let n16 = _mm512_sub_ps(t, magic);
-    // (n/16)·C1 is exact (C1 has 9 significant bits, n at most 11).
-    let r = _mm512_fnmadd_ps(n16, _mm512_set1_ps(C1), xc);
-    let r = _mm512_fnmadd_ps(n16, _mm512_set1_ps(C2), r);
-    // The low bits of t's pattern are n mod 16 (t is in the binade where the ulp is 1/16).
-    let table = _mm512_loadu_ps(EXP2_SIXTEENTHS.as_ptr());
-    let tab = _mm512_permutexvar_ps(_mm512_castps_si512(t), table);
-    let mut p = _mm512_fmadd_ps(r, _mm512_set1_ps(1.0 / 24.0), _mm512_set1_ps(1.0 / 6.0));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0));
-    let y = _mm512_fmadd_ps(_mm512_mul_ps(p, r), tab, tab); // tab · e^r
-    _mm512_maskz_scalef_ps(keep, y, n16)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -186,19 +195,23 @@ impl Simd for Avx512 {
     type M = __mmask16;
     #[inline(always)]
     unsafe fn zero() -> __m512 {
-        _mm512_setzero_ps()
+        // SAFETY: AVX-512F (the `Simd` contract).
+        unsafe { _mm512_setzero_ps() }
     }
     #[inline(always)]
     unsafe fn splat(x: f32) -> __m512 {
-        _mm512_set1_ps(x)
+        // SAFETY: AVX-512F (the `Simd` contract).
+        unsafe { _mm512_set1_ps(x) }
     }
     #[inline(always)]
     unsafe fn load(p: *const f32) -> __m512 {
-        _mm512_loadu_ps(p)
+        // SAFETY: AVX-512F, and the lanes touched are in bounds (the `Simd` contract).
+        unsafe { _mm512_loadu_ps(p) }
     }
     #[inline(always)]
     unsafe fn store(p: *mut f32, v: __m512) {
-        _mm512_storeu_ps(p, v)
+        // SAFETY: AVX-512F, and the lanes touched are in bounds (the `Simd` contract).
+        unsafe { _mm512_storeu_ps(p, v) }
     }
     #[inline(always)]
     unsafe fn mask(n: usize) -> __mmask16 {
@@ -206,65 +219,83 @@ impl Simd for Avx512 {
     }
     #[inline(always)]
     unsafe fn load_masked(p: *const f32, m: __mmask16) -> __m512 {
-        _mm512_maskz_loadu_ps(m, p)
+        // SAFETY: AVX-512F, and the lanes touched are in bounds (the `Simd` contract).
+        unsafe { _mm512_maskz_loadu_ps(m, p) }
     }
     #[inline(always)]
     unsafe fn store_masked(p: *mut f32, m: __mmask16, v: __m512) {
-        _mm512_mask_storeu_ps(p, m, v)
+        // SAFETY: AVX-512F, and the lanes touched are in bounds (the `Simd` contract).
+        unsafe { _mm512_mask_storeu_ps(p, m, v) }
     }
     #[inline(always)]
     unsafe fn gather(p: *const f32, ld: usize, m: __mmask16) -> __m512 {
-        let idx = _mm512_mullo_epi32(
-            _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-            _mm512_set1_epi32(ld as i32),
-        );
-        _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), m, idx, p)
+        // SAFETY: AVX-512F, and the lanes touched are in bounds (the `Simd` contract).
+        unsafe {
+            let idx = _mm512_mullo_epi32(
+                _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                _mm512_set1_epi32(ld as i32),
+            );
+            _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), m, idx, p)
+        }
     }
     #[inline(always)]
     unsafe fn fma(a: __m512, b: __m512, c: __m512) -> __m512 {
-        _mm512_fmadd_ps(a, b, c)
+        // SAFETY: AVX-512F (the `Simd` contract).
+        unsafe { _mm512_fmadd_ps(a, b, c) }
     }
     #[inline(always)]
     unsafe fn fnma(a: __m512, b: __m512, c: __m512) -> __m512 {
-        _mm512_fnmadd_ps(a, b, c)
+        // SAFETY: AVX-512F (the `Simd` contract).
+        unsafe { _mm512_fnmadd_ps(a, b, c) }
     }
     #[inline(always)]
     unsafe fn mul(a: __m512, b: __m512) -> __m512 {
-        _mm512_mul_ps(a, b)
+        // SAFETY: AVX-512F (the `Simd` contract).
+        unsafe { _mm512_mul_ps(a, b) }
     }
     #[inline(always)]
     unsafe fn add(a: __m512, b: __m512) -> __m512 {
-        _mm512_add_ps(a, b)
+        // SAFETY: AVX-512F (the `Simd` contract).
+        unsafe { _mm512_add_ps(a, b) }
     }
     #[inline(always)]
     unsafe fn sub(a: __m512, b: __m512) -> __m512 {
-        _mm512_sub_ps(a, b)
+        // SAFETY: AVX-512F (the `Simd` contract).
+        unsafe { _mm512_sub_ps(a, b) }
     }
     #[inline(always)]
     unsafe fn select(m: __mmask16, a: __m512, b: __m512) -> __m512 {
-        _mm512_mask_mov_ps(b, m, a)
+        // SAFETY: AVX-512F (the `Simd` contract).
+        unsafe { _mm512_mask_mov_ps(b, m, a) }
     }
     #[inline(always)]
     unsafe fn max(a: __m512, b: __m512) -> __m512 {
-        _mm512_max_ps(a, b)
+        // SAFETY: AVX-512F (the `Simd` contract).
+        unsafe { _mm512_max_ps(a, b) }
     }
     #[inline(always)]
     unsafe fn sum(v: __m512) -> f32 {
-        _mm512_reduce_add_ps(v)
+        // SAFETY: AVX-512F (the `Simd` contract).
+        unsafe { _mm512_reduce_add_ps(v) }
     }
     #[inline(always)]
     unsafe fn hmax(v: __m512) -> f32 {
-        _mm512_reduce_max_ps(v)
+        // SAFETY: AVX-512F (the `Simd` contract).
+        unsafe { _mm512_reduce_max_ps(v) }
     }
     #[inline(always)]
     unsafe fn exp(x: __m512) -> __m512 {
-        exp_table::<true>(x)
+        // SAFETY: AVX-512F (the `Simd` contract).
+        unsafe { exp_table::<true>(x) }
     }
     #[inline(always)]
     unsafe fn recip(x: __m512) -> __m512 {
-        // rcp14 (14 bits) and one Newton step, r' = r + r·(1 - x·r): about 1 ulp.
-        let r = _mm512_rcp14_ps(x);
-        _mm512_fmadd_ps(r, _mm512_fnmadd_ps(x, r, _mm512_set1_ps(1.0)), r)
+        // SAFETY: AVX-512F (the `Simd` contract).
+        unsafe {
+            // rcp14 (14 bits) and one Newton step, r' = r + r·(1 - x·r): about 1 ulp.
+            let r = _mm512_rcp14_ps(x);
+            _mm512_fmadd_ps(r, _mm512_fnmadd_ps(x, r, _mm512_set1_ps(1.0)), r)
+        }
     }
 }
 
@@ -282,102 +313,131 @@ impl Simd for Avx2 {
     type M = __m256i;
     #[inline(always)]
     unsafe fn zero() -> __m256 {
-        _mm256_setzero_ps()
+        // SAFETY: AVX2 and FMA (the `Simd` contract).
+        unsafe { _mm256_setzero_ps() }
     }
     #[inline(always)]
     unsafe fn splat(x: f32) -> __m256 {
-        _mm256_set1_ps(x)
+        // SAFETY: AVX2 and FMA (the `Simd` contract).
+        unsafe { _mm256_set1_ps(x) }
     }
     #[inline(always)]
     unsafe fn load(p: *const f32) -> __m256 {
-        _mm256_loadu_ps(p)
+        // SAFETY: AVX2 and FMA, and the lanes touched are in bounds (the `Simd` contract).
+        unsafe { _mm256_loadu_ps(p) }
     }
     #[inline(always)]
     unsafe fn store(p: *mut f32, v: __m256) {
-        _mm256_storeu_ps(p, v)
+        // SAFETY: AVX2 and FMA, and the lanes touched are in bounds (the `Simd` contract).
+        unsafe { _mm256_storeu_ps(p, v) }
     }
     #[inline(always)]
     unsafe fn mask(n: usize) -> __m256i {
-        // Eight lanes of the window starting at 8 - n: n ones, then zeros.
-        _mm256_loadu_si256(MASK_WINDOW.as_ptr().add(8 - n.min(8)) as *const __m256i)
+        // SAFETY: AVX2 and FMA (the `Simd` contract).
+        unsafe {
+            // Eight lanes of the window starting at 8 - n: n ones, then zeros.
+            _mm256_loadu_si256(MASK_WINDOW.as_ptr().add(8 - n.min(8)) as *const __m256i)
+        }
     }
     #[inline(always)]
     unsafe fn load_masked(p: *const f32, m: __m256i) -> __m256 {
-        _mm256_maskload_ps(p, m)
+        // SAFETY: AVX2 and FMA, and the lanes touched are in bounds (the `Simd` contract).
+        unsafe { _mm256_maskload_ps(p, m) }
     }
     #[inline(always)]
     unsafe fn store_masked(p: *mut f32, m: __m256i, v: __m256) {
-        _mm256_maskstore_ps(p, m, v)
+        // SAFETY: AVX2 and FMA, and the lanes touched are in bounds (the `Simd` contract).
+        unsafe { _mm256_maskstore_ps(p, m, v) }
     }
     #[inline(always)]
     unsafe fn gather(p: *const f32, ld: usize, m: __m256i) -> __m256 {
-        let idx = _mm256_mullo_epi32(
-            _mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0),
-            _mm256_set1_epi32(ld as i32),
-        );
-        _mm256_mask_i32gather_ps::<4>(_mm256_setzero_ps(), p, idx, _mm256_castsi256_ps(m))
+        // SAFETY: AVX2 and FMA, and the lanes touched are in bounds (the `Simd` contract).
+        unsafe {
+            let idx = _mm256_mullo_epi32(
+                _mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0),
+                _mm256_set1_epi32(ld as i32),
+            );
+            _mm256_mask_i32gather_ps::<4>(_mm256_setzero_ps(), p, idx, _mm256_castsi256_ps(m))
+        }
     }
     #[inline(always)]
     unsafe fn fma(a: __m256, b: __m256, c: __m256) -> __m256 {
-        _mm256_fmadd_ps(a, b, c)
+        // SAFETY: AVX2 and FMA (the `Simd` contract).
+        unsafe { _mm256_fmadd_ps(a, b, c) }
     }
     #[inline(always)]
     unsafe fn fnma(a: __m256, b: __m256, c: __m256) -> __m256 {
-        _mm256_fnmadd_ps(a, b, c)
+        // SAFETY: AVX2 and FMA (the `Simd` contract).
+        unsafe { _mm256_fnmadd_ps(a, b, c) }
     }
     #[inline(always)]
     unsafe fn mul(a: __m256, b: __m256) -> __m256 {
-        _mm256_mul_ps(a, b)
+        // SAFETY: AVX2 and FMA (the `Simd` contract).
+        unsafe { _mm256_mul_ps(a, b) }
     }
     #[inline(always)]
     unsafe fn add(a: __m256, b: __m256) -> __m256 {
-        _mm256_add_ps(a, b)
+        // SAFETY: AVX2 and FMA (the `Simd` contract).
+        unsafe { _mm256_add_ps(a, b) }
     }
     #[inline(always)]
     unsafe fn sub(a: __m256, b: __m256) -> __m256 {
-        _mm256_sub_ps(a, b)
+        // SAFETY: AVX2 and FMA (the `Simd` contract).
+        unsafe { _mm256_sub_ps(a, b) }
     }
     #[inline(always)]
     unsafe fn select(m: __m256i, a: __m256, b: __m256) -> __m256 {
-        _mm256_blendv_ps(b, a, _mm256_castsi256_ps(m))
+        // SAFETY: AVX2 and FMA (the `Simd` contract).
+        unsafe { _mm256_blendv_ps(b, a, _mm256_castsi256_ps(m)) }
     }
     #[inline(always)]
     unsafe fn max(a: __m256, b: __m256) -> __m256 {
-        _mm256_max_ps(a, b)
+        // SAFETY: AVX2 and FMA (the `Simd` contract).
+        unsafe { _mm256_max_ps(a, b) }
     }
     #[inline(always)]
     unsafe fn sum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
-        _mm_cvtss_f32(s)
+        // SAFETY: AVX2 and FMA (the `Simd` contract).
+        unsafe {
+            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
+            _mm_cvtss_f32(s)
+        }
     }
     #[inline(always)]
     unsafe fn hmax(v: __m256) -> f32 {
-        let s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_max_ss(s, _mm_shuffle_ps::<1>(s, s));
-        _mm_cvtss_f32(s)
+        // SAFETY: AVX2 and FMA (the `Simd` contract).
+        unsafe {
+            let s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+            let s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_max_ss(s, _mm_shuffle_ps::<1>(s, s));
+            _mm_cvtss_f32(s)
+        }
     }
     #[inline(always)]
     unsafe fn exp(x: __m256) -> __m256 {
-        // No vscalefps: build 2^n from its exponent bits, valid for n in [-126, 127], so clamp to
-        // [EXP_LO, 88.7] and write 0 where x was below (as for AVX-512). NaN lanes are restored
-        // at the end.
-        let lo = _mm256_set1_ps(EXP_LO);
-        let xc = _mm256_min_ps(_mm256_set1_ps(88.72), _mm256_max_ps(lo, x));
-        let (y, n) = exp_poly::<Self>(xc);
-        let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(
-            _mm256_cvtps_epi32(n),
-            _mm256_set1_epi32(127),
-        ));
-        let e = _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
-        let e = _mm256_andnot_ps(_mm256_cmp_ps::<_CMP_LT_OQ>(x, lo), e);
-        _mm256_blendv_ps(e, x, _mm256_cmp_ps::<_CMP_UNORD_Q>(x, x))
+        // SAFETY: AVX2 and FMA (the `Simd` contract).
+        unsafe {
+            // No vscalefps: build 2^n from its exponent bits, valid for n in [-126, 127], so clamp
+            // to [EXP_LO, 88.7] and write 0 where x was below (as for AVX-512). NaN lanes are
+            // restored at the end.
+            let lo = _mm256_set1_ps(EXP_LO);
+            let xc = _mm256_min_ps(_mm256_set1_ps(88.72), _mm256_max_ps(lo, x));
+            let (y, n) = exp_poly::<Self>(xc);
+            let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+                _mm256_cvtps_epi32(n),
+                _mm256_set1_epi32(127),
+            ));
+            let e = _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
+            let e = _mm256_andnot_ps(_mm256_cmp_ps::<_CMP_LT_OQ>(x, lo), e);
+            _mm256_blendv_ps(e, x, _mm256_cmp_ps::<_CMP_UNORD_Q>(x, x))
+        }
     }
     #[inline(always)]
     unsafe fn recip(x: __m256) -> __m256 {
-        _mm256_div_ps(_mm256_set1_ps(1.0), x)
+        // SAFETY: AVX2 and FMA (the `Simd` contract).
+        unsafe { _mm256_div_ps(_mm256_set1_ps(1.0), x) }
     }
 }
 
@@ -389,38 +449,41 @@ mod tests {
     /// spread on [-86.4, 88], and its results at special values.
     #[inline(always)]
     unsafe fn sweep<S: Simd>(n: usize) -> (f64, Vec<f32>) {
-        let l = S::LANES;
-        let (lo, hi) = (-86.4f64, 88.0f64);
-        let mut worst = 0.0f64;
-        let (mut xs, mut ys) = ([0f32; 16], [0f32; 16]);
-        for i in 0..n / l {
-            for (j, x) in xs[..l].iter_mut().enumerate() {
-                *x = (lo + (hi - lo) * ((i * l + j) as f64 / n as f64)) as f32;
+        // SAFETY: within this function's `# Safety` contract, which the caller upholds.
+        unsafe {
+            let l = S::LANES;
+            let (lo, hi) = (-86.4f64, 88.0f64);
+            let mut worst = 0.0f64;
+            let (mut xs, mut ys) = ([0f32; 16], [0f32; 16]);
+            for i in 0..n / l {
+                for (j, x) in xs[..l].iter_mut().enumerate() {
+                    *x = (lo + (hi - lo) * ((i * l + j) as f64 / n as f64)) as f32;
+                }
+                S::store(ys.as_mut_ptr(), S::exp(S::load(xs.as_ptr())));
+                for j in 0..l {
+                    let e = (xs[j] as f64).exp();
+                    let ulp = f32::from_bits((e as f32).to_bits() + 1) as f64 - (e as f32) as f64;
+                    worst = worst.max(((ys[j] as f64) - e).abs() / ulp);
+                }
             }
-            S::store(ys.as_mut_ptr(), S::exp(S::load(xs.as_ptr())));
-            for j in 0..l {
-                let e = (xs[j] as f64).exp();
-                let ulp = f32::from_bits((e as f32).to_bits() + 1) as f64 - (e as f32) as f64;
-                worst = worst.max(((ys[j] as f64) - e).abs() / ulp);
+            let special = [
+                f32::NAN,
+                f32::NEG_INFINITY,
+                -1e9,
+                -86.6,
+                0.0,
+                -0.0,
+                1e-30,
+                -40.0,
+            ];
+            let mut out = Vec::new();
+            for c in special.chunks(l) {
+                xs[..c.len()].copy_from_slice(c);
+                S::store(ys.as_mut_ptr(), S::exp(S::load(xs.as_ptr())));
+                out.extend_from_slice(&ys[..c.len()]);
             }
+            (worst, out)
         }
-        let special = [
-            f32::NAN,
-            f32::NEG_INFINITY,
-            -1e9,
-            -86.6,
-            0.0,
-            -0.0,
-            1e-30,
-            -40.0,
-        ];
-        let mut out = Vec::new();
-        for c in special.chunks(l) {
-            xs[..c.len()].copy_from_slice(c);
-            S::store(ys.as_mut_ptr(), S::exp(S::load(xs.as_ptr())));
-            out.extend_from_slice(&ys[..c.len()]);
-        }
-        (worst, out)
     }
 
     fn check((worst, special): (f64, Vec<f32>), isa: &str) {
@@ -442,7 +505,8 @@ mod tests {
         if std::arch::is_x86_feature_detected!("avx512f") {
             #[target_feature(enable = "avx512f")]
             unsafe fn run() -> (f64, Vec<f32>) {
-                sweep::<Avx512>(2_000_000)
+                // SAFETY: the ISA was detected above.
+                unsafe { sweep::<Avx512>(2_000_000) }
             }
             // SAFETY: AVX-512F was detected.
             check(unsafe { run() }, "avx512");
@@ -451,7 +515,8 @@ mod tests {
         {
             #[target_feature(enable = "avx2,fma")]
             unsafe fn run() -> (f64, Vec<f32>) {
-                sweep::<Avx2>(2_000_000)
+                // SAFETY: the ISA was detected above.
+                unsafe { sweep::<Avx2>(2_000_000) }
             }
             // SAFETY: AVX2 and FMA were detected.
             check(unsafe { run() }, "avx2");

@@ -13,14 +13,17 @@ use crate::kernel::simd::exp_table;
 /// AVX-512F; `dst` has `len` writable floats.
 #[inline(always)]
 unsafe fn store32(dst: *mut f32, x: usize, len: usize, v: [__m512; 2]) {
-    if x + 32 <= len {
-        _mm512_storeu_ps(dst.add(x), v[0]);
-        _mm512_storeu_ps(dst.add(x + 16), v[1]);
-        return;
+    // SAFETY: within this function's `# Safety` contract, which the caller upholds.
+    unsafe {
+        if x + 32 <= len {
+            _mm512_storeu_ps(dst.add(x), v[0]);
+            _mm512_storeu_ps(dst.add(x + 16), v[1]);
+            return;
+        }
+        let mask = |x: usize| -> __mmask16 { ((1u32 << len.saturating_sub(x).min(16)) - 1) as u16 };
+        _mm512_mask_storeu_ps(dst.add(x.min(len)), mask(x), v[0]);
+        _mm512_mask_storeu_ps(dst.add((x + 16).min(len)), mask(x + 16), v[1]);
     }
-    let mask = |x: usize| -> __mmask16 { ((1u32 << len.saturating_sub(x).min(16)) - 1) as u16 };
-    _mm512_mask_storeu_ps(dst.add(x.min(len)), mask(x), v[0]);
-    _mm512_mask_storeu_ps(dst.add((x + 16).min(len)), mask(x + 16), v[1]);
 }
 
 /// The softmax's one pass over a row of (masked) scores: `e^(x - max)` split straight into row `r`
@@ -52,11 +55,14 @@ pub(crate) unsafe fn exp_split(
     next: &[f32],
     prev: Option<(*mut f32, usize, f32)>,
 ) -> (f32, f32) {
-    let mut pass = ExpPass::new(row, max, parts, copy, next, prev);
-    while !pass.done() {
-        pass.chunk();
+    // SAFETY: within this function's `# Safety` contract, which the caller upholds.
+    unsafe {
+        let mut pass = ExpPass::new(row, max, parts, copy, next, prev);
+        while !pass.done() {
+            pass.chunk();
+        }
+        pass.finish()
     }
-    pass.finish()
 }
 
 /// [`exp_split`]'s pass over one row, 32 scores at a time ([`ExpPass::chunk`]), so that it can run
@@ -93,23 +99,26 @@ impl ExpPass {
         next: &[f32],
         prev: Option<(*mut f32, usize, f32)>,
     ) -> ExpPass {
-        let (pw, plen, pinv) = prev.unwrap_or((std::ptr::null_mut(), 0, 1.0));
-        let neg = _mm512_set1_ps(f32::NEG_INFINITY);
-        ExpPass {
-            mv: _mm512_set1_ps(max),
-            src: row.as_ptr(),
-            len: row.len(),
-            nsrc: next.as_ptr(),
-            nlen: next.len(),
-            pw,
-            plen,
-            pinv: _mm512_set1_ps(pinv),
-            dst: weight_row(parts, r, kp),
-            copy,
-            sum: [_mm512_setzero_ps(); 2],
-            max: [neg; 2],
-            x: 0,
-            kp,
+        // SAFETY: within this function's `# Safety` contract, which the caller upholds.
+        unsafe {
+            let (pw, plen, pinv) = prev.unwrap_or((std::ptr::null_mut(), 0, 1.0));
+            let neg = _mm512_set1_ps(f32::NEG_INFINITY);
+            ExpPass {
+                mv: _mm512_set1_ps(max),
+                src: row.as_ptr(),
+                len: row.len(),
+                nsrc: next.as_ptr(),
+                nlen: next.len(),
+                pw,
+                plen,
+                pinv: _mm512_set1_ps(pinv),
+                dst: weight_row(parts, r, kp),
+                copy,
+                sum: [_mm512_setzero_ps(); 2],
+                max: [neg; 2],
+                x: 0,
+                kp,
+            }
         }
     }
 
@@ -125,33 +134,36 @@ impl ExpPass {
     /// AVX-512F, as [`exp_split`].
     #[inline(always)]
     pub(crate) unsafe fn chunk(&mut self) {
-        let x = self.x;
-        if x < self.plen {
-            scale32(self.pw, x, self.plen, self.pinv);
-        }
-        if x < self.nlen {
-            let [lo, hi] = load32(self.nsrc, x, self.nlen, f32::NEG_INFINITY);
-            self.max = [
-                _mm512_max_ps(self.max[0], lo),
-                _mm512_max_ps(self.max[1], hi),
+        // SAFETY: within this function's `# Safety` contract, which the caller upholds.
+        unsafe {
+            let x = self.x;
+            if x < self.plen {
+                scale32(self.pw, x, self.plen, self.pinv);
+            }
+            if x < self.nlen {
+                let [lo, hi] = load32(self.nsrc, x, self.nlen, f32::NEG_INFINITY);
+                self.max = [
+                    _mm512_max_ps(self.max[0], lo),
+                    _mm512_max_ps(self.max[1], hi),
+                ];
+            }
+            // Past the row: e^-inf = 0, zero weight parts.
+            let [lo, hi] = load32(self.src, x, self.len, f32::NEG_INFINITY);
+            let e = [
+                // x - max ≤ 0 (or NaN): no upper clamp.
+                exp_table::<false>(_mm512_sub_ps(lo, self.mv)),
+                exp_table::<false>(_mm512_sub_ps(hi, self.mv)),
             ];
+            self.sum = [
+                _mm512_add_ps(self.sum[0], e[0]),
+                _mm512_add_ps(self.sum[1], e[1]),
+            ];
+            if let Some(c) = self.copy {
+                store32(c, x, self.len, e);
+            }
+            store_parts::<true>(self.dst.map(|p| p.add(x / 32 * 512)), e);
+            self.x = x + 32;
         }
-        // Past the row: e^-inf = 0, zero weight parts.
-        let [lo, hi] = load32(self.src, x, self.len, f32::NEG_INFINITY);
-        let e = [
-            // x - max ≤ 0 (or NaN): no upper clamp.
-            exp_table::<false>(_mm512_sub_ps(lo, self.mv)),
-            exp_table::<false>(_mm512_sub_ps(hi, self.mv)),
-        ];
-        self.sum = [
-            _mm512_add_ps(self.sum[0], e[0]),
-            _mm512_add_ps(self.sum[1], e[1]),
-        ];
-        if let Some(c) = self.copy {
-            store32(c, x, self.len, e);
-        }
-        store_parts::<true>(self.dst.map(|p| p.add(x / 32 * 512)), e);
-        self.x = x + 32;
     }
 
     /// The row's sum and the next row's max (-inf when it is empty), as [`exp_split`] returns.
@@ -160,11 +172,14 @@ impl ExpPass {
     /// AVX-512F.
     #[inline(always)]
     pub(crate) unsafe fn finish(&self) -> (f32, f32) {
-        let sum = _mm512_reduce_add_ps(_mm512_add_ps(self.sum[0], self.sum[1]));
-        (
-            sum,
-            _mm512_reduce_max_ps(_mm512_max_ps(self.max[0], self.max[1])),
-        )
+        // SAFETY: within this function's `# Safety` contract, which the caller upholds.
+        unsafe {
+            let sum = _mm512_reduce_add_ps(_mm512_add_ps(self.sum[0], self.sum[1]));
+            (
+                sum,
+                _mm512_reduce_max_ps(_mm512_max_ps(self.max[0], self.max[1])),
+            )
+        }
     }
 }
 
@@ -174,8 +189,11 @@ impl ExpPass {
 /// AVX-512F; `w` has `len` writable floats.
 #[inline(always)]
 unsafe fn scale32(w: *mut f32, x: usize, len: usize, inv: __m512) {
-    let [lo, hi] = load32(w, x, len, 0.0);
-    store32(w, x, len, [_mm512_mul_ps(lo, inv), _mm512_mul_ps(hi, inv)]);
+    // SAFETY: within this function's `# Safety` contract, which the caller upholds.
+    unsafe {
+        let [lo, hi] = load32(w, x, len, 0.0);
+        store32(w, x, len, [_mm512_mul_ps(lo, inv), _mm512_mul_ps(hi, inv)]);
+    }
 }
 
 /// `len` weights at `w` times `inv` (the last row's, after [`exp_split`]).
@@ -184,10 +202,13 @@ unsafe fn scale32(w: *mut f32, x: usize, len: usize, inv: __m512) {
 /// AVX-512F; `w` has `len` writable floats.
 #[target_feature(enable = "avx512f")]
 pub(crate) unsafe fn scale_weights(w: *mut f32, len: usize, inv: f32) {
-    let inv = _mm512_set1_ps(inv);
-    let mut x = 0;
-    while x < len {
-        scale32(w, x, len, inv);
-        x += 32;
+    // SAFETY: within this function's `# Safety` contract, which the caller upholds.
+    unsafe {
+        let inv = _mm512_set1_ps(inv);
+        let mut x = 0;
+        while x < len {
+            scale32(w, x, len, inv);
+            x += 32;
+        }
     }
 }

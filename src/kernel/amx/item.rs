@@ -101,131 +101,140 @@ pub(crate) unsafe fn block_amx(
     out: &mut [MaybeUninit<f32>],
     mut stats: Option<&mut [f32]>,
 ) -> bool {
-    let Dims { tv, d, dv, .. } = ctx.dims;
-    let Item { b, i0, rows } = item;
-    debug_assert!(scores.len() >= rows * tv && out.len() >= rows * dv);
-    let q = ctx.query.index_axis(Axis(0), b);
-    let q_ld = q.stride_of(Axis(0)) as usize;
-    let q0 = q.as_ptr().add(i0 * q_ld);
-    let mut lens = [tv; MAX_ITEM_ROWS];
-    let cols = causal_lengths(ctx, item, finite, &mut lens);
-    let weights = scores.as_mut_ptr().cast::<f32>();
-    let mut inv = [1.0f32; MAX_ITEM_ROWS];
-    let done = SCRATCH.with_borrow_mut(|scratch| {
-        let at = QueryRows {
-            call: ctx.call,
-            q0,
-            ld: q_ld,
-            rows,
-            d,
-        };
-        let Some(dp) = side_work::queries_for(scratch, at) else {
-            return false;
-        };
-        let tiles = Tiles::configure();
-        if ctx.flash {
-            amx_flash(
-                ctx,
-                item,
-                amx_keys,
-                (scratch, &tiles, dp),
-                crate::alloc::init(out),
-                stats.as_deref_mut(),
-                &mut inv,
-            );
-            return true;
-        }
-        let (kp, parts) = split::weight_parts(scratch, rows, cols);
-        let blocks = rows.div_ceil(32);
-        let (s_dims, c_dims) = ((rows, 0, cols, dp), (rows, 0, kp, dv));
-        // Without returned weights or dropout, the softmax of one 32-row block runs between the
-        // tile products of the other: block 0's during block 1's scores, block 1's during block
-        // 0's combine. (Not with returned weights: their stores between the tile products, or a
-        // pass of their own from the parts afterwards, cost more than the overlap saves.)
-        let overlap = ctx.dropout.is_none() && !ctx.normalize && blocks > 1;
-        let first = overlap.then_some(0..1); // None: every block
-        let (raw, ld) = if ctx.normalize && item_bytes(ctx, rows) <= PREFETCH_WEIGHTS_UP_TO {
-            // The returned weights' rows come into L2 during the scores ([`Prefetch`]).
-            let bytes = rows * tv * std::mem::size_of::<f32>();
-            let mut rows_ahead = Prefetch::new(weights.cast(), bytes);
-            tile::scores(&tiles, scratch, amx_keys, s_dims, first, &mut rows_ahead)
-        } else {
-            tile::scores(&tiles, scratch, amx_keys, s_dims, first, &mut NoWork)
-        };
-        let weights = if ctx.normalize {
-            weights
-        } else {
-            std::ptr::null_mut()
-        };
-        let lens = &lens;
-        let bufs = SoftmaxBufs {
-            raw,
-            ld,
-            parts,
-            kp,
-            weights,
-            lens,
-        };
-        // The next item's queries are split during this one's last combine, after every
-        // scores product of this one ([`SplitAhead`]).
-        let last = if overlap { blocks - 1 } else { blocks };
-        let groups = last * dv.div_ceil(32) * (kp / 32) * 6;
-        let mut ahead = SplitAhead::new(scratch, next_item_queries(ctx, item), groups);
-        let (o, ldo) = if ctx.dropout.is_some() {
-            // SAFETY: the scores scratch holds `⌈rows/32⌉·32` rows of `ld ≥ cols ≥ lens[r]`
-            // floats; nothing else refers to it here, and the loop holds one row at a time.
-            let row = |r: usize| std::slice::from_raw_parts_mut(raw.add(r * ld), lens[r]);
-            for r in 0..rows {
-                let (len, s) = (lens[r], row(r));
-                scale_row(ctx, s);
-                inv[r] =
-                    finish_fast_row::<simd::Avx512>(ctx, item, r, s, None, stats.as_deref_mut());
-                split::split_weights(parts, r, s, kp);
-                if ctx.normalize {
-                    // The returned weights: this row of `scores` (`rows · Tv`, possibly
-                    // uninitialised) is written in full here.
-                    let w = weights.add(r * tv);
-                    std::ptr::copy_nonoverlapping(s.as_ptr(), w, len);
-                    std::ptr::write_bytes(w.add(len), 0, tv - len);
-                }
+    // SAFETY: within this function's `# Safety` contract, which the caller upholds.
+    unsafe {
+        let Dims { tv, d, dv, .. } = ctx.dims;
+        let Item { b, i0, rows } = item;
+        debug_assert!(scores.len() >= rows * tv && out.len() >= rows * dv);
+        let q = ctx.query.index_axis(Axis(0), b);
+        let q_ld = q.stride_of(Axis(0)) as usize;
+        let q0 = q.as_ptr().add(i0 * q_ld);
+        let mut lens = [tv; MAX_ITEM_ROWS];
+        let cols = causal_lengths(ctx, item, finite, &mut lens);
+        let weights = scores.as_mut_ptr().cast::<f32>();
+        let mut inv = [1.0f32; MAX_ITEM_ROWS];
+        let done = SCRATCH.with_borrow_mut(|scratch| {
+            let at = QueryRows {
+                call: ctx.call,
+                q0,
+                ld: q_ld,
+                rows,
+                d,
+            };
+            let Some(dp) = side_work::queries_for(scratch, at) else {
+                return false;
+            };
+            let tiles = Tiles::configure();
+            if ctx.flash {
+                amx_flash(
+                    ctx,
+                    item,
+                    amx_keys,
+                    (scratch, &tiles, dp),
+                    crate::alloc::init(out),
+                    stats.as_deref_mut(),
+                    &mut inv,
+                );
+                return true;
             }
-            tile::combine(&tiles, scratch, amx_keys, c_dims, None, &mut ahead)
-        } else if overlap {
-            let st = stats.as_deref_mut();
-            let mut sm = RowSoftmax::new(ctx, item, bufs, 0..32, &mut inv, st, true);
-            let rest = Some(1..blocks);
-            tile::scores(&tiles, scratch, amx_keys, s_dims, rest, &mut sm);
-            sm.finish();
-            let mut sm = RowSoftmax::new(ctx, item, bufs, 32..rows, &mut inv, stats, true);
-            tile::combine(&tiles, scratch, amx_keys, c_dims, Some(0..1), &mut sm);
-            sm.finish();
-            let rest = Some(1..blocks);
-            tile::combine(&tiles, scratch, amx_keys, c_dims, rest, &mut ahead)
-        } else {
-            RowSoftmax::new(ctx, item, bufs, 0..rows, &mut inv, stats, false).finish();
-            tile::combine(&tiles, scratch, amx_keys, c_dims, None, &mut ahead)
-        };
-        ahead.finish(scratch);
-        // Each output row times its factor as it is copied out (one pass, in AVX-512), which
-        // leaves finish_out_rows only the query mask.
-        for (r, f) in inv[..rows].iter_mut().enumerate() {
-            // SAFETY: the combine's O holds `rows` rows of `ldo ≥ dv` floats.
-            let src = std::slice::from_raw_parts(o.add(r * ldo), dv);
-            let dst = &mut out[r * dv..(r + 1) * dv];
-            dst.iter_mut().zip(src).for_each(|(d, &x)| {
-                d.write(x * *f);
-            });
-            *f = 1.0;
+            let (kp, parts) = split::weight_parts(scratch, rows, cols);
+            let blocks = rows.div_ceil(32);
+            let (s_dims, c_dims) = ((rows, 0, cols, dp), (rows, 0, kp, dv));
+            // Without returned weights or dropout, the softmax of one 32-row block runs between the
+            // tile products of the other: block 0's during block 1's scores, block 1's during block
+            // 0's combine. (Not with returned weights: their stores between the tile products, or a
+            // pass of their own from the parts afterwards, cost more than the overlap saves.)
+            let overlap = ctx.dropout.is_none() && !ctx.normalize && blocks > 1;
+            let first = overlap.then_some(0..1); // None: every block
+            let (raw, ld) = if ctx.normalize && item_bytes(ctx, rows) <= PREFETCH_WEIGHTS_UP_TO {
+                // The returned weights' rows come into L2 during the scores ([`Prefetch`]).
+                let bytes = rows * tv * std::mem::size_of::<f32>();
+                let mut rows_ahead = Prefetch::new(weights.cast(), bytes);
+                tile::scores(&tiles, scratch, amx_keys, s_dims, first, &mut rows_ahead)
+            } else {
+                tile::scores(&tiles, scratch, amx_keys, s_dims, first, &mut NoWork)
+            };
+            let weights = if ctx.normalize {
+                weights
+            } else {
+                std::ptr::null_mut()
+            };
+            let lens = &lens;
+            let bufs = SoftmaxBufs {
+                raw,
+                ld,
+                parts,
+                kp,
+                weights,
+                lens,
+            };
+            // The next item's queries are split during this one's last combine, after every
+            // scores product of this one ([`SplitAhead`]).
+            let last = if overlap { blocks - 1 } else { blocks };
+            let groups = last * dv.div_ceil(32) * (kp / 32) * 6;
+            let mut ahead = SplitAhead::new(scratch, next_item_queries(ctx, item), groups);
+            let (o, ldo) = if ctx.dropout.is_some() {
+                // SAFETY: the scores scratch holds `⌈rows/32⌉·32` rows of `ld ≥ cols ≥ lens[r]`
+                // floats; nothing else refers to it here, and the loop holds one row at a time.
+                let row = |r: usize| std::slice::from_raw_parts_mut(raw.add(r * ld), lens[r]);
+                for r in 0..rows {
+                    let (len, s) = (lens[r], row(r));
+                    scale_row(ctx, s);
+                    inv[r] = finish_fast_row::<simd::Avx512>(
+                        ctx,
+                        item,
+                        r,
+                        s,
+                        None,
+                        stats.as_deref_mut(),
+                    );
+                    split::split_weights(parts, r, s, kp);
+                    if ctx.normalize {
+                        // The returned weights: this row of `scores` (`rows · Tv`, possibly
+                        // uninitialised) is written in full here.
+                        let w = weights.add(r * tv);
+                        std::ptr::copy_nonoverlapping(s.as_ptr(), w, len);
+                        std::ptr::write_bytes(w.add(len), 0, tv - len);
+                    }
+                }
+                tile::combine(&tiles, scratch, amx_keys, c_dims, None, &mut ahead)
+            } else if overlap {
+                let st = stats.as_deref_mut();
+                let mut sm = RowSoftmax::new(ctx, item, bufs, 0..32, &mut inv, st, true);
+                let rest = Some(1..blocks);
+                tile::scores(&tiles, scratch, amx_keys, s_dims, rest, &mut sm);
+                sm.finish();
+                let mut sm = RowSoftmax::new(ctx, item, bufs, 32..rows, &mut inv, stats, true);
+                tile::combine(&tiles, scratch, amx_keys, c_dims, Some(0..1), &mut sm);
+                sm.finish();
+                let rest = Some(1..blocks);
+                tile::combine(&tiles, scratch, amx_keys, c_dims, rest, &mut ahead)
+            } else {
+                RowSoftmax::new(ctx, item, bufs, 0..rows, &mut inv, stats, false).finish();
+                tile::combine(&tiles, scratch, amx_keys, c_dims, None, &mut ahead)
+            };
+            ahead.finish(scratch);
+            // Each output row times its factor as it is copied out (one pass, in AVX-512), which
+            // leaves finish_out_rows only the query mask.
+            for (r, f) in inv[..rows].iter_mut().enumerate() {
+                // SAFETY: the combine's O holds `rows` rows of `ldo ≥ dv` floats.
+                let src = std::slice::from_raw_parts(o.add(r * ldo), dv);
+                let dst = &mut out[r * dv..(r + 1) * dv];
+                dst.iter_mut().zip(src).for_each(|(d, &x)| {
+                    d.write(x * *f);
+                });
+                *f = 1.0;
+            }
+            true
+        });
+        if done {
+            // SAFETY: a finished item wrote every output row (the copy-out, or `init` for
+            // amx_flash), and MaybeUninit<f32> has f32's layout.
+            let out = &mut *(&mut out[..rows * dv] as *mut [MaybeUninit<f32>] as *mut [f32]);
+            finish_out_rows(ctx, item, out, &inv);
         }
-        true
-    });
-    if done {
-        // SAFETY: a finished item wrote every output row (the copy-out, or `init` for
-        // amx_flash), and MaybeUninit<f32> has f32's layout.
-        let out = &mut *(&mut out[..rows * dv] as *mut [MaybeUninit<f32>] as *mut [f32]);
-        finish_out_rows(ctx, item, out, &inv);
+        done
     }
-    done
 }
 
 /// An item on tiles with long keys ([`plan::flash`](crate::kernel::plan::flash)): for each chunk of
@@ -248,65 +257,68 @@ unsafe fn amx_flash(
     mut stats: Option<&mut [f32]>,
     inv: &mut [f32; MAX_ITEM_ROWS],
 ) {
-    debug_assert!(!ctx.masks.causal && ctx.dropout.is_none() && !ctx.normalize);
-    let Dims { tv, dv, .. } = ctx.dims;
-    let rows = item.rows;
-    let mut max = [f32::NEG_INFINITY; MAX_ITEM_ROWS];
-    let mut sum = [0.0f32; MAX_ITEM_ROWS];
-    let mut alpha = [0.0f32; MAX_ITEM_ROWS];
-    let mut c0 = 0;
-    while c0 < tv {
-        let ck = FLASH_KEYS.min(tv - c0);
-        let (raw, ld) = tile::scores(
-            tiles,
-            scratch,
-            amx_keys,
-            (rows, c0, ck, dp),
-            None,
-            &mut NoWork,
-        );
-        let (kp, parts) = split::weight_parts(scratch, rows, ck);
-        // SAFETY: the scores scratch holds `⌈rows/32⌉·32` rows of `ld ≥ ck` floats; nothing
-        // else refers to it here, and the loop below holds at most one reference to each row at
-        // a time.
-        let row = |r: usize| std::slice::from_raw_parts_mut(raw.add(r * ld), ck);
-        // As in block_amx: row r + 1 is scaled and masked before row r's exp, which finds its
-        // max.
-        let prepare = |r: usize| {
-            if r < rows {
-                scale_row(ctx, row(r));
-                mask_fast_row(ctx, item, r, c0, row(r));
+    // SAFETY: within this function's `# Safety` contract, which the caller upholds.
+    unsafe {
+        debug_assert!(!ctx.masks.causal && ctx.dropout.is_none() && !ctx.normalize);
+        let Dims { tv, dv, .. } = ctx.dims;
+        let rows = item.rows;
+        let mut max = [f32::NEG_INFINITY; MAX_ITEM_ROWS];
+        let mut sum = [0.0f32; MAX_ITEM_ROWS];
+        let mut alpha = [0.0f32; MAX_ITEM_ROWS];
+        let mut c0 = 0;
+        while c0 < tv {
+            let ck = FLASH_KEYS.min(tv - c0);
+            let (raw, ld) = tile::scores(
+                tiles,
+                scratch,
+                amx_keys,
+                (rows, c0, ck, dp),
+                None,
+                &mut NoWork,
+            );
+            let (kp, parts) = split::weight_parts(scratch, rows, ck);
+            // SAFETY: the scores scratch holds `⌈rows/32⌉·32` rows of `ld ≥ ck` floats; nothing
+            // else refers to it here, and the loop below holds at most one reference to each row at
+            // a time.
+            let row = |r: usize| std::slice::from_raw_parts_mut(raw.add(r * ld), ck);
+            // As in block_amx: row r + 1 is scaled and masked before row r's exp, which finds its
+            // max.
+            let prepare = |r: usize| {
+                if r < rows {
+                    scale_row(ctx, row(r));
+                    mask_fast_row(ctx, item, r, c0, row(r));
+                }
+            };
+            prepare(0);
+            let mut chunk_max = max_of_row::<simd::Avx512>(row(0));
+            for r in 0..rows {
+                prepare(r + 1);
+                let next: &[f32] = if r + 1 < rows { row(r + 1) } else { &[] };
+                // NaN anywhere reaches the sum and the output through its own e^(s - m).
+                let m = max[r].max(chunk_max);
+                alpha[r] = (max[r] - m).exp();
+                let (e, next_max) = exp::exp_split(row(r), m, (parts, r, kp), None, next, None);
+                (sum[r], max[r], chunk_max) = (sum[r] * alpha[r] + e, m, next_max);
             }
-        };
-        prepare(0);
-        let mut chunk_max = max_of_row::<simd::Avx512>(row(0));
+            let (o, ldo) = tile::combine(
+                tiles,
+                scratch,
+                amx_keys,
+                (rows, c0, kp, dv),
+                None,
+                &mut NoWork,
+            );
+            for (r, acc) in out[..rows * dv].chunks_exact_mut(dv).enumerate() {
+                // SAFETY: O holds `rows` rows of `ldo ≥ dv` floats.
+                let o = std::slice::from_raw_parts(o.add(r * ldo), dv);
+                acc.iter_mut()
+                    .zip(o)
+                    .for_each(|(a, &x)| *a = *a * alpha[r] + x);
+            }
+            c0 += ck;
+        }
         for r in 0..rows {
-            prepare(r + 1);
-            let next: &[f32] = if r + 1 < rows { row(r + 1) } else { &[] };
-            // NaN anywhere reaches the sum and the output through its own e^(s - m).
-            let m = max[r].max(chunk_max);
-            alpha[r] = (max[r] - m).exp();
-            let (e, next_max) = exp::exp_split(row(r), m, (parts, r, kp), None, next, None);
-            (sum[r], max[r], chunk_max) = (sum[r] * alpha[r] + e, m, next_max);
+            inv[r] = row_done(false, r, (max[r], sum[r]), stats.as_deref_mut());
         }
-        let (o, ldo) = tile::combine(
-            tiles,
-            scratch,
-            amx_keys,
-            (rows, c0, kp, dv),
-            None,
-            &mut NoWork,
-        );
-        for (r, acc) in out[..rows * dv].chunks_exact_mut(dv).enumerate() {
-            // SAFETY: O holds `rows` rows of `ldo ≥ dv` floats.
-            let o = std::slice::from_raw_parts(o.add(r * ldo), dv);
-            acc.iter_mut()
-                .zip(o)
-                .for_each(|(a, &x)| *a = *a * alpha[r] + x);
-        }
-        c0 += ck;
-    }
-    for r in 0..rows {
-        inv[r] = row_done(false, r, (max[r], sum[r]), stats.as_deref_mut());
     }
 }

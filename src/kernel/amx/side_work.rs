@@ -92,18 +92,22 @@ impl SideWork for Prefetch {
 
     #[inline(always)]
     unsafe fn step(&mut self) {
-        for _ in 0..Self::LINES {
-            if self.next >= self.end {
-                if self.rows_left == 0 {
-                    return;
+        // SAFETY: the `SideWork::step` contract (AVX-512F code) and this type's own, set when it
+        // was made.
+        unsafe {
+            for _ in 0..Self::LINES {
+                if self.next >= self.end {
+                    if self.rows_left == 0 {
+                        return;
+                    }
+                    self.rows_left -= 1;
+                    self.row = self.row.wrapping_add(self.stride);
+                    self.next = self.row.wrapping_sub(self.row as usize % 64);
+                    self.end = self.row.wrapping_add(self.row_bytes);
                 }
-                self.rows_left -= 1;
-                self.row = self.row.wrapping_add(self.stride);
-                self.next = self.row.wrapping_sub(self.row as usize % 64);
-                self.end = self.row.wrapping_add(self.row_bytes);
+                _mm_prefetch::<_MM_HINT_T1>(self.next);
+                self.next = self.next.wrapping_add(64);
             }
-            _mm_prefetch::<_MM_HINT_T1>(self.next);
-            self.next = self.next.wrapping_add(64);
         }
     }
 }
@@ -127,13 +131,17 @@ impl Spread {
     /// After one group: its share of the steps.
     #[inline(always)]
     pub(super) unsafe fn group<S: SideWork>(&mut self, side: &mut S) {
-        if self.units == 0 {
-            return;
-        }
-        self.credit += self.units;
-        while self.credit >= self.groups {
-            self.credit -= self.groups;
-            side.step();
+        // SAFETY: the `SideWork::step` contract (AVX-512F code) and this type's own, set when it
+        // was made.
+        unsafe {
+            if self.units == 0 {
+                return;
+            }
+            self.credit += self.units;
+            while self.credit >= self.groups {
+                self.credit -= self.groups;
+                side.step();
+            }
         }
     }
 }
@@ -144,10 +152,13 @@ impl Spread {
 /// As [`split_queries`].
 #[target_feature(enable = "avx512f")]
 pub(crate) unsafe fn queries_for(s: &mut Scratch, at: QueryRows) -> Option<usize> {
-    let dp = at.d.next_multiple_of(32);
-    match s.ahead.take() {
-        Some((held, exact)) if held == at => exact.then_some(dp),
-        _ => split_queries(s, at.q0, at.ld, at.rows, at.d),
+    // SAFETY: within this function's `# Safety` contract, which the caller upholds.
+    unsafe {
+        let dp = at.d.next_multiple_of(32);
+        match s.ahead.take() {
+            Some((held, exact)) if held == at => exact.then_some(dp),
+            _ => split_queries(s, at.q0, at.ld, at.rows, at.d),
+        }
     }
 }
 
@@ -203,10 +214,13 @@ impl SplitAhead {
     /// AVX-512F; `at`'s rows are readable (the caller's contract for the next item's queries).
     #[inline(always)]
     unsafe fn split(&mut self, at: QueryRows) {
-        let r = self.r;
-        let dst = self.dst.map(|p| p.add(r * self.dp));
-        self.exact &= split_row(at.q0.add(r * at.ld), at.d, self.dp, dst, 32);
-        self.r += 1;
+        // SAFETY: within this function's `# Safety` contract, which the caller upholds.
+        unsafe {
+            let r = self.r;
+            let dst = self.dst.map(|p| p.add(r * self.dp));
+            self.exact &= split_row(at.q0.add(r * at.ld), at.d, self.dp, dst, 32);
+            self.r += 1;
+        }
     }
 
     /// Splits what is left and records the rows in `s`.
@@ -215,11 +229,14 @@ impl SplitAhead {
     /// As [`SplitAhead::split`].
     #[target_feature(enable = "avx512f")]
     pub(crate) unsafe fn finish(mut self, s: &mut Scratch) {
-        if let Some(at) = self.at {
-            while self.r < at.rows {
-                self.split(at);
+        // SAFETY: within this function's `# Safety` contract, which the caller upholds.
+        unsafe {
+            if let Some(at) = self.at {
+                while self.r < at.rows {
+                    self.split(at);
+                }
+                s.ahead = Some((at, self.exact));
             }
-            s.ahead = Some((at, self.exact));
         }
     }
 }
@@ -231,13 +248,17 @@ impl SideWork for SplitAhead {
 
     #[inline(always)]
     unsafe fn step(&mut self) {
-        let Some(at) = self.at else {
-            return;
-        };
-        if !self.rows_ahead.done() {
-            self.rows_ahead.step();
-        } else if self.r < at.rows {
-            self.split(at);
+        // SAFETY: the `SideWork::step` contract (AVX-512F code) and this type's own, set when it
+        // was made.
+        unsafe {
+            let Some(at) = self.at else {
+                return;
+            };
+            if !self.rows_ahead.done() {
+                self.rows_ahead.step();
+            } else if self.r < at.rows {
+                self.split(at);
+            }
         }
     }
 }

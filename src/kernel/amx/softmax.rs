@@ -61,27 +61,30 @@ impl<'a, 'c, 'm> RowSoftmax<'a, 'c, 'm> {
         stats: Option<&'a mut [f32]>,
         prepared: bool,
     ) -> Self {
-        let mut sm = RowSoftmax {
-            ctx,
-            item,
-            bufs,
-            r: rows.start,
-            end: rows.end,
-            max: f32::NEG_INFINITY,
-            pass: None,
-            pending: None,
-            inv,
-            stats,
-            prepared,
-        };
-        let first = if prepared { sm.end } else { sm.r + 1 };
-        for r in sm.r..first.min(sm.end) {
-            sm.prepare(r);
+        // SAFETY: within this function's `# Safety` contract, which the caller upholds.
+        unsafe {
+            let mut sm = RowSoftmax {
+                ctx,
+                item,
+                bufs,
+                r: rows.start,
+                end: rows.end,
+                max: f32::NEG_INFINITY,
+                pass: None,
+                pending: None,
+                inv,
+                stats,
+                prepared,
+            };
+            let first = if prepared { sm.end } else { sm.r + 1 };
+            for r in sm.r..first.min(sm.end) {
+                sm.prepare(r);
+            }
+            if sm.r < sm.end {
+                sm.max = max_of_row::<simd::Avx512>(sm.row(sm.r));
+            }
+            sm
         }
-        if sm.r < sm.end {
-            sm.max = max_of_row::<simd::Avx512>(sm.row(sm.r));
-        }
-        sm
     }
 
     /// Row `r`'s scores.
@@ -90,60 +93,72 @@ impl<'a, 'c, 'm> RowSoftmax<'a, 'c, 'm> {
     /// As [`RowSoftmax::new`]; one reference per row at a time.
     #[allow(clippy::mut_from_ref)]
     unsafe fn row(&self, r: usize) -> &mut [f32] {
-        let b = self.bufs;
-        std::slice::from_raw_parts_mut(b.raw.add(r * b.ld), b.lens[r])
+        // SAFETY: within this function's `# Safety` contract, which the caller upholds.
+        unsafe {
+            let b = self.bufs;
+            std::slice::from_raw_parts_mut(b.raw.add(r * b.ld), b.lens[r])
+        }
     }
 
     /// Row `r`'s scale and masks (before the pass that finds its max).
     #[target_feature(enable = "avx512f")]
     unsafe fn prepare(&self, r: usize) {
-        scale_row(self.ctx, self.row(r));
-        mask_fast_row(self.ctx, self.item, r, 0, self.row(r));
+        // SAFETY: `RowSoftmax::new`'s contract, which holds for every row this softmax visits.
+        unsafe {
+            scale_row(self.ctx, self.row(r));
+            mask_fast_row(self.ctx, self.item, r, 0, self.row(r));
+        }
     }
 
     /// Starts row `r`'s pass, the next row scaled and masked first.
     #[inline(never)]
     #[target_feature(enable = "avx512f")]
     unsafe fn start_row(&mut self) {
-        let r = self.r;
-        let next: &[f32] = if r + 1 < self.end {
-            if !self.prepared {
-                self.prepare(r + 1);
-            }
-            self.row(r + 1)
-        } else {
-            &[]
-        };
-        let b = self.bufs;
-        let w = (!b.weights.is_null()).then(|| b.weights.add(r * self.ctx.dims.tv));
-        let parts = (b.parts, r, b.kp);
-        self.pass = Some(ExpPass::new(
-            self.row(r),
-            self.max,
-            parts,
-            w,
-            next,
-            self.pending,
-        ));
+        // SAFETY: `RowSoftmax::new`'s contract, which holds for every row this softmax visits.
+        unsafe {
+            let r = self.r;
+            let next: &[f32] = if r + 1 < self.end {
+                if !self.prepared {
+                    self.prepare(r + 1);
+                }
+                self.row(r + 1)
+            } else {
+                &[]
+            };
+            let b = self.bufs;
+            let w = (!b.weights.is_null()).then(|| b.weights.add(r * self.ctx.dims.tv));
+            let parts = (b.parts, r, b.kp);
+            self.pass = Some(ExpPass::new(
+                self.row(r),
+                self.max,
+                parts,
+                w,
+                next,
+                self.pending,
+            ));
+        }
     }
 
     /// Ends row `r`'s pass: its factor and statistics, the zeros past its returned weights.
     #[inline(never)]
     #[target_feature(enable = "avx512f")]
     unsafe fn end_row(&mut self, (sum, next_max): (f32, f32)) {
-        let r = self.r;
-        self.inv[r] = row_done(false, r, (self.max, sum), self.stats.as_deref_mut());
-        let (len, tv) = (self.bufs.lens[r], self.ctx.dims.tv);
-        self.pending = None;
-        if !self.bufs.weights.is_null() {
-            // The returned weights: this row of `scores` (`rows · Tv`, possibly uninitialised)
-            // is written in full, `e` by the pass, the zeros here, the scaling by the next.
-            let w = self.bufs.weights.add(r * tv);
-            std::ptr::write_bytes(w.add(len), 0, tv - len);
-            self.pending = Some((w, len, self.inv[r]));
+        // SAFETY: `RowSoftmax::new`'s contract, which holds for every row this softmax visits.
+        unsafe {
+            let r = self.r;
+            self.inv[r] = row_done(false, r, (self.max, sum), self.stats.as_deref_mut());
+            let (len, tv) = (self.bufs.lens[r], self.ctx.dims.tv);
+            self.pending = None;
+            if !self.bufs.weights.is_null() {
+                // The returned weights: this row of `scores` (`rows · Tv`, possibly uninitialised)
+                // is written in full, `e` by the pass, the zeros here, the scaling by the next.
+                let w = self.bufs.weights.add(r * tv);
+                std::ptr::write_bytes(w.add(len), 0, tv - len);
+                self.pending = Some((w, len, self.inv[r]));
+            }
+            self.max = next_max;
+            self.r += 1;
         }
-        self.max = next_max;
-        self.r += 1;
     }
 
     /// Runs what is left, then normalises the last row's returned weights.
@@ -152,21 +167,24 @@ impl<'a, 'c, 'm> RowSoftmax<'a, 'c, 'm> {
     /// As [`RowSoftmax::new`].
     #[target_feature(enable = "avx512f")]
     pub(crate) unsafe fn finish(mut self) {
-        // A row under way goes on step by step, the rest each in one loop.
-        while self.pass.is_some() {
-            SideWork::step(&mut self);
-        }
-        while self.r < self.end {
-            self.start_row();
-            if let Some(mut pass) = self.pass.take() {
-                while !pass.done() {
-                    pass.chunk();
-                }
-                self.end_row(pass.finish());
+        // SAFETY: within this function's `# Safety` contract, which the caller upholds.
+        unsafe {
+            // A row under way goes on step by step, the rest each in one loop.
+            while self.pass.is_some() {
+                SideWork::step(&mut self);
             }
-        }
-        if let Some((w, len, inv)) = self.pending {
-            exp::scale_weights(w, len, inv);
+            while self.r < self.end {
+                self.start_row();
+                if let Some(mut pass) = self.pass.take() {
+                    while !pass.done() {
+                        pass.chunk();
+                    }
+                    self.end_row(pass.finish());
+                }
+            }
+            if let Some((w, len, inv)) = self.pending {
+                exp::scale_weights(w, len, inv);
+            }
         }
     }
 }
@@ -182,18 +200,21 @@ impl SideWork for RowSoftmax<'_, '_, '_> {
     /// As [`RowSoftmax::new`], in code compiled for AVX-512F.
     #[inline(always)]
     unsafe fn step(&mut self) {
-        if self.r >= self.end {
-            return;
-        }
-        if self.pass.is_none() {
-            self.start_row();
-        }
-        if let Some(pass) = &mut self.pass {
-            pass.chunk();
-            if pass.done() {
-                let done = pass.finish();
-                self.pass = None;
-                self.end_row(done);
+        // SAFETY: within this function's `# Safety` contract, which the caller upholds.
+        unsafe {
+            if self.r >= self.end {
+                return;
+            }
+            if self.pass.is_none() {
+                self.start_row();
+            }
+            if let Some(pass) = &mut self.pass {
+                pass.chunk();
+                if pass.done() {
+                    let done = pass.finish();
+                    self.pass = None;
+                    self.end_row(done);
+                }
             }
         }
     }

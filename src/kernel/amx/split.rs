@@ -10,8 +10,11 @@ use super::buf::{mut_ptrs, Packed, Scratch};
 /// is. (Below 2^127 in magnitude the carry cannot reach infinity.)
 #[inline(always)]
 unsafe fn round_bf16(x: __m512) -> __m512 {
-    let r = _mm512_add_epi32(_mm512_castps_si512(x), _mm512_set1_epi32(0x8000));
-    _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32(-65536)))
+    // SAFETY: register-only AVX-512F operations, and every caller runs with AVX-512F.
+    unsafe {
+        let r = _mm512_add_epi32(_mm512_castps_si512(x), _mm512_set1_epi32(0x8000));
+        _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32(-65536)))
+    }
 }
 
 /// The three parts of 16 floats, each an f32 whose low 16 bits are zero. The last needs no
@@ -19,29 +22,38 @@ unsafe fn round_bf16(x: __m512) -> __m512 {
 /// its nearest bf16 leaves at most 8 bits.
 #[inline(always)]
 unsafe fn split3(x: __m512) -> [__m512; 3] {
-    let p0 = round_bf16(x);
-    let r1 = _mm512_sub_ps(x, p0);
-    let p1 = round_bf16(r1);
-    [p0, p1, _mm512_sub_ps(r1, p1)]
+    // SAFETY: register-only AVX-512F operations, and every caller runs with AVX-512F.
+    unsafe {
+        let p0 = round_bf16(x);
+        let r1 = _mm512_sub_ps(x, p0);
+        let p1 = round_bf16(r1);
+        [p0, p1, _mm512_sub_ps(r1, p1)]
+    }
 }
 
 /// The lanes whose split is not exact: not finite, or `|x| ≥ 2^127`.
 #[inline(always)]
 unsafe fn inexact(x: __m512) -> __mmask16 {
-    let abs = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7fff_ffff));
-    _mm512_cmpge_epu32_mask(abs, _mm512_set1_epi32(0x7f00_0000))
+    // SAFETY: register-only AVX-512F operations, and every caller runs with AVX-512F.
+    unsafe {
+        let abs = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7fff_ffff));
+        _mm512_cmpge_epu32_mask(abs, _mm512_set1_epi32(0x7f00_0000))
+    }
 }
 
 /// VNNI pairs: lane n holds the top half of `even[n]` in its low half and the top half of
 /// `odd[n]` in its high half.
 #[inline(always)]
 unsafe fn pair(even: __m512, odd: __m512) -> __m512i {
-    // (even >> 16) | (odd & 0xffff0000): the truth table of A | (B & C) is 0xf8.
-    _mm512_ternarylogic_epi32::<0xf8>(
-        _mm512_srli_epi32::<16>(_mm512_castps_si512(even)),
-        _mm512_castps_si512(odd),
-        _mm512_set1_epi32(-65536),
-    )
+    // SAFETY: register-only AVX-512F operations, and every caller runs with AVX-512F.
+    unsafe {
+        // (even >> 16) | (odd & 0xffff0000): the truth table of A | (B & C) is 0xf8.
+        _mm512_ternarylogic_epi32::<0xf8>(
+            _mm512_srli_epi32::<16>(_mm512_castps_si512(even)),
+            _mm512_castps_si512(odd),
+            _mm512_set1_epi32(-65536),
+        )
+    }
 }
 
 /// Splits `len` floats at `src` into one row of the three parts at `dst[p]`, chunk `x / 32` of
@@ -63,14 +75,17 @@ pub(super) unsafe fn split_row(
     dst: [*mut u16; 3],
     cs: usize,
 ) -> bool {
-    let (mut x, mut bad) = (0, 0);
-    while x < padded {
-        let v = load32(src, x, len, 0.0);
-        bad |= inexact(v[0]) | inexact(v[1]);
-        store_parts::<false>(dst.map(|p| p.add(x / 32 * cs)), v);
-        x += 32;
+    // SAFETY: within this function's `# Safety` contract, which the caller upholds.
+    unsafe {
+        let (mut x, mut bad) = (0, 0);
+        while x < padded {
+            let v = load32(src, x, len, 0.0);
+            bad |= inexact(v[0]) | inexact(v[1]);
+            store_parts::<false>(dst.map(|p| p.add(x / 32 * cs)), v);
+            x += 32;
+        }
+        bad == 0
     }
-    bad == 0
 }
 
 /// The two k (of `32 ks ..`) that row `r` of a tile pairs, in the order [`split_row`] gives.
@@ -92,16 +107,19 @@ pub(crate) unsafe fn split_queries(
     rows: usize,
     d: usize,
 ) -> Option<usize> {
-    let dp = d.next_multiple_of(32);
-    for b in &mut s.q {
-        b.reserve(rows.next_multiple_of(32) * dp);
+    // SAFETY: within this function's `# Safety` contract, which the caller upholds.
+    unsafe {
+        let dp = d.next_multiple_of(32);
+        for b in &mut s.q {
+            b.reserve(rows.next_multiple_of(32) * dp);
+        }
+        let dst = mut_ptrs(&mut s.q);
+        let mut exact = true;
+        for r in 0..rows {
+            exact &= split_row(q0.add(r * ld), d, dp, dst.map(|p| p.add(r * dp)), 32);
+        }
+        exact.then_some(dp)
     }
-    let dst = mut_ptrs(&mut s.q);
-    let mut exact = true;
-    for r in 0..rows {
-        exact &= split_row(q0.add(r * ld), d, dp, dst.map(|p| p.add(r * dp)), 32);
-    }
-    exact.then_some(dp)
 }
 
 impl Packed {
@@ -119,58 +137,63 @@ impl Packed {
         ldv: usize,
         (tv, d, dv): (usize, usize, usize),
     ) -> bool {
-        let mut bad = 0;
-        // Kᵀ: element (k, n) = key[n][k]; tile row r of (nt, ks) pairs the two dims of
-        // `block_row(ks, r)` of keys 16 nt .. 16 nt + 16, gathered down the key rows.
-        let (k_kt, k_nt) = (d.div_ceil(32), tv.div_ceil(32) * 2);
-        for b in &mut self.k {
-            b.reserve(k_nt * k_kt * 512);
-        }
-        let dst = mut_ptrs(&mut self.k);
-        for nt in 0..k_nt {
-            let n = tv.saturating_sub(nt * 16).min(16);
-            let base = key.add((nt * 16).min(tv) * ld);
-            for ks in 0..k_kt {
-                // Dims ks·32 .. ks·32 + 16 (even) and the next 16 (odd), each 16 keys × 16
-                // dims transposed into one vector per dim.
-                let [even, odd] = [0, 16].map(|h| transposed_columns(base, ld, n, ks * 32 + h, d));
+        // SAFETY: within this function's `# Safety` contract, which the caller upholds.
+        unsafe {
+            let mut bad = 0;
+            // Kᵀ: element (k, n) = key[n][k]; tile row r of (nt, ks) pairs the two dims of
+            // `block_row(ks, r)` of keys 16 nt .. 16 nt + 16, gathered down the key rows.
+            let (k_kt, k_nt) = (d.div_ceil(32), tv.div_ceil(32) * 2);
+            for b in &mut self.k {
+                b.reserve(k_nt * k_kt * 512);
+            }
+            let dst = mut_ptrs(&mut self.k);
+            for nt in 0..k_nt {
+                let n = tv.saturating_sub(nt * 16).min(16);
+                let base = key.add((nt * 16).min(tv) * ld);
+                for ks in 0..k_kt {
+                    // Dims ks·32 .. ks·32 + 16 (even) and the next 16 (odd), each 16 keys × 16
+                    // dims transposed into one vector per dim.
+                    let [even, odd] =
+                        [0, 16].map(|h| transposed_columns(base, ld, n, ks * 32 + h, d));
+                    for r in 0..16 {
+                        let (even, odd) = (even[r], odd[r]);
+                        bad |= inexact(even) | inexact(odd);
+                        let (even, odd) = (split3(even), split3(odd));
+                        let at = (nt * k_kt + ks) * 512 + r * 32;
+                        for p in 0..3 {
+                            _mm512_store_si512(dst[p].add(at).cast(), pair(even[p], odd[p]));
+                        }
+                    }
+                }
+            }
+            // V: element (k, n) = value[k][n]; tile row r pairs the value rows of `block_row(ks,
+            // r)`.
+            let (v_kt, v_nt) = (tv.div_ceil(32), dv.div_ceil(32) * 2);
+            for b in &mut self.v {
+                b.reserve(v_nt * v_kt * 512);
+            }
+            let dst = mut_ptrs(&mut self.v);
+            for ks in 0..v_kt {
                 for r in 0..16 {
-                    let (even, odd) = (even[r], odd[r]);
-                    bad |= inexact(even) | inexact(odd);
-                    let (even, odd) = (split3(even), split3(odd));
-                    let at = (nt * k_kt + ks) * 512 + r * 32;
-                    for p in 0..3 {
-                        _mm512_store_si512(dst[p].add(at).cast(), pair(even[p], odd[p]));
+                    for nt in 0..v_nt {
+                        let n = dv.saturating_sub(nt * 16).min(16);
+                        let m: __mmask16 = ((1u32 << n) - 1) as u16;
+                        let col = (nt * 16).min(dv);
+                        let (k0, k1) = block_row(ks, r);
+                        let even = load_row(value, ldv, m, (k0, col), tv);
+                        let odd = load_row(value, ldv, m, (k1, col), tv);
+                        bad |= inexact(even) | inexact(odd);
+                        let (even, odd) = (split3(even), split3(odd));
+                        let at = (nt * v_kt + ks) * 512 + r * 32;
+                        for p in 0..3 {
+                            _mm512_store_si512(dst[p].add(at).cast(), pair(even[p], odd[p]));
+                        }
                     }
                 }
             }
+            (self.k_kt, self.v_kt) = (k_kt, v_kt);
+            bad == 0
         }
-        // V: element (k, n) = value[k][n]; tile row r pairs the value rows of `block_row(ks, r)`.
-        let (v_kt, v_nt) = (tv.div_ceil(32), dv.div_ceil(32) * 2);
-        for b in &mut self.v {
-            b.reserve(v_nt * v_kt * 512);
-        }
-        let dst = mut_ptrs(&mut self.v);
-        for ks in 0..v_kt {
-            for r in 0..16 {
-                for nt in 0..v_nt {
-                    let n = dv.saturating_sub(nt * 16).min(16);
-                    let m: __mmask16 = ((1u32 << n) - 1) as u16;
-                    let col = (nt * 16).min(dv);
-                    let (k0, k1) = block_row(ks, r);
-                    let even = load_row(value, ldv, m, (k0, col), tv);
-                    let odd = load_row(value, ldv, m, (k1, col), tv);
-                    bad |= inexact(even) | inexact(odd);
-                    let (even, odd) = (split3(even), split3(odd));
-                    let at = (nt * v_kt + ks) * 512 + r * 32;
-                    for p in 0..3 {
-                        _mm512_store_si512(dst[p].add(at).cast(), pair(even[p], odd[p]));
-                    }
-                }
-            }
-        }
-        (self.k_kt, self.v_kt) = (k_kt, v_kt);
-        bad == 0
     }
 }
 
@@ -188,48 +211,51 @@ unsafe fn transposed_columns(
     c0: usize,
     d: usize,
 ) -> [__m512; 16] {
-    let m: __mmask16 = ((1u32 << d.saturating_sub(c0).min(16)) - 1) as u16;
-    let at = c0.min(d);
-    let r: [__m512; 16] = std::array::from_fn(|i| {
-        if i < n && m != 0 {
-            _mm512_maskz_loadu_ps(m, base.add(i * ld + at))
-        } else {
-            _mm512_setzero_ps()
+    // SAFETY: within this function's `# Safety` contract, which the caller upholds.
+    unsafe {
+        let m: __mmask16 = ((1u32 << d.saturating_sub(c0).min(16)) - 1) as u16;
+        let at = c0.min(d);
+        let r: [__m512; 16] = std::array::from_fn(|i| {
+            if i < n && m != 0 {
+                _mm512_maskz_loadu_ps(m, base.add(i * ld + at))
+            } else {
+                _mm512_setzero_ps()
+            }
+        });
+        // Rows interleaved in pairs, then in fours: u[4g + c] holds columns c, c + 4, c + 8 and
+        // c + 12 (its four 128-bit lanes) of rows 4g .. 4g + 4.
+        let t: [__m512; 16] = std::array::from_fn(|i| {
+            let (a, b) = (r[i & !1], r[i | 1]);
+            if i % 2 == 0 {
+                _mm512_unpacklo_ps(a, b)
+            } else {
+                _mm512_unpackhi_ps(a, b)
+            }
+        });
+        let u: [__m512; 16] = std::array::from_fn(|i| {
+            let (g, c) = (i / 4, i % 4);
+            let a = _mm512_castps_pd(t[4 * g + c / 2]);
+            let b = _mm512_castps_pd(t[4 * g + 2 + c / 2]);
+            _mm512_castpd_ps(if c % 2 == 0 {
+                _mm512_unpacklo_pd(a, b)
+            } else {
+                _mm512_unpackhi_pd(a, b)
+            })
+        });
+        // Then the lanes: column c + 4L is lane L of u[c], u[4 + c], u[8 + c] and u[12 + c].
+        let mut out = [_mm512_setzero_ps(); 16];
+        for c in 0..4 {
+            let v0 = _mm512_shuffle_f32x4::<0x88>(u[c], u[4 + c]);
+            let v1 = _mm512_shuffle_f32x4::<0xdd>(u[c], u[4 + c]);
+            let w0 = _mm512_shuffle_f32x4::<0x88>(u[8 + c], u[12 + c]);
+            let w1 = _mm512_shuffle_f32x4::<0xdd>(u[8 + c], u[12 + c]);
+            out[c] = _mm512_shuffle_f32x4::<0x88>(v0, w0);
+            out[c + 8] = _mm512_shuffle_f32x4::<0xdd>(v0, w0);
+            out[c + 4] = _mm512_shuffle_f32x4::<0x88>(v1, w1);
+            out[c + 12] = _mm512_shuffle_f32x4::<0xdd>(v1, w1);
         }
-    });
-    // Rows interleaved in pairs, then in fours: u[4g + c] holds columns c, c + 4, c + 8 and
-    // c + 12 (its four 128-bit lanes) of rows 4g .. 4g + 4.
-    let t: [__m512; 16] = std::array::from_fn(|i| {
-        let (a, b) = (r[i & !1], r[i | 1]);
-        if i % 2 == 0 {
-            _mm512_unpacklo_ps(a, b)
-        } else {
-            _mm512_unpackhi_ps(a, b)
-        }
-    });
-    let u: [__m512; 16] = std::array::from_fn(|i| {
-        let (g, c) = (i / 4, i % 4);
-        let a = _mm512_castps_pd(t[4 * g + c / 2]);
-        let b = _mm512_castps_pd(t[4 * g + 2 + c / 2]);
-        _mm512_castpd_ps(if c % 2 == 0 {
-            _mm512_unpacklo_pd(a, b)
-        } else {
-            _mm512_unpackhi_pd(a, b)
-        })
-    });
-    // Then the lanes: column c + 4L is lane L of u[c], u[4 + c], u[8 + c] and u[12 + c].
-    let mut out = [_mm512_setzero_ps(); 16];
-    for c in 0..4 {
-        let v0 = _mm512_shuffle_f32x4::<0x88>(u[c], u[4 + c]);
-        let v1 = _mm512_shuffle_f32x4::<0xdd>(u[c], u[4 + c]);
-        let w0 = _mm512_shuffle_f32x4::<0x88>(u[8 + c], u[12 + c]);
-        let w1 = _mm512_shuffle_f32x4::<0xdd>(u[8 + c], u[12 + c]);
-        out[c] = _mm512_shuffle_f32x4::<0x88>(v0, w0);
-        out[c + 8] = _mm512_shuffle_f32x4::<0xdd>(v0, w0);
-        out[c + 4] = _mm512_shuffle_f32x4::<0x88>(v1, w1);
-        out[c + 12] = _mm512_shuffle_f32x4::<0xdd>(v1, w1);
+        out
     }
-    out
 }
 
 /// Columns `col ..` (where `m` is set) of row `k` of `rows` (`ld` floats apart); zero when
@@ -245,10 +271,13 @@ unsafe fn load_row(
     (k, col): (usize, usize),
     n_rows: usize,
 ) -> __m512 {
-    if k < n_rows {
-        _mm512_maskz_loadu_ps(m, rows.add(k * ld + col))
-    } else {
-        _mm512_setzero_ps()
+    // SAFETY: within this function's `# Safety` contract, which the caller upholds.
+    unsafe {
+        if k < n_rows {
+            _mm512_maskz_loadu_ps(m, rows.add(k * ld + col))
+        } else {
+            _mm512_setzero_ps()
+        }
     }
 }
 
@@ -268,8 +297,11 @@ pub(crate) fn weight_parts(s: &mut Scratch, rows: usize, cols: usize) -> (usize,
 /// AVX-512F; `parts` and `kp` come from [`weight_parts`] for at least `r + 1` rows.
 #[target_feature(enable = "avx512f")]
 pub(crate) unsafe fn split_weights(parts: [*mut u16; 3], r: usize, w: &[f32], kp: usize) {
-    // Weights are finite or NaN (a NaN row gives a NaN output row either way).
-    split_row(w.as_ptr(), w.len(), kp, weight_row(parts, r, kp), 512);
+    // SAFETY: within this function's `# Safety` contract, which the caller upholds.
+    unsafe {
+        // Weights are finite or NaN (a NaN row gives a NaN output row either way).
+        split_row(w.as_ptr(), w.len(), kp, weight_row(parts, r, kp), 512);
+    }
 }
 
 /// Where row `r` of the weight parts starts (A tiles, `kp / 32` along k): its chunk `x / 32` is
@@ -286,18 +318,21 @@ pub(super) fn weight_row(parts: [*mut u16; 3], r: usize, kp: usize) -> [*mut u16
 /// AVX-512F; `src` has `len` readable floats.
 #[inline(always)]
 pub(super) unsafe fn load32(src: *const f32, x: usize, len: usize, fill: f32) -> [__m512; 2] {
-    if x + 32 <= len {
-        return [
-            _mm512_loadu_ps(src.add(x)),
-            _mm512_loadu_ps(src.add(x + 16)),
-        ];
+    // SAFETY: within this function's `# Safety` contract, which the caller upholds.
+    unsafe {
+        if x + 32 <= len {
+            return [
+                _mm512_loadu_ps(src.add(x)),
+                _mm512_loadu_ps(src.add(x + 16)),
+            ];
+        }
+        let mask = |x: usize| -> __mmask16 { ((1u32 << len.saturating_sub(x).min(16)) - 1) as u16 };
+        let f = _mm512_set1_ps(fill);
+        [
+            _mm512_mask_loadu_ps(f, mask(x), src.add(x.min(len))),
+            _mm512_mask_loadu_ps(f, mask(x + 16), src.add((x + 16).min(len))),
+        ]
     }
-    let mask = |x: usize| -> __mmask16 { ((1u32 << len.saturating_sub(x).min(16)) - 1) as u16 };
-    let f = _mm512_set1_ps(fill);
-    [
-        _mm512_mask_loadu_ps(f, mask(x), src.add(x.min(len))),
-        _mm512_mask_loadu_ps(f, mask(x + 16), src.add((x + 16).min(len))),
-    ]
 }
 
 /// Splits 32 floats (two vectors) into the three parts at `dst[p]` (see [`split_row`]): rounded
@@ -307,10 +342,13 @@ pub(super) unsafe fn load32(src: *const f32, x: usize, len: usize, fill: f32) ->
 /// AVX-512F; each `dst[p]` is 64-byte aligned with 32 writable elements.
 #[inline(always)]
 pub(super) unsafe fn store_parts<const CUT: bool>(dst: [*mut u16; 3], v: [__m512; 2]) {
-    let split = |x| if CUT { split3_cut(x) } else { split3(x) };
-    let (lo, hi) = (split(v[0]), split(v[1]));
-    for p in 0..3 {
-        _mm512_store_si512(dst[p].cast(), pair(lo[p], hi[p]));
+    // SAFETY: within this function's `# Safety` contract, which the caller upholds.
+    unsafe {
+        let split = |x| if CUT { split3_cut(x) } else { split3(x) };
+        let (lo, hi) = (split(v[0]), split(v[1]));
+        for p in 0..3 {
+            _mm512_store_si512(dst[p].cast(), pair(lo[p], hi[p]));
+        }
     }
 }
 
@@ -324,11 +362,14 @@ pub(super) unsafe fn store_parts<const CUT: bool>(dst: [*mut u16; 3], v: [__m512
 /// within 1.4e-8.
 #[inline(always)]
 unsafe fn split3_cut(x: __m512) -> [__m512; 3] {
-    let top = _mm512_set1_epi32(-65536);
-    let p0 = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x), top));
-    let r1 = _mm512_sub_ps(x, p0);
-    let p1 = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(r1), top));
-    [x, p1, _mm512_sub_ps(r1, p1)]
+    // SAFETY: register-only AVX-512F operations, and every caller runs with AVX-512F.
+    unsafe {
+        let top = _mm512_set1_epi32(-65536);
+        let p0 = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x), top));
+        let r1 = _mm512_sub_ps(x, p0);
+        let p1 = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(r1), top));
+        [x, p1, _mm512_sub_ps(r1, p1)]
+    }
 }
 
 #[cfg(test)]
@@ -355,18 +396,22 @@ pub(super) mod tests {
     /// as the tiles see it), and the lanes [`inexact`] flags.
     #[target_feature(enable = "avx512f")]
     unsafe fn split16<const CUT: bool>(x: &[f32; 16]) -> ([[f32; 16]; 3], u16) {
-        let v = _mm512_loadu_ps(x.as_ptr());
-        let mut out = [[0f32; 16]; 3];
-        let mut parts = if CUT { split3_cut(v) } else { split3(v) };
-        if CUT {
-            // The first part is x itself: `pair` keeps its top half.
-            let top = _mm512_and_si512(_mm512_castps_si512(parts[0]), _mm512_set1_epi32(-65536));
-            parts[0] = _mm512_castsi512_ps(top);
+        // SAFETY: AVX-512F is enabled on this function (the test checked for it); `x` is 16 floats.
+        unsafe {
+            let v = _mm512_loadu_ps(x.as_ptr());
+            let mut out = [[0f32; 16]; 3];
+            let mut parts = if CUT { split3_cut(v) } else { split3(v) };
+            if CUT {
+                // The first part is x itself: `pair` keeps its top half.
+                let top =
+                    _mm512_and_si512(_mm512_castps_si512(parts[0]), _mm512_set1_epi32(-65536));
+                parts[0] = _mm512_castsi512_ps(top);
+            }
+            for (o, p) in out.iter_mut().zip(parts) {
+                _mm512_storeu_ps(o.as_mut_ptr(), p);
+            }
+            (out, inexact(v))
         }
-        for (o, p) in out.iter_mut().zip(parts) {
-            _mm512_storeu_ps(o.as_mut_ptr(), p);
-        }
-        (out, inexact(v))
     }
 
     /// Every float the packers accept is the exact sum of its three parts, each a bf16 (low 16

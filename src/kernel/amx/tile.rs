@@ -61,17 +61,20 @@ impl Tiles {
     /// # Safety
     /// [`amx_available`](crate::cpu::amx_available) returned true.
     pub(crate) unsafe fn configure() -> Tiles {
-        let mut cfg = TileConfig {
-            palette: 1,
-            start_row: 0,
-            reserved: [0; 14],
-            colsb: [0; 16],
-            rows: [0; 16],
-        };
-        cfg.colsb[..8].fill(64);
-        cfg.rows[..8].fill(16);
-        asm!("ldtilecfg [{}]", in(reg) &cfg, options(nostack, readonly));
-        Tiles(())
+        // SAFETY: within this function's `# Safety` contract, which the caller upholds.
+        unsafe {
+            let mut cfg = TileConfig {
+                palette: 1,
+                start_row: 0,
+                reserved: [0; 14],
+                colsb: [0; 16],
+                rows: [0; 16],
+            };
+            cfg.colsb[..8].fill(64);
+            cfg.rows[..8].fill(16);
+            asm!("ldtilecfg [{}]", in(reg) &cfg, options(nostack, readonly));
+            Tiles(())
+        }
     }
 }
 
@@ -110,20 +113,22 @@ unsafe fn product<S: SideWork>(
     ldc: usize,
     side: &mut S,
 ) {
-    let (sa, sb, sc) = (rows.sa, 64usize, ldc * 4);
-    let (mb0, nm) = (blocks.start, blocks.len());
-    let nblk = nm * nb;
-    let mut spread = Spread::new(side, nblk * kt * 6);
-    if nblk == 0 {
-        return;
-    }
-    // C block `blk`: column block nj outside, row block mi inside.
-    let coords = |blk: usize| (blk / nm, mb0 + blk % nm);
-    let pa = |mi: usize, ai: usize, ks: usize| rows.at(a[ai], mi, ks);
-    let pb = |nj: usize, bj: usize, ks: usize| b[bj].wrapping_add((2 * nj * b_kt + ks) * 512);
-    let (ra, rb) = (rows.ra, b_kt * 512);
-    // One group, then the next group's B tiles (A stays).
-    macro_rules! group_b {
+    // SAFETY: within this function's `# Safety` contract, which the caller upholds.
+    unsafe {
+        let (sa, sb, sc) = (rows.sa, 64usize, ldc * 4);
+        let (mb0, nm) = (blocks.start, blocks.len());
+        let nblk = nm * nb;
+        let mut spread = Spread::new(side, nblk * kt * 6);
+        if nblk == 0 {
+            return;
+        }
+        // C block `blk`: column block nj outside, row block mi inside.
+        let coords = |blk: usize| (blk / nm, mb0 + blk % nm);
+        let pa = |mi: usize, ai: usize, ks: usize| rows.at(a[ai], mi, ks);
+        let pb = |nj: usize, bj: usize, ks: usize| b[bj].wrapping_add((2 * nj * b_kt + ks) * 512);
+        let (ra, rb) = (rows.ra, b_kt * 512);
+        // One group, then the next group's B tiles (A stays).
+        macro_rules! group_b {
         ($pb:expr) => {
             asm!(
                 "tdpbf16ps tmm0, tmm4, tmm6",
@@ -139,8 +144,8 @@ unsafe fn product<S: SideWork>(
             )
         };
     }
-    // One group, then all four tiles of the next.
-    macro_rules! group_ab {
+        // One group, then all four tiles of the next.
+        macro_rules! group_ab {
         ($pa:expr, $pb:expr) => {
             asm!(
                 "tdpbf16ps tmm0, tmm4, tmm6",
@@ -161,58 +166,59 @@ unsafe fn product<S: SideWork>(
             )
         };
     }
-    let (nj0, mi0) = coords(0);
-    let (p4, p6) = (pa(mi0, 0, 0), pb(nj0, 0, 0));
-    load_first((p4, p4.wrapping_add(ra), sa), (p6, p6.wrapping_add(rb)));
-    for blk in 0..nblk {
-        let (nj, mi) = coords(blk);
-        // After the last block, harmless loads of its own first tiles.
-        let last = if blk + 1 < nblk {
-            coords(blk + 1)
-        } else {
-            (nj, mi)
-        };
-        asm!(
-            "tilezero tmm0",
-            "tilezero tmm1",
-            "tilezero tmm2",
-            "tilezero tmm3",
-            options(nostack, nomem)
-        );
-        for ks in 0..kt {
-            let (nnj, nmi, nks) = if ks + 1 < kt {
-                (nj, mi, ks + 1)
+        let (nj0, mi0) = coords(0);
+        let (p4, p6) = (pa(mi0, 0, 0), pb(nj0, 0, 0));
+        load_first((p4, p4.wrapping_add(ra), sa), (p6, p6.wrapping_add(rb)));
+        for blk in 0..nblk {
+            let (nj, mi) = coords(blk);
+            // After the last block, harmless loads of its own first tiles.
+            let last = if blk + 1 < nblk {
+                coords(blk + 1)
             } else {
-                (last.0, last.1, 0)
+                (nj, mi)
             };
-            // Part pairs (0,0) (0,1) (0,2) (1,0) (1,1) (2,0), each group loading the next's tiles
-            // (the last, the next k step's or block's first).
-            group_b!(pb(nj, 1, ks));
-            spread.group(side);
-            group_b!(pb(nj, 2, ks));
-            spread.group(side);
-            group_ab!(pa(mi, 1, ks), pb(nj, 0, ks));
-            spread.group(side);
-            group_b!(pb(nj, 1, ks));
-            spread.group(side);
-            group_ab!(pa(mi, 2, ks), pb(nj, 0, ks));
-            spread.group(side);
-            group_ab!(pa(nmi, 0, nks), pb(nnj, 0, nks));
-            spread.group(side);
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                options(nostack, nomem)
+            );
+            for ks in 0..kt {
+                let (nnj, nmi, nks) = if ks + 1 < kt {
+                    (nj, mi, ks + 1)
+                } else {
+                    (last.0, last.1, 0)
+                };
+                // Part pairs (0,0) (0,1) (0,2) (1,0) (1,1) (2,0), each group loading the next's
+                // tiles (the last, the next k step's or block's first).
+                group_b!(pb(nj, 1, ks));
+                spread.group(side);
+                group_b!(pb(nj, 2, ks));
+                spread.group(side);
+                group_ab!(pa(mi, 1, ks), pb(nj, 0, ks));
+                spread.group(side);
+                group_b!(pb(nj, 1, ks));
+                spread.group(side);
+                group_ab!(pa(mi, 2, ks), pb(nj, 0, ks));
+                spread.group(side);
+                group_ab!(pa(nmi, 0, nks), pb(nnj, 0, nks));
+                spread.group(side);
+            }
+            let pc = c.add(mi * 32 * ldc + nj * 32);
+            asm!(
+                "tilestored [{c0} + {sc} * 1], tmm0",
+                "tilestored [{c1} + {sc} * 1], tmm1",
+                "tilestored [{c2} + {sc} * 1], tmm2",
+                "tilestored [{c3} + {sc} * 1], tmm3",
+                c0 = in(reg) pc,
+                c1 = in(reg) pc.add(16),
+                c2 = in(reg) pc.add(16 * ldc),
+                c3 = in(reg) pc.add(16 * ldc + 16),
+                sc = in(reg) sc,
+                options(nostack),
+            );
         }
-        let pc = c.add(mi * 32 * ldc + nj * 32);
-        asm!(
-            "tilestored [{c0} + {sc} * 1], tmm0",
-            "tilestored [{c1} + {sc} * 1], tmm1",
-            "tilestored [{c2} + {sc} * 1], tmm2",
-            "tilestored [{c3} + {sc} * 1], tmm3",
-            c0 = in(reg) pc,
-            c1 = in(reg) pc.add(16),
-            c2 = in(reg) pc.add(16 * ldc),
-            c3 = in(reg) pc.add(16 * ldc + 16),
-            sc = in(reg) sc,
-            options(nostack),
-        );
     }
 }
 
@@ -226,19 +232,22 @@ unsafe fn load_first(
     (p4, p5, sa): (*const u16, *const u16, usize),
     (p6, p7): (*const u16, *const u16),
 ) {
-    asm!(
-        "tileloadd tmm4, [{p4} + {sa} * 1]",
-        "tileloadd tmm5, [{p5} + {sa} * 1]",
-        "tileloadd tmm6, [{p6} + {sb} * 1]",
-        "tileloadd tmm7, [{p7} + {sb} * 1]",
-        p4 = in(reg) p4,
-        p5 = in(reg) p5,
-        p6 = in(reg) p6,
-        p7 = in(reg) p7,
-        sa = in(reg) sa,
-        sb = in(reg) 64usize,
-        options(nostack, readonly),
-    );
+    // SAFETY: within this function's `# Safety` contract, which the caller upholds.
+    unsafe {
+        asm!(
+            "tileloadd tmm4, [{p4} + {sa} * 1]",
+            "tileloadd tmm5, [{p5} + {sa} * 1]",
+            "tileloadd tmm6, [{p6} + {sb} * 1]",
+            "tileloadd tmm7, [{p7} + {sb} * 1]",
+            p4 = in(reg) p4,
+            p5 = in(reg) p5,
+            p6 = in(reg) p6,
+            p7 = in(reg) p7,
+            sa = in(reg) sa,
+            sb = in(reg) 64usize,
+            options(nostack, readonly),
+        );
+    }
 }
 
 /// [`product`] in blocks of 32 rows × 16 columns (two accumulator tiles) with two sets of
@@ -271,22 +280,24 @@ unsafe fn product_in_turns<S: SideWork>(
     ldc: usize,
     side: &mut S,
 ) {
-    let (sb, sc, sa) = (64usize, ldc * 4, rows.sa);
-    let (mb0, nm) = (blocks.start, blocks.len());
-    let nblk = nm * 2 * nb;
-    let mut spread = Spread::new(side, nblk * kt * 6);
-    if nblk == 0 {
-        return;
-    }
-    let ra = rows.ra;
-    // Block `blk`: column tile nt outside, row block mi inside.
-    let coords = |blk: usize| (blk / nm, mb0 + blk % nm);
-    let pa = |mi: usize, ai: usize, ks: usize| rows.at(a[ai], mi, ks);
-    let pb = |nt: usize, bj: usize, ks: usize| b[bj].wrapping_add((nt * b_kt + ks) * 512);
-    // One pair: the two tile products with B in $r, then (with $pa) A's two tiles for the next
-    // pair, each right after the last product that reads its register, then B for the pair
-    // after next into $r (the next pair's B is in the other register).
-    macro_rules! pair {
+    // SAFETY: within this function's `# Safety` contract, which the caller upholds.
+    unsafe {
+        let (sb, sc, sa) = (64usize, ldc * 4, rows.sa);
+        let (mb0, nm) = (blocks.start, blocks.len());
+        let nblk = nm * 2 * nb;
+        let mut spread = Spread::new(side, nblk * kt * 6);
+        if nblk == 0 {
+            return;
+        }
+        let ra = rows.ra;
+        // Block `blk`: column tile nt outside, row block mi inside.
+        let coords = |blk: usize| (blk / nm, mb0 + blk % nm);
+        let pa = |mi: usize, ai: usize, ks: usize| rows.at(a[ai], mi, ks);
+        let pb = |nt: usize, bj: usize, ks: usize| b[bj].wrapping_add((nt * b_kt + ks) * 512);
+        // One pair: the two tile products with B in $r, then (with $pa) A's two tiles for the next
+        // pair, each right after the last product that reads its register, then B for the pair
+        // after next into $r (the next pair's B is in the other register).
+        macro_rules! pair {
         ($c0:literal, $c1:literal, $r:literal, $pb:expr) => {
             asm!(
                 concat!("tdpbf16ps ", $c0, ", tmm4, ", $r),
@@ -313,7 +324,7 @@ unsafe fn product_in_turns<S: SideWork>(
             )
         };
     }
-    macro_rules! store {
+        macro_rules! store {
         ($c0:literal, $c1:literal, $blk:expr) => {{
             let (nt, mi) = coords($blk);
             let pc = c.add(mi * 32 * ldc + nt * 16);
@@ -327,72 +338,73 @@ unsafe fn product_in_turns<S: SideWork>(
             );
         }};
     }
-    // Pairs in [`product`]'s order: (0,0) (0,1) (0,2) (1,0) (1,1) (2,0); even pairs take B from
-    // tmm6, odd from tmm7 (six per k step: the same register each k step).
-    macro_rules! block {
-        ($c0:literal, $c1:literal, $blk:expr, $after:expr) => {{
-            asm!(
-                concat!("tilezero ", $c0),
-                concat!("tilezero ", $c1),
-                options(nostack, nomem)
-            );
-            let (nt, mi) = coords($blk);
-            // Where the k steps go on: this block's next, or the next block's first (or, after
-            // the last, harmless loads of this block's own tiles).
-            let (nx_nt, nx_mi) = if $blk + 1 < nblk {
-                coords($blk + 1)
-            } else {
-                (nt, mi)
-            };
-            for ks in 0..kt {
-                let (nn, nmi, nks) = if ks + 1 < kt {
-                    (nt, mi, ks + 1)
+        // Pairs in [`product`]'s order: (0,0) (0,1) (0,2) (1,0) (1,1) (2,0); even pairs take B from
+        // tmm6, odd from tmm7 (six per k step: the same register each k step).
+        macro_rules! block {
+            ($c0:literal, $c1:literal, $blk:expr, $after:expr) => {{
+                asm!(
+                    concat!("tilezero ", $c0),
+                    concat!("tilezero ", $c1),
+                    options(nostack, nomem)
+                );
+                let (nt, mi) = coords($blk);
+                // Where the k steps go on: this block's next, or the next block's first (or, after
+                // the last, harmless loads of this block's own tiles).
+                let (nx_nt, nx_mi) = if $blk + 1 < nblk {
+                    coords($blk + 1)
                 } else {
-                    (nx_nt, nx_mi, 0)
+                    (nt, mi)
                 };
-                pair!($c0, $c1, "tmm6", pb(nt, 2, ks));
-                if ks == 0 {
-                    $after;
+                for ks in 0..kt {
+                    let (nn, nmi, nks) = if ks + 1 < kt {
+                        (nt, mi, ks + 1)
+                    } else {
+                        (nx_nt, nx_mi, 0)
+                    };
+                    pair!($c0, $c1, "tmm6", pb(nt, 2, ks));
+                    if ks == 0 {
+                        $after;
+                    }
+                    spread.group(side);
+                    pair!($c0, $c1, "tmm7", pb(nt, 0, ks));
+                    spread.group(side);
+                    pair!($c0, $c1, "tmm6", pb(nt, 1, ks), pa(mi, 1, ks));
+                    spread.group(side);
+                    pair!($c0, $c1, "tmm7", pb(nt, 0, ks));
+                    spread.group(side);
+                    pair!($c0, $c1, "tmm6", pb(nn, 0, nks), pa(mi, 2, ks));
+                    spread.group(side);
+                    pair!($c0, $c1, "tmm7", pb(nn, 1, nks), pa(nmi, 0, nks));
+                    spread.group(side);
                 }
-                spread.group(side);
-                pair!($c0, $c1, "tmm7", pb(nt, 0, ks));
-                spread.group(side);
-                pair!($c0, $c1, "tmm6", pb(nt, 1, ks), pa(mi, 1, ks));
-                spread.group(side);
-                pair!($c0, $c1, "tmm7", pb(nt, 0, ks));
-                spread.group(side);
-                pair!($c0, $c1, "tmm6", pb(nn, 0, nks), pa(mi, 2, ks));
-                spread.group(side);
-                pair!($c0, $c1, "tmm7", pb(nn, 1, nks), pa(nmi, 0, nks));
-                spread.group(side);
-            }
-        }};
-    }
-    // Prologue: the first pair's A and the first two pairs' B.
-    let (nt0, mi0) = coords(0);
-    let p4 = pa(mi0, 0, 0);
-    load_first(
-        (p4, p4.wrapping_add(ra), sa),
-        (pb(nt0, 0, 0), pb(nt0, 1, 0)),
-    );
-    for blk in 0..nblk {
-        if blk % 2 == 0 {
-            block!(
-                "tmm0",
-                "tmm1",
-                blk,
-                if blk > 0 {
-                    store!("tmm2", "tmm3", blk - 1)
-                }
-            );
-        } else {
-            block!("tmm2", "tmm3", blk, store!("tmm0", "tmm1", blk - 1));
+            }};
         }
-    }
-    if nblk % 2 == 1 {
-        store!("tmm0", "tmm1", nblk - 1);
-    } else {
-        store!("tmm2", "tmm3", nblk - 1);
+        // Prologue: the first pair's A and the first two pairs' B.
+        let (nt0, mi0) = coords(0);
+        let p4 = pa(mi0, 0, 0);
+        load_first(
+            (p4, p4.wrapping_add(ra), sa),
+            (pb(nt0, 0, 0), pb(nt0, 1, 0)),
+        );
+        for blk in 0..nblk {
+            if blk % 2 == 0 {
+                block!(
+                    "tmm0",
+                    "tmm1",
+                    blk,
+                    if blk > 0 {
+                        store!("tmm2", "tmm3", blk - 1)
+                    }
+                );
+            } else {
+                block!("tmm2", "tmm3", blk, store!("tmm0", "tmm1", blk - 1));
+            }
+        }
+        if nblk % 2 == 1 {
+            store!("tmm0", "tmm1", nblk - 1);
+        } else {
+            store!("tmm2", "tmm3", nblk - 1);
+        }
     }
 }
 
@@ -414,26 +426,29 @@ pub(crate) unsafe fn scores<S: SideWork>(
     blocks: Option<Range<usize>>,
     side: &mut S,
 ) -> (*mut f32, usize) {
-    let (mb, nb) = (rows.div_ceil(32), cols.div_ceil(32));
-    let (c, ldc) = s.scores.f32_block(mb, nb);
-    let a = ptrs(&s.q);
-    // Keys from c0 (a multiple of 32): column tile c0 / 16 on.
-    let b = ptrs(&keys.k).map(|p| p.add(c0 / 16 * keys.k_kt * 512));
-    let rows = ARows::rows(dp);
-    let blocks = blocks.unwrap_or(0..mb);
-    product_in_turns(
-        tiles,
-        a,
-        rows,
-        b,
-        keys.k_kt,
-        keys.k_kt,
-        (blocks, nb),
-        c,
-        ldc,
-        side,
-    );
-    (c, ldc)
+    // SAFETY: within this function's `# Safety` contract, which the caller upholds.
+    unsafe {
+        let (mb, nb) = (rows.div_ceil(32), cols.div_ceil(32));
+        let (c, ldc) = s.scores.f32_block(mb, nb);
+        let a = ptrs(&s.q);
+        // Keys from c0 (a multiple of 32): column tile c0 / 16 on.
+        let b = ptrs(&keys.k).map(|p| p.add(c0 / 16 * keys.k_kt * 512));
+        let rows = ARows::rows(dp);
+        let blocks = blocks.unwrap_or(0..mb);
+        product_in_turns(
+            tiles,
+            a,
+            rows,
+            b,
+            keys.k_kt,
+            keys.k_kt,
+            (blocks, nb),
+            c,
+            ldc,
+            side,
+        );
+        (c, ldc)
+    }
 }
 
 /// `O = P V` for `rows` weight rows (split, `kp` wide) and value rows `c0 .. c0 + kp` (`c0` a
@@ -452,26 +467,29 @@ pub(crate) unsafe fn combine<S: SideWork>(
     blocks: Option<Range<usize>>,
     side: &mut S,
 ) -> (*const f32, usize) {
-    let (mb, nb) = (rows.div_ceil(32), dv.div_ceil(32));
-    let (c, ldc) = s.out.f32_block(mb, nb);
-    let a = ptrs(&s.p);
-    // Value rows from c0 (a multiple of 32): tile c0 / 32 along k.
-    let b = ptrs(&values.v).map(|p| p.add(c0 / 32 * 512));
-    let kt = kp / 32;
-    let blocks = blocks.unwrap_or(0..mb);
-    product(
-        tiles,
-        a,
-        ARows::tiles(kt),
-        b,
-        values.v_kt,
-        kt,
-        (blocks, nb),
-        c,
-        ldc,
-        side,
-    );
-    (c, ldc)
+    // SAFETY: within this function's `# Safety` contract, which the caller upholds.
+    unsafe {
+        let (mb, nb) = (rows.div_ceil(32), dv.div_ceil(32));
+        let (c, ldc) = s.out.f32_block(mb, nb);
+        let a = ptrs(&s.p);
+        // Value rows from c0 (a multiple of 32): tile c0 / 32 along k.
+        let b = ptrs(&values.v).map(|p| p.add(c0 / 32 * 512));
+        let kt = kp / 32;
+        let blocks = blocks.unwrap_or(0..mb);
+        product(
+            tiles,
+            a,
+            ARows::tiles(kt),
+            b,
+            values.v_kt,
+            kt,
+            (blocks, nb),
+            c,
+            ldc,
+            side,
+        );
+        (c, ldc)
+    }
 }
 
 #[cfg(test)]

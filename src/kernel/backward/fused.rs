@@ -45,168 +45,172 @@ pub(crate) unsafe fn item<S: Simd, const NVS: usize, const NVC: usize>(
     g: ItemGrads<'_, f32>,
     (mr_t, mr): (usize, usize),
 ) -> Partials {
-    let Dims { tq, tv, d, dv, .. } = ctx.dims;
-    debug_assert!(g.dq.len() == tq * d);
-    debug_assert!(g.dk.len() == keys.len() * d && g.dv.len() == keys.len() * dv);
-    let nr = NVS * S::LANES;
-    let kb = KEY_BLOCK;
-    let panels = kb.div_ceil(nr);
-    let mut kt = vec![0.0f32; panels * d * nr];
-    // The key block minus the batch element's mean key, for dQ (`backward::key_means`).
-    let mut kc = vec![0.0f32; kb * d];
-    let mean = ctx.key_mean.row(b);
-    let mean = mean.as_slice().expect("fresh arrays are standard");
-    let mut vt = vec![0.0f32; panels * dv * nr];
-    let ch = ROW_CHUNK.min(tq.max(1));
-    let (mut raw, mut p, mut ds) = (
-        vec![0.0f32; ch * kb],
-        vec![0.0f32; ch * kb],
-        vec![0.0f32; ch * kb],
-    );
-    let q = ctx.q.index_axis(Axis(0), b);
-    let k = ctx.k.index_axis(Axis(0), b);
-    let v = ctx.v.index_axis(Axis(0), b);
-    let dout = ctx.dout.index_axis(Axis(0), b);
-    let (q_ld, k_ld, do_ld) = (
-        q.stride_of(Axis(0)) as usize,
-        k.stride_of(Axis(0)) as usize,
-        dout.stride_of(Axis(0)) as usize,
-    );
-    let scale = ctx.p.scale;
-    let masked = ctx.masks.value.is_some() || ctx.masks.causal;
-    let mut d_scale = 0.0f64;
-    for j0 in keys.clone().step_by(kb) {
-        let c = kb.min(keys.end - j0);
-        gemm::pack::<S>(
-            k.slice(s![j0..j0 + c, ..]),
-            nr,
-            &mut kt[..c.div_ceil(nr) * d * nr],
+    // SAFETY: within this function's `# Safety` contract, which the caller upholds.
+    unsafe {
+        let Dims { tq, tv, d, dv, .. } = ctx.dims;
+        debug_assert!(g.dq.len() == tq * d);
+        debug_assert!(g.dk.len() == keys.len() * d && g.dv.len() == keys.len() * dv);
+        let nr = NVS * S::LANES;
+        let kb = KEY_BLOCK;
+        let panels = kb.div_ceil(nr);
+        let mut kt = vec![0.0f32; panels * d * nr];
+        // The key block minus the batch element's mean key, for dQ (`backward::key_means`).
+        let mut kc = vec![0.0f32; kb * d];
+        let mean = ctx.key_mean.row(b);
+        let mean = mean.as_slice().expect("fresh arrays are standard");
+        let mut vt = vec![0.0f32; panels * dv * nr];
+        let ch = ROW_CHUNK.min(tq.max(1));
+        let (mut raw, mut p, mut ds) = (
+            vec![0.0f32; ch * kb],
+            vec![0.0f32; ch * kb],
+            vec![0.0f32; ch * kb],
         );
-        gemm::pack::<S>(
-            v.slice(s![j0..j0 + c, ..]),
-            nr,
-            &mut vt[..c.div_ceil(nr) * dv * nr],
+        let q = ctx.q.index_axis(Axis(0), b);
+        let k = ctx.k.index_axis(Axis(0), b);
+        let v = ctx.v.index_axis(Axis(0), b);
+        let dout = ctx.dout.index_axis(Axis(0), b);
+        let (q_ld, k_ld, do_ld) = (
+            q.stride_of(Axis(0)) as usize,
+            k.stride_of(Axis(0)) as usize,
+            dout.stride_of(Axis(0)) as usize,
         );
-        for (jj, row) in kc.chunks_exact_mut(d).take(c).enumerate() {
-            let key = std::slice::from_raw_parts(k.as_ptr().add((j0 + jj) * k_ld), d);
-            for ((x, &kx), &m) in row.iter_mut().zip(key).zip(mean) {
-                *x = kx - m;
+        let scale = ctx.p.scale;
+        let masked = ctx.masks.value.is_some() || ctx.masks.causal;
+        let mut d_scale = 0.0f64;
+        for j0 in keys.clone().step_by(kb) {
+            let c = kb.min(keys.end - j0);
+            gemm::pack::<S>(
+                k.slice(s![j0..j0 + c, ..]),
+                nr,
+                &mut kt[..c.div_ceil(nr) * d * nr],
+            );
+            gemm::pack::<S>(
+                v.slice(s![j0..j0 + c, ..]),
+                nr,
+                &mut vt[..c.div_ceil(nr) * dv * nr],
+            );
+            for (jj, row) in kc.chunks_exact_mut(d).take(c).enumerate() {
+                let key = std::slice::from_raw_parts(k.as_ptr().add((j0 + jj) * k_ld), d);
+                for ((x, &kx), &m) in row.iter_mut().zip(key).zip(mean) {
+                    *x = kx - m;
+                }
             }
-        }
-        let dk_blk = g.dk.as_mut_ptr().add((j0 - keys.start) * d);
-        let dv_blk = g.dv.as_mut_ptr().add((j0 - keys.start) * dv);
-        let mut i0 = ctx.first_row(b, j0);
-        while i0 < tq {
-            let r = ch.min(tq - i0);
-            // 1. Raw scores and dP, both against transposed panels.
-            let transposed =
-                |a: *const f32, lda: usize, panel: &[f32], kdim: usize, c_: &mut [f32]| {
+            let dk_blk = g.dk.as_mut_ptr().add((j0 - keys.start) * d);
+            let dv_blk = g.dv.as_mut_ptr().add((j0 - keys.start) * dv);
+            let mut i0 = ctx.first_row(b, j0);
+            while i0 < tq {
+                let r = ch.min(tq - i0);
+                // 1. Raw scores and dP, both against transposed panels.
+                let transposed =
+                    |a: *const f32, lda: usize, panel: &[f32], kdim: usize, c_: &mut [f32]| {
+                        gemm::Gemm {
+                            m: r,
+                            n: c,
+                            k: kdim,
+                            a,
+                            lda,
+                            b: panel.as_ptr(),
+                            b_row: nr,
+                            b_panel: kdim * nr,
+                            c: c_.as_mut_ptr(),
+                            ldc: kb,
+                        }
+                    };
+                let g_s = transposed(q.as_ptr().add(i0 * q_ld), q_ld, &kt, d, &mut raw);
+                gemm::gemm::<S, _, NVS>(&g_s, gemm::Dot { scale: None }, mr_t);
+                let g_dp = transposed(dout.as_ptr().add(i0 * do_ld), do_ld, &vt, dv, &mut ds);
+                gemm::gemm::<S, _, NVS>(&g_dp, gemm::Dot { scale: None }, mr_t);
+                // 2. Weights, dS and W, row by row.
+                for rr in 0..r {
+                    let i = i0 + rr;
+                    let row = rr * kb..rr * kb + c;
+                    let (raw_r, p_r, ds_r) = (&raw[row.clone()], &mut p[row.clone()], &mut ds[row]);
+                    let (stats, delta) = (
+                        (ctx.stats[[b, i, 0]], ctx.stats[[b, i, 1]]),
+                        ctx.delta[[b, i]],
+                    );
+                    if masked || ctx.dropout.is_some() {
+                        match scale {
+                            Some(s) => p_r.iter_mut().zip(raw_r).for_each(|(p, &x)| *p = x * s),
+                            None => p_r.copy_from_slice(raw_r),
+                        }
+                        mask_cols(
+                            p_r,
+                            j0,
+                            ctx.masks.keys_of_row(b, i),
+                            ctx.masks.causal.then_some(i),
+                            ctx.p.mask_bias,
+                        );
+                        exp_shifted::<S>(p_r, stats.0, stats.1);
+                        let first = ((b * tq + i) * tv + j0) as u64;
+                        for (jj, (g, p)) in ds_r.iter_mut().zip(p_r.iter_mut()).enumerate() {
+                            match &ctx.dropout {
+                                None => *g = *p * (*g - delta),
+                                Some((mask, keep)) if mask.keeps(first + jj as u64) => {
+                                    *g = *p * (*g / *keep - delta);
+                                    *p /= *keep;
+                                }
+                                Some(_) => {
+                                    *g = *p * -delta;
+                                    *p = 0.0;
+                                }
+                            }
+                        }
+                        if scale.is_some() {
+                            let sum = ds_r.iter().zip(raw_r).fold(0.0f32, |a, (&g, &x)| a + g * x);
+                            d_scale += sum as f64;
+                        }
+                    } else {
+                        d_scale +=
+                            weights_and_ds::<S>(raw_r, p_r, ds_r, scale, stats, delta) as f64;
+                    }
+                }
+                // 3. dVc += Wᵀ · dO, dKc += dSᵀ · Q (A transposed), dQ += dS · Kc.
+                let plain = |a: *const f32,
+                             lda: usize,
+                             m: usize,
+                             kdim: usize,
+                             bm: *const f32,
+                             b_row: usize,
+                             n: usize,
+                             c_: *mut f32| {
                     gemm::Gemm {
-                        m: r,
-                        n: c,
+                        m,
+                        n,
                         k: kdim,
                         a,
                         lda,
-                        b: panel.as_ptr(),
-                        b_row: nr,
-                        b_panel: kdim * nr,
-                        c: c_.as_mut_ptr(),
-                        ldc: kb,
+                        b: bm,
+                        b_row,
+                        b_panel: NVC * S::LANES,
+                        c: c_,
+                        ldc: n,
                     }
                 };
-            let g_s = transposed(q.as_ptr().add(i0 * q_ld), q_ld, &kt, d, &mut raw);
-            gemm::gemm::<S, _, NVS>(&g_s, gemm::Dot { scale: None }, mr_t);
-            let g_dp = transposed(dout.as_ptr().add(i0 * do_ld), do_ld, &vt, dv, &mut ds);
-            gemm::gemm::<S, _, NVS>(&g_dp, gemm::Dot { scale: None }, mr_t);
-            // 2. Weights, dS and W, row by row.
-            for rr in 0..r {
-                let i = i0 + rr;
-                let row = rr * kb..rr * kb + c;
-                let (raw_r, p_r, ds_r) = (&raw[row.clone()], &mut p[row.clone()], &mut ds[row]);
-                let (stats, delta) = (
-                    (ctx.stats[[b, i, 0]], ctx.stats[[b, i, 1]]),
-                    ctx.delta[[b, i]],
-                );
-                if masked || ctx.dropout.is_some() {
-                    match scale {
-                        Some(s) => p_r.iter_mut().zip(raw_r).for_each(|(p, &x)| *p = x * s),
-                        None => p_r.copy_from_slice(raw_r),
-                    }
-                    mask_cols(
-                        p_r,
-                        j0,
-                        ctx.masks.keys_of_row(b, i),
-                        ctx.masks.causal.then_some(i),
-                        ctx.p.mask_bias,
-                    );
-                    exp_shifted::<S>(p_r, stats.0, stats.1);
-                    let first = ((b * tq + i) * tv + j0) as u64;
-                    for (jj, (g, p)) in ds_r.iter_mut().zip(p_r.iter_mut()).enumerate() {
-                        match &ctx.dropout {
-                            None => *g = *p * (*g - delta),
-                            Some((mask, keep)) if mask.keeps(first + jj as u64) => {
-                                *g = *p * (*g / *keep - delta);
-                                *p /= *keep;
-                            }
-                            Some(_) => {
-                                *g = *p * -delta;
-                                *p = 0.0;
-                            }
-                        }
-                    }
-                    if scale.is_some() {
-                        let sum = ds_r.iter().zip(raw_r).fold(0.0f32, |a, (&g, &x)| a + g * x);
-                        d_scale += sum as f64;
-                    }
-                } else {
-                    d_scale += weights_and_ds::<S>(raw_r, p_r, ds_r, scale, stats, delta) as f64;
+                let dot = gemm::Dot { scale: None };
+                // The rows go in sub-chunks of TA_ROWS so the dO and Q rows a sub-chunk reads stay
+                // in L1 while every tile of the key block passes over them (as the forward's
+                // combine); each accumulator is still one sequential chain over the rows.
+                let mut s0 = 0;
+                while s0 < r {
+                    let n_rows = TA_ROWS.min(r - s0);
+                    let (w_at, ds_at) = (p.as_ptr().add(s0 * kb), ds.as_ptr().add(s0 * kb));
+                    let do_at = dout.as_ptr().add((i0 + s0) * do_ld);
+                    let g_dv = plain(w_at, kb, c, n_rows, do_at, do_ld, dv, dv_blk);
+                    gemm::gemm_with::<S, _, NVC, true, true>(&g_dv, dot, mr);
+                    let q_at = q.as_ptr().add((i0 + s0) * q_ld);
+                    let g_dk = plain(ds_at, kb, c, n_rows, q_at, q_ld, d, dk_blk);
+                    gemm::gemm_with::<S, _, NVC, true, true>(&g_dk, dot, mr);
+                    s0 += n_rows;
                 }
+                let dq_rows = g.dq.as_mut_ptr().add(i0 * d);
+                let g_dq = plain(ds.as_ptr(), kb, r, c, kc.as_ptr(), d, d, dq_rows);
+                gemm::gemm_with::<S, _, NVC, false, true>(&g_dq, dot, mr);
+                i0 += r;
             }
-            // 3. dVc += Wᵀ · dO, dKc += dSᵀ · Q (A transposed), dQ += dS · Kc.
-            let plain = |a: *const f32,
-                         lda: usize,
-                         m: usize,
-                         kdim: usize,
-                         bm: *const f32,
-                         b_row: usize,
-                         n: usize,
-                         c_: *mut f32| {
-                gemm::Gemm {
-                    m,
-                    n,
-                    k: kdim,
-                    a,
-                    lda,
-                    b: bm,
-                    b_row,
-                    b_panel: NVC * S::LANES,
-                    c: c_,
-                    ldc: n,
-                }
-            };
-            let dot = gemm::Dot { scale: None };
-            // The rows go in sub-chunks of TA_ROWS so the dO and Q rows a sub-chunk reads stay
-            // in L1 while every tile of the key block passes over them (as the forward's
-            // combine); each accumulator is still one sequential chain over the rows.
-            let mut s0 = 0;
-            while s0 < r {
-                let n_rows = TA_ROWS.min(r - s0);
-                let (w_at, ds_at) = (p.as_ptr().add(s0 * kb), ds.as_ptr().add(s0 * kb));
-                let do_at = dout.as_ptr().add((i0 + s0) * do_ld);
-                let g_dv = plain(w_at, kb, c, n_rows, do_at, do_ld, dv, dv_blk);
-                gemm::gemm_with::<S, _, NVC, true, true>(&g_dv, dot, mr);
-                let q_at = q.as_ptr().add((i0 + s0) * q_ld);
-                let g_dk = plain(ds_at, kb, c, n_rows, q_at, q_ld, d, dk_blk);
-                gemm::gemm_with::<S, _, NVC, true, true>(&g_dk, dot, mr);
-                s0 += n_rows;
-            }
-            let dq_rows = g.dq.as_mut_ptr().add(i0 * d);
-            let g_dq = plain(ds.as_ptr(), kb, r, c, kc.as_ptr(), d, d, dq_rows);
-            gemm::gemm_with::<S, _, NVC, false, true>(&g_dq, dot, mr);
-            i0 += r;
         }
+        (d_scale, 0.0)
     }
-    (d_scale, 0.0)
 }
 
 /// `x = e^((x - max) - ln_sum)` over a row, on ISA `S` (masked loads and stores for the tail).
@@ -215,17 +219,20 @@ pub(crate) unsafe fn item<S: Simd, const NVS: usize, const NVC: usize>(
 /// `S`'s instructions must be available.
 #[inline(always)]
 unsafe fn exp_shifted<S: Simd>(xs: &mut [f32], max: f32, ln_sum: f32) {
-    let (l, mv, lv) = (S::LANES, S::splat(max), S::splat(ln_sum));
-    let mut chunks = xs.chunks_exact_mut(l);
-    for ch in &mut chunks {
-        let x = S::load(ch.as_ptr());
-        S::store(ch.as_mut_ptr(), S::exp(S::sub(S::sub(x, mv), lv)));
-    }
-    let tail = chunks.into_remainder();
-    if !tail.is_empty() {
-        let m = S::mask(tail.len());
-        let x = S::load_masked(tail.as_ptr(), m);
-        S::store_masked(tail.as_mut_ptr(), m, S::exp(S::sub(S::sub(x, mv), lv)));
+    // SAFETY: within this function's `# Safety` contract, which the caller upholds.
+    unsafe {
+        let (l, mv, lv) = (S::LANES, S::splat(max), S::splat(ln_sum));
+        let mut chunks = xs.chunks_exact_mut(l);
+        for ch in &mut chunks {
+            let x = S::load(ch.as_ptr());
+            S::store(ch.as_mut_ptr(), S::exp(S::sub(S::sub(x, mv), lv)));
+        }
+        let tail = chunks.into_remainder();
+        if !tail.is_empty() {
+            let m = S::mask(tail.len());
+            let x = S::load_masked(tail.as_ptr(), m);
+            S::store_masked(tail.as_mut_ptr(), m, S::exp(S::sub(S::sub(x, mv), lv)));
+        }
     }
 }
 
@@ -244,33 +251,36 @@ unsafe fn weights_and_ds<S: Simd>(
     (max, ln_sum): (f32, f32),
     delta: f32,
 ) -> f32 {
-    debug_assert!(raw.len() == p.len() && p.len() == ds.len());
-    let (l, n) = (S::LANES, raw.len());
-    let (mv, lv, dl) = (S::splat(max), S::splat(ln_sum), S::splat(delta));
-    let sv = S::splat(scale.unwrap_or(1.0));
-    let mut acc = S::zero();
-    let mut j = 0;
-    while j < n {
-        // Whole vectors, then the tail with masked loads and stores; the tail's dS is read back
-        // through the mask so lanes past the row (exp of anything) add exactly 0 to the sum.
-        let m = S::mask(n - j);
-        let x = S::load_masked(raw.as_ptr().add(j), m);
-        let xs = if scale.is_some() { S::mul(x, sv) } else { x };
-        let e = S::exp(S::sub(S::sub(xs, mv), lv));
-        S::store_masked(p.as_mut_ptr().add(j), m, e);
-        let g = S::mul(e, S::sub(S::load_masked(ds.as_ptr().add(j), m), dl));
-        S::store_masked(ds.as_mut_ptr().add(j), m, g);
-        let g = if n - j < l {
-            S::load_masked(ds.as_ptr().add(j), m)
+    // SAFETY: within this function's `# Safety` contract, which the caller upholds.
+    unsafe {
+        debug_assert!(raw.len() == p.len() && p.len() == ds.len());
+        let (l, n) = (S::LANES, raw.len());
+        let (mv, lv, dl) = (S::splat(max), S::splat(ln_sum), S::splat(delta));
+        let sv = S::splat(scale.unwrap_or(1.0));
+        let mut acc = S::zero();
+        let mut j = 0;
+        while j < n {
+            // Whole vectors, then the tail with masked loads and stores; the tail's dS is read back
+            // through the mask so lanes past the row (exp of anything) add exactly 0 to the sum.
+            let m = S::mask(n - j);
+            let x = S::load_masked(raw.as_ptr().add(j), m);
+            let xs = if scale.is_some() { S::mul(x, sv) } else { x };
+            let e = S::exp(S::sub(S::sub(xs, mv), lv));
+            S::store_masked(p.as_mut_ptr().add(j), m, e);
+            let g = S::mul(e, S::sub(S::load_masked(ds.as_ptr().add(j), m), dl));
+            S::store_masked(ds.as_mut_ptr().add(j), m, g);
+            let g = if n - j < l {
+                S::load_masked(ds.as_ptr().add(j), m)
+            } else {
+                g
+            };
+            acc = S::fma(g, x, acc);
+            j += l;
+        }
+        if scale.is_some() {
+            S::sum(acc)
         } else {
-            g
-        };
-        acc = S::fma(g, x, acc);
-        j += l;
-    }
-    if scale.is_some() {
-        S::sum(acc)
-    } else {
-        0.0
+            0.0
+        }
     }
 }
