@@ -132,7 +132,8 @@ enum Kind {
 /// Picks the path by `query`'s dtype number, and for a user-defined dtype by its name (so
 /// bfloat16 is only looked up when it is there: rust-numpy finds it through `ml_dtypes`);
 /// anything else goes to f32, which names the dtype in its TypeError. The number, not the name,
-/// for the built-in types: `str(dtype)` runs Python code (1-2 µs of a 8 µs small call).
+/// for the built-in types: `str(dtype)` runs Python code, a noticeable share of a small call
+/// (measured: docs/performance.md, "Where the thresholds come from").
 fn kind(query: &Bound<'_, PyAny>) -> Kind {
     use numpy::npyffi::NPY_TYPES;
     let Ok(a) = query.cast::<numpy::PyUntypedArray>() else {

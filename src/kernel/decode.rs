@@ -29,8 +29,9 @@ use crate::cpu::Isa;
 use crate::mask::mask_cols;
 use crate::shape::Dims;
 
-/// Keys per chunk: 1024 keys of D = Dv = 64 are 512 KiB of keys and values, enough work
-/// (~30 µs) to amortise an item while giving each thread several items at B = 8, Tv = 4096.
+/// Keys per chunk: 1024 keys of D = Dv = 64 are 512 KiB of keys and values, enough work to
+/// amortise an item while giving each thread several items at B = 8, Tv = 4096 (measured:
+/// docs/performance.md, "Where the thresholds come from").
 pub(crate) const SPLIT_KEYS: usize = 1024;
 
 /// The number of key chunks for this call, or `None` when the split path does not apply.
@@ -218,7 +219,8 @@ pub(crate) unsafe fn chunk_simd<S: Simd, const NV: usize>(
             c: part.as_mut_ptr().add(2),
             ldc: stride,
         };
-        // Value rows stream from memory too: prefetched 8 rows ahead (1-3% more).
+        // Value rows stream from memory too: prefetched 8 rows ahead (measured:
+        // docs/performance.md, "Where the thresholds come from").
         gemm::gemm::<S, _, NV>(&g, gemm::DotPrefetch::<8>, mr);
     }
 }

@@ -215,8 +215,9 @@ unsafe fn concat_scores<S: Simd, const NVS: usize>(
         let p = ctx.params;
         let two_s = 2.0 * p.scale.unwrap_or(1.0);
         let q = ctx.query.slice(ndarray::s![b, i0..i0 + rows, ..]);
-        // The block's queries, row by row (ndarray's element iterator over a 2-D slice cost 4% of
-        // a concat call), then the bound on a contiguous slice.
+        // The block's queries, row by row (ndarray's element iterator over a 2-D slice is slower,
+        // measured: docs/performance.md, "Where the thresholds come from"), then the bound on a
+        // contiguous slice.
         let mut eq: Vec<f32> = Vec::with_capacity(rows * d);
         for r in q.rows() {
             eq.extend_from_slice(r.to_slice().expect("query rows are contiguous"));

@@ -456,8 +456,9 @@ pub(crate) unsafe fn dot_rows<S: Simd>(
         for (j, o) in out.iter_mut().enumerate() {
             let k = key.add(j * ld);
             // Key rows stream from memory once each (decoding: one query row per batch element);
-            // asking for row j + 6 now hides the latency the few FMAs per row cannot (measured
-            // 7-13% at (8,1,4096,64) on 1 and 2 threads). A prefetch past the end does not fault.
+            // asking for row j + 6 now hides the latency the few FMAs per row cannot (measured:
+            // docs/performance.md, "Where the thresholds come from"). A prefetch past the end
+            // does not fault.
             S::prefetch(key.wrapping_add((j + KEY_PREFETCH_ROWS) * ld));
             let mut acc = S::zero();
             let mut x = 0;

@@ -133,22 +133,19 @@ const EXP2_SIXTEENTHS: [f32; 16] = [
 
 /// AVX-512's `e^x`: `2^(n/16) · e^r` with n = round(16 x log2 e) and `|r| ≤ ln 2 / 32`,
 /// `2^(n/16)` as `2^⌊n/16⌋` (`vscalefps`) times a table entry picked by the low four bits of n
-/// (`vpermps`), and `e^r` from a degree-4 polynomial: within 0.98 ulp on [-86.4, 88], where the
-/// polynomial-only form ([`exp_poly`], which AVX2 keeps) measured 1.05 and takes three more
-/// vector operations. Below `EXP_LO` the result is written as 0 (scalef's zero mask) instead of
-/// letting scalef underflow: an underflowing result costs a microcode assist of ~150 cycles per
-/// lane, and masked scores (s - 1e9) would hit it on every entry. Those lanes are not clamped
-/// first: a masked-off lane takes no assist (4096 exps took the same time over [-10, 0],
-/// [-100, -87] and [-1e9, -1e8]), and its garbage (NaN for -inf) is dropped, which saves one
-/// operation in ~22 per vector of the AMX softmax (1-2% of a call). NaN lanes keep NaN.
+/// (`vpermps`), and `e^r` from a degree-4 polynomial: within 0.98 ulp on [-86.4, 88], closer than
+/// the polynomial-only form ([`exp_poly`], which AVX2 keeps), in three fewer vector operations.
+/// Below `EXP_LO` the result is written as 0 (scalef's zero mask) instead of letting scalef
+/// underflow: an underflowing result costs a microcode assist of ~150 cycles per lane, and masked
+/// scores (s - 1e9) would hit it on every entry. Those lanes are not clamped first: a masked-off
+/// lane takes no assist, and its garbage (NaN for -inf) is dropped, which saves one operation in
+/// ~22 per vector of the AMX softmax. NaN lanes keep NaN.
 /// `CLAMP_HI` clamps x to at most 89 (above, scalef overflows to inf as e^x does; `min(c, x)`
 /// returns x when x is NaN); without it x must stay below 2^17 (the rounding of n), which the
 /// softmax's `s - max ≤ 0` does.
 ///
-/// The AMX softmax took 1.4-4.4% less time per call with it than with the polynomial-only form
-/// (Rust, 2 threads, calls alternating between the two, medians of 60-300: (8, 512, 512, 64)
-/// 1.494 -> 1.441 ms, (2, 2048, 2048, 64) 6.68 -> 6.53, with returned weights 1.630 -> 1.588
-/// and 17.48 -> 16.75).
+/// The AMX softmax takes less time per call with it than with the polynomial-only form (measured:
+/// docs/performance.md, "Where the thresholds come from").
 ///
 /// # Safety
 /// AVX-512F.

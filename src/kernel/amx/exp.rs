@@ -30,14 +30,15 @@ unsafe fn store32(dst: *mut f32, x: usize, len: usize, v: [__m512; 2]) {
 /// of the weight parts (width `kp`, zero past the row), whose sum it returns; the caller divides
 /// the output row by it. `max` is the row's max, from
 /// [`max_of_row`](crate::kernel::softmax::max_of_row) or from this pass on the row before.
-/// Alongside, from the same scores block in L2:
+/// Alongside, from the same scores block in L2 (what separate passes cost, measured:
+/// docs/performance.md, "Where the thresholds come from"):
 /// - `next`, the next row, gives its max (returned; -inf when empty): a pass of its own waits on
-///   those loads (6.5% of a call at (8, 512, 512, 64)), here the exp's arithmetic hides them;
+///   those loads, here the exp's arithmetic hides them;
 /// - with `copy` (`row.len()` floats: the returned weights) `e^(x - max)` is stored there too;
 /// - `prev`, the row before's returned weights (`len` floats) with its `1 / sum`, are normalised:
-///   the weights are `e^(x - max) · (1 / sum)` as before, without a pass of their own (1.2-1.8% of
-///   a call with returned weights at (8, 512, 512, 64)), and not what is split, so the output is
-///   `(Σ e_j v_j) / sum` with or without them, Keras's `Σ w_j v_j` to rounding.
+///   the weights are `e^(x - max) · (1 / sum)` as before, without a pass of their own, and not
+///   what is split, so the output is `(Σ e_j v_j) / sum` with or without them, Keras's `Σ w_j v_j`
+///   to rounding.
 ///
 /// The caller normalises the last row's weights ([`scale_weights`]). As in
 /// [`softmax_row`](crate::kernel::softmax::softmax_row), NaN anywhere makes the row's output NaN.

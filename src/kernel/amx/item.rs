@@ -69,10 +69,8 @@ fn item_bytes(ctx: &Ctx<'_, '_, f32>, rows: usize) -> usize {
 
 /// Up to this many [`item_bytes`] (the L2 of a core with tiles is 2 MiB), an item's returned
 /// weights are prefetched into L2 during its scores ([`Prefetch`]). Beyond, the prefetched
-/// rows push the keys' and values' parts out: (2, 2048, 2048, 64), 3.3 MB per item, took
-/// 9.9-12.4 against 9.3-10.2 ms with them, and (4, 1024, 1024, 64), 1.7 MB, gained nothing
-/// (2.65-2.75 against 2.58-2.74 ms), where (4, 768, 768, 64), 1.3 MB, took 1.34-1.39 against
-/// 1.40-1.44 (2 threads, alternating, medians of 40-100).
+/// rows push the keys' and values' parts out, and the prefetch stops paying (measured:
+/// docs/performance.md, "Where the thresholds come from").
 const PREFETCH_WEIGHTS_UP_TO: usize = 3 << 19;
 
 /// One item on AMX tiles (the [`amx`](super) family): scores product on tiles into scratch, then
@@ -83,10 +81,9 @@ const PREFETCH_WEIGHTS_UP_TO: usize = 3 << 19;
 /// softmax between the other block's tile products ([`SideWork`](side_work::SideWork)): block 0's
 /// scores, block 1's scores with block 0's softmax, block 0's combine with block 1's softmax, block
 /// 1's combine. The output rows may come uninitialised: the copy-out from the tiles' O writes each
-/// in full (zeroing them first cost 0.4-4.2% of a call at (8, 512, 512, 64) with returned weights,
-/// 0-4.6% without: Rust, 2 threads, old and new binaries alternating, medians of 200). Returns
-/// false, touching nothing the caller reads, when a query row of the item does not split exactly
-/// (`split::split_queries`); the caller then runs the AVX-512 path.
+/// in full, and zeroing them first cost time (measured: docs/performance.md, "Where the thresholds
+/// come from"). Returns false, touching nothing the caller reads, when a query row of the item
+/// does not split exactly (`split::split_queries`); the caller then runs the AVX-512 path.
 ///
 /// # Safety
 /// [`Isa::Amx`](crate::Isa::Amx) was detected; `amx_keys` holds batch element `item.b`'s keys and

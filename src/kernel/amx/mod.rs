@@ -6,10 +6,10 @@
 //! bf16 to what the earlier parts leave: exact for `2^-100 ≤ |x| < 2^127`, as 3 × 8 bits hold
 //! f32's 24), and the six cross products `xi · yj` with `i + j ≤ 2` are accumulated: as
 //! `|x1| ≤ 2^-8 |x|` and `|x2| ≤ 2^-16 |x|`, the three dropped ones sum to at most about
-//! `2^-23 |x y|`, and much less on average. Measured on 64 × 512 × 64
-//! and 64 × 64 × 512 products: the largest error is 7–9e-8 of `Σ |x y|`, against 1.8–2.2e-7
-//! for a sequential f32 FMA chain. A tile multiply does 16 × 16 × 32 multiply-adds; with six per
-//! product this core's AMX unit still runs the products at about twice its AVX-512 FMA rate.
+//! `2^-23 |x y|`, and much less on average: below a sequential f32 FMA chain's error (measured:
+//! docs/performance.md, "Where the thresholds come from"). A tile multiply does 16 × 16 × 32
+//! multiply-adds; with six per product this core's AMX unit still runs the products at about
+//! twice its AVX-512 FMA rate.
 //!
 //! Layouts (bf16 as `u16`, every buffer 64-byte aligned: a tile row that straddles two cache
 //! lines loads about 7× slower):

@@ -7,12 +7,10 @@ use super::buf::{mut_ptrs, QueryRows, Scratch};
 use super::split::{split_queries, split_row};
 
 /// Vector work a tile product runs between its groups of tile products: the tile unit takes 16
-/// cycles per product and the core goes on issuing meanwhile. Measured (one thread, medians of
-/// 2000): a 64 × 512 × 64 combine took 10.5 µs; 512 steps of 32 scores' exp and split took
-/// 3.1 µs alone and added 0.3 µs to it when run between its groups (0.4 µs storing to L1,
-/// 1.7 µs of 4.5 storing to the weight parts in L2). Vector work beyond about 16 operations per
-/// tile product, or a whole row's pass at once, is not hidden: the vector units get one port
-/// while tiles compute (4 tile products absorbed 64 FMAs, and 128 took twice as long).
+/// cycles per product and the core goes on issuing meanwhile, so small steps of vector work are
+/// mostly hidden. Vector work beyond about 16 operations per tile product, or a whole row's pass
+/// at once, is not: the vector units get one port while tiles compute (measured:
+/// docs/performance.md, "Where the thresholds come from").
 pub(crate) trait SideWork {
     /// Steps of work left.
     fn units(&self) -> usize;
@@ -38,10 +36,8 @@ impl SideWork for NoWork {
 /// lines per step: `rows` runs of `row_bytes`, `stride` bytes apart. A prefetch never faults,
 /// whatever the memory holds. For the rows of returned weights an item is about to write,
 /// during its scores: their stores then find the lines in L2 instead of fetching each for
-/// ownership from L3 in the middle of the softmax (about 6.6k of its 35k cycles per 64 × 512
-/// item, measured with the weights going to an L2-resident buffer instead). The fills cost the
-/// scores' tile products about 2.5k; the call gains 2-4%: (8, 512, 512, 64) with returned
-/// weights 1.32-1.40 against 1.29-1.33 ms (2 threads, the two alternating, medians of 300). And
+/// ownership from L3 in the middle of the softmax, which costs more than the fills take from the
+/// scores' tile products (measured: docs/performance.md, "Where the thresholds come from"). And
 /// for the next item's query rows ([`SplitAhead`]).
 pub(crate) struct Prefetch {
     next: *const i8,

@@ -357,9 +357,8 @@ pub(super) unsafe fn store_parts<const CUT: bool>(dst: [*mut u16; 3], v: [__m512
 /// part is x itself ([`pair`] keeps its top half). For the weights `e^(s - max)` in [0, 1] (the
 /// values keep [`split3`]): the products the tiles leave out (part 1 · part 2 and smaller) stay
 /// below 2^-24 of each term, against 2^-25 with rounded parts. With the unclamped exp
-/// ([`exp_table`](crate::kernel::simd::exp_table)), 3-6% less time per call at (8, 512, 512, 64)
-/// and 1-2% with returned weights (Rust, 2 threads, calls alternating, medians of 300); outputs
-/// within 1.4e-8.
+/// ([`exp_table`](crate::kernel::simd::exp_table)), calls take less time and their outputs barely
+/// move (measured: docs/performance.md, "Where the thresholds come from").
 #[inline(always)]
 unsafe fn split3_cut(x: __m512) -> [__m512; 3] {
     // SAFETY: register-only AVX-512F operations, and every caller runs with AVX-512F.

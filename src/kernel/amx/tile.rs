@@ -93,9 +93,9 @@ impl Drop for Tiles {
 /// tiles (1 KB each) are reused by every row block, from L1 while they fit. Each group of four
 /// tile products (one part pair, A in tmm4-5, B in tmm6-7) loads the next group's tiles right after
 /// the last product that reads their register, so a load has one or two products' time to land
-/// before it is needed; loaded just before their products, as before, a 64 × 512 × 64 combine took
-/// 6.6-7.0 ns per tile product against 6.2-6.6 now (one thread, hot, medians of 3000, 5 rounds
-/// alternating). The same sums in the same order as one pair at a time, so the same bits.
+/// before it is needed, which beats loading them just before their products (measured:
+/// docs/performance.md, "Where the thresholds come from"). The same sums in the same order as one
+/// pair at a time, so the same bits.
 ///
 /// # Safety
 /// `_tiles` is configured; every pointer is 64-byte aligned and covers the extents above.
@@ -253,16 +253,12 @@ unsafe fn load_first(
 /// [`product`] in blocks of 32 rows × 16 columns (two accumulator tiles) with two sets of
 /// accumulators taking turns: each block's stores are issued after the next block's first tile
 /// products, so the tile unit does not drain at every block. For the scores, whose k (D = 64) gives
-/// a 32 × 32 block only 48 tile products between drains: a 64 × 512 × 64 product took 10.7 against
-/// 11.6 µs (one thread, medians of 2000), whole calls 1-3% less ((8, 512, 512, 64): 1.424 against
-/// 1.467 ms, (2, 2048, 2048, 64) 5.65 against 5.73; 2 threads, calls alternating). Not for the
-/// combine, whose A (the weight parts, from L2) it loads once per 16 columns instead of 32: 14.1
-/// against 11.4 µs, and with both pipelined 8.4 against 6.6 ns per tile product. B's tile
+/// a 32 × 32 block only 48 tile products between drains; not for the combine, whose A (the weight
+/// parts, from L2) it loads once per 16 columns instead of 32, which is slower there. B's tile
 /// alternates between tmm6 and tmm7 pair by pair, each loaded right after the products of the pair
 /// before it, so it has a pair's two products to land, and A's two tiles follow their last product
-/// as in [`product`]: 6.1-6.4 against 6.3-6.6 ns per tile product (64 × 512 × 64, one thread, hot,
-/// medians of 3000, 5 rounds alternating). The same sums in the same order as [`product`], so the
-/// same bits.
+/// as in [`product`] (measured: docs/performance.md, "Where the thresholds come from"). The same
+/// sums in the same order as [`product`], so the same bits.
 ///
 /// # Safety
 /// As [`product`].

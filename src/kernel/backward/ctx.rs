@@ -19,8 +19,8 @@ use crate::shape::Dims;
 pub(crate) const KEY_BLOCK: usize = 64;
 
 /// Query rows per chunk: the chunk's scores, weights and dS (`512 × 64` each, 128 KiB in f32,
-/// in L2). 512 rather than 128: fewer passes over each key block's accumulators; at
-/// (8, 512, 512, 64) on one thread the backward went 14.7 -> 12.0 ms.
+/// in L2). 512 rather than 128: fewer passes over each key block's accumulators (measured:
+/// docs/performance.md, "Where the thresholds come from").
 pub(crate) const ROW_CHUNK: usize = 512;
 
 /// Everything a backward work item reads, shared by all items of one call.
