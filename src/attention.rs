@@ -159,7 +159,7 @@ impl Attention {
         let threads = call_threads(dims, pool.current_num_threads());
         let parallel = threads > 1;
         if parallel {
-            wake(&pool);
+            crate::pool::wake(&pool);
         }
         // Uninitialised: each work item writes its own rows (in parallel, while they are in
         // cache; the tile path without zeroing them first), instead of this thread zeroing them
@@ -329,13 +329,6 @@ pub(crate) fn with_folded<T: Float, R>(
     f(&plan, call)
 }
 
-/// Wakes the pool's sleeping workers without waiting for them, so they are up by the time the
-/// call's first parallel step needs them: on this VM a worker woken by that step (after the
-/// pool sat idle, e.g. between a service's requests) took up to ~0.5 ms to join.
-pub(crate) fn wake(pool: &rayon::ThreadPool) {
-    pool.spawn_broadcast(|_| {});
-}
-
 /// A fresh `(B, ...)` result reshaped to its N-D shape (no copy: fresh arrays are standard).
 pub(crate) fn unfold<T, D: ndarray::Dimension>(
     a: ndarray::Array<T, D>,
@@ -423,23 +416,5 @@ fn run_items<T: Float>(
             }
         }
     };
-    match pool {
-        Some(pool) => {
-            // Each job is taken by exactly one thread (the counter hands out each index once).
-            let jobs: Vec<std::sync::Mutex<Option<Job<'_, T>>>> = jobs
-                .into_iter()
-                .map(|j| std::sync::Mutex::new(Some(j)))
-                .collect();
-            crate::pool::run_indexed(pool, jobs.len(), state, |st, i| {
-                let job = jobs[i].lock().ok().and_then(|mut j| j.take());
-                if let Some(job) = job {
-                    work(st, job);
-                }
-            });
-        }
-        None => {
-            let mut st = state();
-            jobs.into_iter().for_each(|job| work(&mut st, job));
-        }
-    }
+    crate::pool::run_jobs(pool, jobs, state, work);
 }

@@ -30,7 +30,6 @@ use std::mem::MaybeUninit;
 use std::ops::Range;
 
 use ndarray::{s, Array2, Array3, ArrayD, ArrayView2, ArrayView3, ArrayViewD, Axis, CowArray, Ix3};
-use rayon::prelude::*;
 
 use crate::alloc::{init, uninit};
 use crate::attention::{unfold, with_folded, MasksNd, Saved};
@@ -42,6 +41,7 @@ use crate::float::Float;
 use crate::kernel::backward::ctx::to_f64;
 use crate::kernel::{BackCtx, ItemGrads, Partials, KEY_BLOCK};
 use crate::mask::Masks;
+use crate::pool::run_jobs;
 use crate::score::ScoreParams;
 use crate::shape::{self, rows_contiguous, Dims};
 
@@ -164,7 +164,9 @@ impl Attention {
         self.backward_with(query, value, key, masks, saved, d_output)
     }
 
-    /// `backward_saved` on views of the saved output and statistics.
+    /// `backward_saved` on views of the saved output and statistics: checks the upstream
+    /// gradient and the saved results, computes `Δ`, runs the work items and finishes the
+    /// gradients (the scale, and dK added into dV when the value was the key).
     fn backward_with<T: Float>(
         &self,
         query: ArrayView3<'_, T>,
@@ -176,6 +178,7 @@ impl Attention {
     ) -> Result<Gradients<T>> {
         let has_key = key.is_some();
         let (dims, q, v, k) = self.checked(query, value, key, masks)?;
+        let dout = upstream(dims, masks, d_output, (saved_output, saved_stats))?;
         let Dims {
             batch,
             tq,
@@ -183,54 +186,13 @@ impl Attention {
             d,
             dv,
         } = dims;
-        let expect = |arg: &'static str, a: &[usize], want: Vec<usize>, rule: &'static str| {
-            if a == want.as_slice() {
-                Ok(())
-            } else {
-                Err(AttentionError::Mismatch {
-                    arg,
-                    shape: a.to_vec(),
-                    other: "output",
-                    other_shape: want,
-                    rule,
-                })
-            }
-        };
-        let out_rule = "the upstream gradient must have the output's shape (B, Tq, Dv)";
-        expect("d_output", d_output.shape(), vec![batch, tq, dv], out_rule)?;
-        let saved_rule = "saved forward results must come from the same call's forward_saved";
-        expect(
-            "saved output",
-            saved_output.shape(),
-            vec![batch, tq, dv],
-            saved_rule,
-        )?;
-        expect(
-            "saved stats",
-            saved_stats.shape(),
-            vec![batch, tq, 2],
-            saved_rule,
-        )?;
-        // Rows the query mask zeroes pass no gradient.
-        let dout: CowArray<'_, T, Ix3> = match &masks.query {
-            None => rows_contiguous(d_output),
-            Some(_) => {
-                let mut a = d_output.to_owned();
-                for ((b, i, _), x) in a.indexed_iter_mut() {
-                    if !masks.query_keeps(b, i) {
-                        *x = T::zero();
-                    }
-                }
-                CowArray::from(a)
-            }
-        };
         let pool = crate::pool::pool()?;
         let flops = (batch * tq)
             .saturating_mul(tv)
             .saturating_mul(4 * d + 6 * dv + 8);
         let pool = (flops >= SERIAL_FLOPS && pool.current_num_threads() > 1).then_some(&*pool);
         if let Some(pool) = pool {
-            crate::attention::wake(pool);
+            crate::pool::wake(pool);
         }
         // Δ_i = dO_i · O_i (= Σ_j p_ij dP_ij): one dot product per row.
         let delta_of = |b: usize| -> Vec<T> {
@@ -239,10 +201,7 @@ impl Attention {
                 saved_output.index_axis(Axis(0), b),
             )
         };
-        let deltas: Vec<Vec<T>> = match pool {
-            Some(p) => p.install(|| (0..batch).into_par_iter().map(delta_of).collect()),
-            None => (0..batch).map(delta_of).collect(),
-        };
+        let deltas = run_jobs(pool, (0..batch).collect(), || (), |_, b| delta_of(b));
         let delta = Array2::from_shape_vec((batch, tq), deltas.concat()).expect("B · Tq values");
         let mut ctx = BackCtx {
             q: q.view(),
@@ -267,87 +226,7 @@ impl Attention {
             exp: dispatch::exp_in_place::<T>,
         };
         ctx.skip = (0..batch).map(|b| causal_skip(&ctx, b)).collect();
-
-        // Work items: (b, key range). dK and dV rows are disjoint per item; dQ goes straight to
-        // the result when a batch element is one item, else to one buffer per key range.
-        let splits = TARGET_ITEMS
-            .div_ceil(batch.max(1))
-            .clamp(1, tv.div_ceil(KEY_BLOCK).max(1));
-        let ranges = key_ranges(tv, splits);
-        // Uninitialised: each item zeroes its own parts (in parallel) before accumulating.
-        let mut dq = uninit::<T>([batch, tq, d], "query gradient")?;
-        let mut dk = uninit::<T>([batch, tv, d], "key gradient")?;
-        let mut dvv = uninit::<T>([batch, tv, dv], "value gradient")?;
-        let mut parts = match splits {
-            1 => None,
-            _ => Some(uninit::<T>(
-                [batch * splits, tq, d],
-                "query gradient shares",
-            )?),
-        };
-        type Parts<'a, T> = [&'a mut [MaybeUninit<T>]; 3];
-        let mut jobs: Vec<(usize, Range<usize>, Parts<'_, T>)> = Vec::new();
-        {
-            let dq_target = parts.as_mut().unwrap_or(&mut dq);
-            let mut dq_rest = dq_target.as_slice_mut().expect("fresh arrays are standard");
-            let mut dk_rest = dk.as_slice_mut().expect("fresh arrays are standard");
-            let mut dv_rest = dvv.as_slice_mut().expect("fresh arrays are standard");
-            for b in 0..batch {
-                for r in &ranges {
-                    let (gq, tail) = std::mem::take(&mut dq_rest).split_at_mut(tq * d);
-                    dq_rest = tail;
-                    let (gk, tail) = std::mem::take(&mut dk_rest).split_at_mut(r.len() * d);
-                    dk_rest = tail;
-                    let (gv, tail) = std::mem::take(&mut dv_rest).split_at_mut(r.len() * dv);
-                    dv_rest = tail;
-                    jobs.push((b, r.clone(), [gq, gk, gv]));
-                }
-            }
-        }
-        let run = |(b, keys, [gq, gk, gv]): (usize, Range<usize>, Parts<'_, T>)| {
-            let g = ItemGrads {
-                dq: init(gq),
-                dk: init(gk),
-                dv: init(gv),
-            };
-            dispatch::backward_item(&ctx, b, keys, g)
-        };
-        let partials: Vec<Partials> = match pool {
-            Some(p) => p.install(|| jobs.into_par_iter().map(run).collect()),
-            None => jobs.into_iter().map(run).collect(),
-        };
-        // SAFETY: the items cover every (b, key range), so every element of dk, dv and of dq
-        // (one item per batch element) or of the shares was initialised (`init`) and written.
-        let (mut dk, mut dvv, parts) = unsafe {
-            (
-                dk.assume_init(),
-                dvv.assume_init(),
-                parts.map(|p| p.assume_init()),
-            )
-        };
-        let mut dq = if let Some(parts) = &parts {
-            // dQ of a split batch element: its shares summed in key order.
-            let parts = parts.as_slice().expect("fresh arrays are standard");
-            let sum_shares = |(b, out): (usize, &mut [MaybeUninit<T>])| {
-                let out = init(out);
-                for g in 0..splits {
-                    let share = &parts[(b * splits + g) * tq * d..][..tq * d];
-                    out.iter_mut().zip(share).for_each(|(o, &x)| *o = *o + x);
-                }
-            };
-            let rows = dq.as_slice_mut().expect("fresh arrays are standard");
-            match pool {
-                Some(p) => {
-                    p.install(|| rows.par_chunks_mut(tq * d).enumerate().for_each(sum_shares))
-                }
-                None => rows.chunks_mut(tq * d).enumerate().for_each(sum_shares),
-            }
-            // SAFETY: every batch element's rows were initialised by `sum_shares`.
-            unsafe { dq.assume_init() }
-        } else {
-            // SAFETY: one item per batch element initialised its whole (Tq, D) block.
-            unsafe { dq.assume_init() }
-        };
+        let (mut dq, mut dk, mut dvv, partials) = run_items(&ctx, pool)?;
         if let (ScoreMode::Dot, Some(s)) = (self.mode, ScoreParams::<T>::of(self).scale) {
             dq.mapv_inplace(|x| x * s);
             dk.mapv_inplace(|x| x * s);
@@ -369,6 +248,154 @@ impl Attention {
             concat_score_weight: (self.mode == ScoreMode::Concat).then_some(T::of(d_weight)),
         })
     }
+}
+
+/// The upstream gradient as the items read it, after checking it and the saved forward results
+/// against the call's dims: rows contiguous, and zero in the rows the query mask zeroes (they
+/// pass no gradient).
+///
+/// # Errors
+/// [`AttentionError::Mismatch`] when `d_output` or the saved output is not `(B, Tq, Dv)`, or the
+/// saved statistics not `(B, Tq, 2)`.
+fn upstream<'a, T: Float>(
+    dims: Dims,
+    masks: &Masks<'_>,
+    d_output: ArrayView3<'a, T>,
+    (saved_output, saved_stats): (ArrayView3<'_, T>, ArrayView3<'_, T>),
+) -> Result<CowArray<'a, T, Ix3>> {
+    let Dims { batch, tq, dv, .. } = dims;
+    let expect = |arg: &'static str, a: &[usize], want: Vec<usize>, rule: &'static str| {
+        if a == want.as_slice() {
+            Ok(())
+        } else {
+            Err(AttentionError::Mismatch {
+                arg,
+                shape: a.to_vec(),
+                other: "output",
+                other_shape: want,
+                rule,
+            })
+        }
+    };
+    let out_rule = "the upstream gradient must have the output's shape (B, Tq, Dv)";
+    expect("d_output", d_output.shape(), vec![batch, tq, dv], out_rule)?;
+    let saved_rule = "saved forward results must come from the same call's forward_saved";
+    expect(
+        "saved output",
+        saved_output.shape(),
+        vec![batch, tq, dv],
+        saved_rule,
+    )?;
+    expect(
+        "saved stats",
+        saved_stats.shape(),
+        vec![batch, tq, 2],
+        saved_rule,
+    )?;
+    Ok(match &masks.query {
+        None => rows_contiguous(d_output),
+        Some(_) => {
+            let mut a = d_output.to_owned();
+            for ((b, i, _), x) in a.indexed_iter_mut() {
+                if !masks.query_keeps(b, i) {
+                    *x = T::zero();
+                }
+            }
+            CowArray::from(a)
+        }
+    })
+}
+
+/// dQ, dK, dV (before the scale) and each item's `(d_scale, d_weight)` partials. The work items
+/// are `(b, key range)`: dK and dV rows are disjoint per item; dQ goes straight to the result
+/// when a batch element is one item, else to one buffer per key range, summed in key order.
+///
+/// # Errors
+/// [`AttentionError::TooLarge`] when a result cannot be allocated.
+#[allow(clippy::type_complexity)]
+fn run_items<T: Float>(
+    ctx: &BackCtx<'_, '_, T>,
+    pool: Option<&rayon::ThreadPool>,
+) -> Result<(Array3<T>, Array3<T>, Array3<T>, Vec<Partials>)> {
+    let Dims {
+        batch,
+        tq,
+        tv,
+        d,
+        dv,
+    } = ctx.dims;
+    let splits = TARGET_ITEMS
+        .div_ceil(batch.max(1))
+        .clamp(1, tv.div_ceil(KEY_BLOCK).max(1));
+    let ranges = key_ranges(tv, splits);
+    // Uninitialised: each item zeroes its own parts (in parallel) before accumulating.
+    let mut dq = uninit::<T>([batch, tq, d], "query gradient")?;
+    let mut dk = uninit::<T>([batch, tv, d], "key gradient")?;
+    let mut dvv = uninit::<T>([batch, tv, dv], "value gradient")?;
+    let mut parts = match splits {
+        1 => None,
+        _ => Some(uninit::<T>(
+            [batch * splits, tq, d],
+            "query gradient shares",
+        )?),
+    };
+    type Parts<'a, T> = [&'a mut [MaybeUninit<T>]; 3];
+    let mut jobs: Vec<(usize, Range<usize>, Parts<'_, T>)> = Vec::new();
+    {
+        let dq_target = parts.as_mut().unwrap_or(&mut dq);
+        let mut dq_rest = dq_target.as_slice_mut().expect("fresh arrays are standard");
+        let mut dk_rest = dk.as_slice_mut().expect("fresh arrays are standard");
+        let mut dv_rest = dvv.as_slice_mut().expect("fresh arrays are standard");
+        for b in 0..batch {
+            for r in &ranges {
+                let (gq, tail) = std::mem::take(&mut dq_rest).split_at_mut(tq * d);
+                dq_rest = tail;
+                let (gk, tail) = std::mem::take(&mut dk_rest).split_at_mut(r.len() * d);
+                dk_rest = tail;
+                let (gv, tail) = std::mem::take(&mut dv_rest).split_at_mut(r.len() * dv);
+                dv_rest = tail;
+                jobs.push((b, r.clone(), [gq, gk, gv]));
+            }
+        }
+    }
+    let run = |(b, keys, [gq, gk, gv]): (usize, Range<usize>, Parts<'_, T>)| {
+        let g = ItemGrads {
+            dq: init(gq),
+            dk: init(gk),
+            dv: init(gv),
+        };
+        dispatch::backward_item(ctx, b, keys, g)
+    };
+    let partials: Vec<Partials> = run_jobs(pool, jobs, || (), |_, job| run(job));
+    // SAFETY: the items cover every (b, key range), so every element of dk, dv and of dq
+    // (one item per batch element) or of the shares was initialised (`init`) and written.
+    let (dk, dvv, parts) = unsafe {
+        (
+            dk.assume_init(),
+            dvv.assume_init(),
+            parts.map(|p| p.assume_init()),
+        )
+    };
+    let dq = if let Some(parts) = &parts {
+        // dQ of a split batch element: its shares summed in key order.
+        let parts = parts.as_slice().expect("fresh arrays are standard");
+        let sum_shares = |(b, out): (usize, &mut [MaybeUninit<T>])| {
+            let out = init(out);
+            for g in 0..splits {
+                let share = &parts[(b * splits + g) * tq * d..][..tq * d];
+                out.iter_mut().zip(share).for_each(|(o, &x)| *o = *o + x);
+            }
+        };
+        let rows = dq.as_slice_mut().expect("fresh arrays are standard");
+        let rows: Vec<_> = rows.chunks_mut(tq * d).enumerate().collect();
+        run_jobs(pool, rows, || (), |_, row| sum_shares(row));
+        // SAFETY: every batch element's rows were initialised by `sum_shares`.
+        unsafe { dq.assume_init() }
+    } else {
+        // SAFETY: one item per batch element initialised its whole (Tq, D) block.
+        unsafe { dq.assume_init() }
+    };
+    Ok((dq, dk, dvv, partials))
 }
 
 /// The gradients of an N-D call, shaped like the inputs.

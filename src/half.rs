@@ -11,7 +11,6 @@
 
 use ::half::{bf16, f16, slice::HalfFloatSliceExt};
 use ndarray::{ArrayD, ArrayViewD};
-use rayon::prelude::*;
 
 use crate::attention::{MasksNd, OutputNd};
 use crate::backward::GradientsNd;
@@ -58,13 +57,11 @@ const CHUNK: usize = 1 << 16;
 /// `f(src chunk, dst chunk)` over both slices, on luong's pool when there is more than one
 /// chunk (a pool that cannot start runs it here; the kernel call reports that error).
 fn convert<A: Sync, B: Send>(src: &[A], dst: &mut [B], f: impl Fn(&[A], &mut [B]) + Sync) {
-    let run = || {
-        dst.par_chunks_mut(CHUNK)
-            .zip(src.par_chunks(CHUNK))
-            .for_each(|(d, s)| f(s, d))
-    };
     match crate::pool::pool() {
-        Ok(pool) if src.len() > CHUNK => pool.install(run),
+        Ok(pool) if src.len() > CHUNK => {
+            let chunks: Vec<_> = src.chunks(CHUNK).zip(dst.chunks_mut(CHUNK)).collect();
+            crate::pool::run_jobs(Some(&pool), chunks, || (), |_, (s, d)| f(s, d));
+        }
         _ => f(src, dst),
     }
 }

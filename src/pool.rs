@@ -193,6 +193,49 @@ pub(crate) fn run_indexed<S>(
     }
 }
 
+/// Runs `work(state, job)` once for every job and returns the results in the jobs' order: on
+/// `pool` through [`run_indexed`] (its scheduling: contiguous shares, the caller starting at
+/// once), or on the calling thread when `pool` is `None`. Every parallel step of luong's calls
+/// (the forward's items, the backward's, the half-precision conversions) runs this way.
+pub(crate) fn run_jobs<J: Send, S, R: Send>(
+    pool: Option<&ThreadPool>,
+    jobs: Vec<J>,
+    init: impl Fn() -> S + Sync,
+    work: impl Fn(&mut S, J) -> R + Sync,
+) -> Vec<R> {
+    let Some(pool) = pool else {
+        let mut state = init();
+        return jobs.into_iter().map(|job| work(&mut state, job)).collect();
+    };
+    // Each slot's job is taken by the one thread `run_indexed` hands its index to.
+    let slots: Vec<Mutex<(Option<J>, Option<R>)>> = jobs
+        .into_iter()
+        .map(|j| Mutex::new((Some(j), None)))
+        .collect();
+    let lock = |i: usize| slots[i].lock().unwrap_or_else(|e| e.into_inner());
+    run_indexed(pool, slots.len(), init, |state, i| {
+        let job = lock(i).0.take();
+        if let Some(job) = job {
+            let r = work(state, job);
+            lock(i).1 = Some(r);
+        }
+    });
+    slots
+        .into_iter()
+        .map(|m| {
+            let (_, r) = m.into_inner().unwrap_or_else(|e| e.into_inner());
+            r.expect("run_indexed runs every index once")
+        })
+        .collect()
+}
+
+/// Wakes the pool's sleeping workers without waiting for them, so they are up by the time the
+/// call's first parallel step needs them: a worker woken by that step after the pool sat idle
+/// (e.g. between a service's requests) joins late.
+pub(crate) fn wake(pool: &ThreadPool) {
+    pool.spawn_broadcast(|_| {});
+}
+
 /// `run_indexed`'s per-thread task, shared with helper jobs that must be `'static`.
 #[derive(Clone, Copy)]
 struct Task(*const (dyn Fn(usize) + Sync));
