@@ -40,7 +40,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
         "luong.dask needs Dask: `pip install 'dask[array]'` (or `pip install luong[dask]`)"
     ) from e
 
-from . import _run
+from . import _core, _run
 
 # dask.array's functions carry no annotations; typed aliases keep mypy --strict checking the
 # calls below without a `type: ignore` on each.
@@ -77,7 +77,7 @@ def attention(
     """`luong.attention` on Dask (or NumPy) arrays, as a lazy Dask array.
 
     Arguments, shapes, masks and errors are those of `luong.attention`; NumPy inputs become
-    single-chunk Dask arrays. Shapes and dtypes are checked now (on a zero-size probe), so a
+    single-chunk Dask arrays. Shapes and dtypes are checked now (by luong's own rules), so a
     mistake raises here, not at compute time. See the module docstring for the chunking rules and
     how dropout masks are drawn per chunk.
 
@@ -109,10 +109,9 @@ def attention(
             )
 
     inputs = [x for x in (q, v, k) if x is not None]
-    nb = max(x.ndim for x in inputs) - 2  # batch rank of the result
+    batch = _check(q, v, k, qm, vm, compute)
+    nb = len(batch)  # batch rank of the result
     full_mask = vm is not None and vm.ndim == nb + 2  # luong's rule: a (..., Tq, Tv) score mask
-    _probe(q, v, k, qm, vm, compute, options)
-    batch = np.broadcast_shapes(*(x.shape[:-2] for x in inputs))
     chunks = _batch_chunks(inputs, batch)
 
     # (array, its labels): batch labels right-aligned, then the labels of its own last axes.
@@ -159,47 +158,25 @@ def attention(
     return output, scores
 
 
-def _probe(
+def _check(
     q: da.Array,
     v: da.Array,
     k: da.Array | None,
     qm: da.Array | None,
     vm: da.Array | None,
     compute: np.dtype,
-    options: _run.Options,
-) -> None:
-    """luong's own shape and dtype checks, run now on zero-size stand-ins: every batch dim
-    becomes 0 (and one 0 is prepended to all, so arrays without batch dims are probed too, and a
-    full score mask stays one), the last dims are kept. Batch broadcasting is checked here too."""
+) -> tuple[int, ...]:
+    """luong's own checks, run now: the dtypes by the conversion every call makes (on empty
+    stand-ins), the shapes by the kernel's rules (`_core.check_shapes`, on shapes alone, as the
+    JAX bridge does). Returns the batch shape."""
     arrays = {"query": q, "value": v, "key": k, "query_mask": qm, "value_mask": vm}
-    inputs = [x for x in (q, v, k) if x is not None]
-    shapes = ", ".join(f"{n} {x.shape}" for n, x in arrays.items() if x is not None)
+    _run.convert(*(None if x is None else np.empty(0, x.dtype) for x in arrays.values()), compute)
+    shapes = [None if x is None else tuple(x.shape) for x in arrays.values()]
     try:
-        batch = np.broadcast_shapes(*(x.shape[:-2] for x in inputs))
+        return tuple(_core.check_shapes(*shapes))
     except ValueError as e:
-        raise ValueError(f"the leading (batch) dims do not broadcast: {shapes}") from e
-    nb = len(batch)
-    stand_ins: dict[str, np.ndarray | None] = {}
-    for name, x in arrays.items():
-        if x is None:
-            stand_ins[name] = None
-            continue
-        own = 1 if name == "query_mask" or (name == "value_mask" and x.ndim < nb + 2) else 2
-        if name.endswith("mask"):
-            mask_batch = x.shape[: x.ndim - own]
-            if not _run.broadcasts_to(mask_batch, batch):
-                raise ValueError(
-                    f"the leading (batch) dims of `{name}` shape {x.shape} do not broadcast to "
-                    f"the batch dims {batch} of the inputs ({shapes})"
-                )
-        stand_ins[name] = np.zeros((0,) * (x.ndim - own + 1) + x.shape[x.ndim - own :], x.dtype)
-    try:
-        _run.run(
-            stand_ins["query"], stand_ins["value"], stand_ins["key"], stand_ins["query_mask"],
-            stand_ins["value_mask"], dtype=compute, options=options,
-        )
-    except ValueError as e:
-        raise ValueError(f"{e} (checked with zero-size batch dims; the arrays: {shapes})") from e
+        given = ", ".join(f"{n} {x.shape}" for n, x in arrays.items() if x is not None)
+        raise ValueError(f"{e} (the arrays: {given})") from e
 
 
 def _batch_chunks(inputs: Sequence[da.Array], batch: tuple[int, ...]) -> Chunks:
