@@ -52,31 +52,57 @@ pub(crate) unsafe fn item<S: Simd, const NVS: usize>(
     keys: &KeyCache,
     scores: &mut [MaybeUninit<f32>],
     out: &mut [f32],
-    mut stats: Option<&mut [f32]>,
+    stats: Option<&mut [f32]>,
     tiles: Tiles,
 ) {
+    let Dims { tv, dv, .. } = ctx.dims;
+    debug_assert!(scores.len() >= item.rows * tv && out.len() >= item.rows * dv);
+    let mut lens = [tv; MAX_ITEM_ROWS];
+    let cols = causal_lengths(ctx, item, keys.finite, &mut lens);
+    // Without masks the packed product also finds each row's max (lane-wise, per row) as it
+    // stores the scores, and the softmax skips its pass to find it.
+    let fused_max = keys.has_panels && ctx.params.mode == ScoreMode::Dot && !masked(ctx.masks);
+    let mut row_max = [f32::NEG_INFINITY; MAX_ITEM_ROWS * 16];
+    let max = fused_max.then_some(&mut row_max);
+    // SAFETY: within this function's `# Safety` contract, which the caller upholds; the three
+    // steps' contracts are its parts.
+    unsafe {
+        let scores = scores_step::<S, NVS>(ctx, item, keys, cols, scores, max, tiles);
+        let max = fused_max.then_some(&row_max);
+        let inv = softmax_step::<S>(ctx, item, (cols, &lens), scores, max, stats);
+        combine_step::<S>(ctx, item, cols, scores, out, tiles);
+        finish_out_rows(ctx, item, out, &inv);
+    }
+}
+
+/// Step 1 of [`item`]: the scores for the first `cols` keys (the rest are hidden from every row
+/// of the block), as the `rows × Tv` block it returns. `scores` may be uninitialised (the
+/// returned weights' rows): the packed product writes every row's first `cols` entries and the
+/// rest are zeroed here, so no pass writes zeros first; the other score paths work on slices and
+/// get a zeroed block. With `row_max`, the packed product also leaves each row's lane-wise max
+/// there (dot scores in panels, no masks).
+///
+/// # Safety
+/// As [`item`].
+#[inline(always)]
+unsafe fn scores_step<'s, S: Simd, const NVS: usize>(
+    ctx: &Ctx<'_, '_, f32>,
+    item: Item,
+    keys: &KeyCache,
+    cols: usize,
+    scores: &'s mut [MaybeUninit<f32>],
+    row_max: Option<&mut [f32; MAX_ITEM_ROWS * 16]>,
+    tiles: Tiles,
+) -> &'s mut [f32] {
+    let Dims { tv, d, .. } = ctx.dims;
+    let Item { b, i0, rows } = item;
+    let q = ctx.query.index_axis(Axis(0), b);
+    let q_ld = q.stride_of(Axis(0));
+    let nr = NVS * S::LANES;
     // SAFETY: within this function's `# Safety` contract, which the caller upholds.
     unsafe {
-        let Dims { tv, d, dv, .. } = ctx.dims;
-        let Item { b, i0, rows } = item;
-        debug_assert!(scores.len() >= rows * tv && out.len() >= rows * dv);
-        let q = ctx.query.index_axis(Axis(0), b);
-        let q_ld = q.stride_of(Axis(0));
         let q0 = q.as_ptr().offset(i0 as isize * q_ld);
-        let nr = NVS * S::LANES;
-        let panel = d * nr;
-        let mut lens = [tv; MAX_ITEM_ROWS];
-        let cols = causal_lengths(ctx, item, keys.finite, &mut lens);
-
-        // 1. Scores, for the first `cols` keys (the rest are hidden from every row of the block).
-        //    `scores` may be uninitialised (the returned weights' rows): the packed product writes
-        //    every row's first `cols` entries and the rest are zeroed here, so no pass writes zeros
-        //    first; the other score paths work on slices and get a zeroed block.
-        // Without masks the packed product also finds each row's max (lane-wise, per row) as it
-        // stores the scores, and the softmax skips its pass to find it.
-        let fused_max = keys.has_panels && ctx.params.mode == ScoreMode::Dot && !masked(ctx.masks);
-        let mut row_max = [f32::NEG_INFINITY; MAX_ITEM_ROWS * 16];
-        let scores: &mut [f32] = match ctx.params.mode {
+        match ctx.params.mode {
             ScoreMode::Dot if keys.has_panels => {
                 let sc = scores.as_mut_ptr().cast::<f32>();
                 let g = gemm::Gemm {
@@ -87,26 +113,27 @@ pub(crate) unsafe fn item<S: Simd, const NVS: usize>(
                     lda: q_ld as usize,
                     b: keys.packed.as_ptr(),
                     b_row: nr,
-                    b_panel: panel,
+                    b_panel: d * nr,
                     c: sc,
                     ldc: tv,
                 };
                 let dot = gemm::Dot {
                     scale: ctx.params.scale,
                 };
-                if fused_max {
-                    let max = row_max.as_mut_ptr();
-                    gemm::gemm::<S, _, NVS>(&g, gemm::DotMax { dot, max }, tiles.scores_mr);
-                } else {
-                    gemm::gemm::<S, _, NVS>(&g, dot, tiles.scores_mr);
+                match row_max {
+                    Some(m) => {
+                        let max = m.as_mut_ptr();
+                        gemm::gemm::<S, _, NVS>(&g, gemm::DotMax { dot, max }, tiles.scores_mr)
+                    }
+                    None => gemm::gemm::<S, _, NVS>(&g, dot, tiles.scores_mr),
                 }
                 if cols < tv {
                     for r in 0..rows {
                         std::ptr::write_bytes(sc.add(r * tv + cols), 0, tv - cols);
                     }
                 }
-                // SAFETY: every one of the `rows · Tv` entries was just written (the product the
-                // first `cols` of each row, `write_bytes` the rest), and MaybeUninit<f32> has f32's
+                // Every one of the `rows · Tv` entries was just written (the product the first
+                // `cols` of each row, `write_bytes` the rest), and MaybeUninit<f32> has f32's
                 // layout.
                 std::slice::from_raw_parts_mut(sc, rows * tv)
             }
@@ -131,48 +158,86 @@ pub(crate) unsafe fn item<S: Simd, const NVS: usize>(
                 concat_scores::<S, NVS>(ctx, item, keys, cols, scores, tiles.scores_mr);
                 scores
             }
-        };
+        }
+    }
+}
 
-        // 2. Mask, softmax, dropout. Unless the weights are returned, rows stay unnormalised and
-        //    the output rows are scaled by 1/sum after the combine.
-        //    Row r covers its first `lens[r]` keys; the rest of its first `cols` are zeroed for the
-        //    combine (and of all Tv when the weights are returned).
-        let mut inv = [1.0f32; MAX_ITEM_ROWS];
-        let normalize = ctx.normalize;
-        for r in 0..rows {
-            let (row, len) = (&mut scores[r * tv..(r + 1) * tv], lens[r]);
-            let known_max = if fused_max {
-                let m = S::hmax(S::load(row_max.as_ptr().add(r * S::LANES)));
-                debug_assert!(
-                    row[..len].iter().any(|x| x.is_nan())
-                        || m == row[..len].iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x)),
-                    "the product's row max is the row's max"
-                );
-                Some(m)
-            } else {
-                None
-            };
-            inv[r] = finish_fast_row::<S>(
+/// Step 2 of [`item`]: mask, softmax, dropout, row by row; returns each row's output factor.
+/// Unless the weights are returned, rows stay unnormalised and the output rows are scaled by
+/// 1/sum after the combine. Row r covers its first `lens[r]` keys; the rest of its first `cols`
+/// are zeroed for the combine (and of all Tv when the weights are returned). `row_max` holds
+/// the scores product's row maxima when it found them.
+///
+/// # Safety
+/// `S`'s instructions must be available.
+#[inline(always)]
+unsafe fn softmax_step<S: Simd>(
+    ctx: &Ctx<'_, '_, f32>,
+    item: Item,
+    (cols, lens): (usize, &[usize; MAX_ITEM_ROWS]),
+    scores: &mut [f32],
+    row_max: Option<&[f32; MAX_ITEM_ROWS * 16]>,
+    mut stats: Option<&mut [f32]>,
+) -> [f32; MAX_ITEM_ROWS] {
+    let tv = ctx.dims.tv;
+    let mut inv = [1.0f32; MAX_ITEM_ROWS];
+    let normalize = ctx.normalize;
+    for r in 0..item.rows {
+        let (row, len) = (&mut scores[r * tv..(r + 1) * tv], lens[r]);
+        // (A match, not a closure: a closure would not inherit the caller's target features.)
+        let mut known_max = None;
+        if let Some(m) = row_max {
+            // SAFETY: `S`'s instructions are available (this fn's contract); row `r`'s vector
+            // of maxima is inside `row_max`, which has one per row of an item.
+            known_max = Some(unsafe { S::hmax(S::load(m.as_ptr().add(r * S::LANES))) });
+        }
+        debug_assert!(
+            known_max.is_none_or(|m| row[..len].iter().any(|x| x.is_nan())
+                || m == row[..len].iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x))),
+            "the product's row max is the row's max"
+        );
+        // SAFETY: as above.
+        inv[r] = unsafe {
+            finish_fast_row::<S>(
                 ctx,
                 item,
                 r,
                 &mut row[..len],
                 known_max,
                 stats.as_deref_mut(),
-            );
-            row[len..if normalize { tv } else { cols }].fill(0.0);
-        }
+            )
+        };
+        row[len..if normalize { tv } else { cols }].fill(0.0);
+    }
+    inv
+}
 
-        // 3. Combine, then the query mask. The keys go in chunks of COMBINE_KEYS so a chunk of
-        //    value rows stays in L1 while every row tile of the block passes over it; each output
-        //    element is still one sequential chain over the keys (the tiles continue from C).
-        let v = ctx.value.index_axis(Axis(0), b);
-        let v_ld = v.stride_of(Axis(0)) as usize;
-        let mut k0 = 0;
-        while k0 < cols {
-            let kc = COMBINE_KEYS.min(cols - k0);
+/// Step 3 of [`item`]: `out = weights · V` over the first `cols` keys, in chunks of
+/// COMBINE_KEYS keys so a chunk of value rows stays in L1 while every row tile of the block
+/// passes over it; each output element is still one sequential chain over the keys (the tiles
+/// continue from C).
+///
+/// # Safety
+/// As [`item`]; `scores` is the block step 1 returned.
+#[inline(always)]
+unsafe fn combine_step<S: Simd>(
+    ctx: &Ctx<'_, '_, f32>,
+    item: Item,
+    cols: usize,
+    scores: &[f32],
+    out: &mut [f32],
+    tiles: Tiles,
+) {
+    let Dims { tv, dv, .. } = ctx.dims;
+    let v = ctx.value.index_axis(Axis(0), item.b);
+    let v_ld = v.stride_of(Axis(0)) as usize;
+    let mut k0 = 0;
+    while k0 < cols {
+        let kc = COMBINE_KEYS.min(cols - k0);
+        // SAFETY: within this function's `# Safety` contract, which the caller upholds.
+        unsafe {
             let g = gemm::Gemm {
-                m: rows,
+                m: item.rows,
                 n: dv,
                 k: kc,
                 a: scores.as_ptr().add(k0),
@@ -189,9 +254,8 @@ pub(crate) unsafe fn item<S: Simd, const NVS: usize>(
             } else {
                 gemm::gemm_with::<S, _, 4, false, true>(&g, dot, tiles.combine_mr);
             }
-            k0 += kc;
         }
-        finish_out_rows(ctx, item, out, &inv);
+        k0 += kc;
     }
 }
 

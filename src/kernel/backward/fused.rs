@@ -47,7 +47,7 @@ pub(crate) unsafe fn item<S: Simd, const NVS: usize, const NVC: usize>(
 ) -> Partials {
     // SAFETY: within this function's `# Safety` contract, which the caller upholds.
     unsafe {
-        let Dims { tq, tv, d, dv, .. } = ctx.dims;
+        let Dims { tq, d, dv, .. } = ctx.dims;
         debug_assert!(g.dq.len() == tq * d);
         debug_assert!(g.dk.len() == keys.len() * d && g.dv.len() == keys.len() * dv);
         let nr = NVS * S::LANES;
@@ -74,8 +74,6 @@ pub(crate) unsafe fn item<S: Simd, const NVS: usize, const NVC: usize>(
             k.stride_of(Axis(0)) as usize,
             dout.stride_of(Axis(0)) as usize,
         );
-        let scale = ctx.p.scale;
-        let masked = ctx.masks.value.is_some() || ctx.masks.causal;
         let mut d_scale = 0.0f64;
         for j0 in keys.clone().step_by(kb) {
             let c = kb.min(keys.end - j0);
@@ -121,95 +119,159 @@ pub(crate) unsafe fn item<S: Simd, const NVS: usize, const NVC: usize>(
                 let g_dp = transposed(dout.as_ptr().add(i0 * do_ld), do_ld, &vt, dv, &mut ds);
                 gemm::gemm::<S, _, NVS>(&g_dp, gemm::Dot { scale: None }, mr_t);
                 // 2. Weights, dS and W, row by row.
-                for rr in 0..r {
-                    let i = i0 + rr;
-                    let row = rr * kb..rr * kb + c;
-                    let (raw_r, p_r, ds_r) = (&raw[row.clone()], &mut p[row.clone()], &mut ds[row]);
-                    let (stats, delta) = (
-                        (ctx.stats[[b, i, 0]], ctx.stats[[b, i, 1]]),
-                        ctx.delta[[b, i]],
-                    );
-                    if masked || ctx.dropout.is_some() {
-                        match scale {
-                            Some(s) => p_r.iter_mut().zip(raw_r).for_each(|(p, &x)| *p = x * s),
-                            None => p_r.copy_from_slice(raw_r),
-                        }
-                        mask_cols(
-                            p_r,
-                            j0,
-                            ctx.masks.keys_of_row(b, i),
-                            ctx.masks.causal.then_some(i),
-                            ctx.p.mask_bias,
-                        );
-                        exp_shifted::<S>(p_r, stats.0, stats.1);
-                        let first = ((b * tq + i) * tv + j0) as u64;
-                        for (jj, (g, p)) in ds_r.iter_mut().zip(p_r.iter_mut()).enumerate() {
-                            match &ctx.dropout {
-                                None => *g = *p * (*g - delta),
-                                Some((mask, keep)) if mask.keeps(first + jj as u64) => {
-                                    *g = *p * (*g / *keep - delta);
-                                    *p /= *keep;
-                                }
-                                Some(_) => {
-                                    *g = *p * -delta;
-                                    *p = 0.0;
-                                }
-                            }
-                        }
-                        if scale.is_some() {
-                            let sum = ds_r.iter().zip(raw_r).fold(0.0f32, |a, (&g, &x)| a + g * x);
-                            d_scale += sum as f64;
-                        }
-                    } else {
-                        d_scale +=
-                            weights_and_ds::<S>(raw_r, p_r, ds_r, scale, stats, delta) as f64;
-                    }
-                }
+                let blk = Block { j0, c, i0, r };
+                rows_weights_and_ds::<S>(ctx, b, blk, &raw, (&mut p, &mut ds), &mut d_scale);
                 // 3. dVc += Wᵀ · dO, dKc += dSᵀ · Q (A transposed), dQ += dS · Kc.
-                let plain = |a: *const f32,
-                             lda: usize,
-                             m: usize,
-                             kdim: usize,
-                             bm: *const f32,
-                             b_row: usize,
-                             n: usize,
-                             c_: *mut f32| {
-                    gemm::Gemm {
-                        m,
-                        n,
-                        k: kdim,
-                        a,
-                        lda,
-                        b: bm,
-                        b_row,
-                        b_panel: NVC * S::LANES,
-                        c: c_,
-                        ldc: n,
-                    }
-                };
-                let dot = gemm::Dot { scale: None };
-                // The rows go in sub-chunks of TA_ROWS so the dO and Q rows a sub-chunk reads stay
-                // in L1 while every tile of the key block passes over them (as the forward's
-                // combine); each accumulator is still one sequential chain over the rows.
-                let mut s0 = 0;
-                while s0 < r {
-                    let n_rows = TA_ROWS.min(r - s0);
-                    let (w_at, ds_at) = (p.as_ptr().add(s0 * kb), ds.as_ptr().add(s0 * kb));
-                    let do_at = dout.as_ptr().add((i0 + s0) * do_ld);
-                    let g_dv = plain(w_at, kb, c, n_rows, do_at, do_ld, dv, dv_blk);
-                    gemm::gemm_with::<S, _, NVC, true, true>(&g_dv, dot, mr);
-                    let q_at = q.as_ptr().add((i0 + s0) * q_ld);
-                    let g_dk = plain(ds_at, kb, c, n_rows, q_at, q_ld, d, dk_blk);
-                    gemm::gemm_with::<S, _, NVC, true, true>(&g_dk, dot, mr);
-                    s0 += n_rows;
-                }
-                let dq_rows = g.dq.as_mut_ptr().add(i0 * d);
-                let g_dq = plain(ds.as_ptr(), kb, r, c, kc.as_ptr(), d, d, dq_rows);
-                gemm::gemm_with::<S, _, NVC, false, true>(&g_dq, dot, mr);
+                let grads = (dk_blk, dv_blk, g.dq.as_mut_ptr().add(i0 * d));
+                accumulate::<S, NVC>(ctx, b, blk, (&p, &ds), &kc, grads, mr);
                 i0 += r;
             }
         }
         (d_scale, 0.0)
+    }
+}
+
+/// Rows `i0..i0 + r` of the item against key block `j0..j0 + c`, as the chunk buffers hold them
+/// (leading dimension `KEY_BLOCK`).
+#[derive(Clone, Copy)]
+struct Block {
+    j0: usize,
+    c: usize,
+    i0: usize,
+    r: usize,
+}
+
+/// Step 2 of [`item`] for a block: from the raw scores, each row's weights `P` (into `p`, as
+/// `W = P·drop/keep`) and `dS` (into `ds`, which holds `dP`), adding each row's share of the
+/// scale's gradient to `d_scale` in row order.
+///
+/// # Safety
+/// `S`'s instructions must be available; the buffers are the item's chunk buffers.
+#[inline(always)]
+unsafe fn rows_weights_and_ds<S: Simd>(
+    ctx: &BackCtx<'_, '_, f32>,
+    b: usize,
+    Block { j0, c, i0, r }: Block,
+    raw: &[f32],
+    (p, ds): (&mut [f32], &mut [f32]),
+    d_scale: &mut f64,
+) {
+    let Dims { tq, tv, .. } = ctx.dims;
+    let kb = KEY_BLOCK;
+    let scale = ctx.p.scale;
+    let masked = ctx.masks.value.is_some() || ctx.masks.causal;
+    for rr in 0..r {
+        let i = i0 + rr;
+        let row = rr * kb..rr * kb + c;
+        let (raw_r, p_r, ds_r) = (&raw[row.clone()], &mut p[row.clone()], &mut ds[row]);
+        let (stats, delta) = (
+            (ctx.stats[[b, i, 0]], ctx.stats[[b, i, 1]]),
+            ctx.delta[[b, i]],
+        );
+        if masked || ctx.dropout.is_some() {
+            match scale {
+                Some(s) => p_r.iter_mut().zip(raw_r).for_each(|(p, &x)| *p = x * s),
+                None => p_r.copy_from_slice(raw_r),
+            }
+            mask_cols(
+                p_r,
+                j0,
+                ctx.masks.keys_of_row(b, i),
+                ctx.masks.causal.then_some(i),
+                ctx.p.mask_bias,
+            );
+            // SAFETY: `S`'s instructions are available (this fn's contract).
+            unsafe { exp_shifted::<S>(p_r, stats.0, stats.1) };
+            let first = ((b * tq + i) * tv + j0) as u64;
+            for (jj, (g, p)) in ds_r.iter_mut().zip(p_r.iter_mut()).enumerate() {
+                match &ctx.dropout {
+                    None => *g = *p * (*g - delta),
+                    Some((mask, keep)) if mask.keeps(first + jj as u64) => {
+                        *g = *p * (*g / *keep - delta);
+                        *p /= *keep;
+                    }
+                    Some(_) => {
+                        *g = *p * -delta;
+                        *p = 0.0;
+                    }
+                }
+            }
+            if scale.is_some() {
+                let sum = ds_r.iter().zip(raw_r).fold(0.0f32, |a, (&g, &x)| a + g * x);
+                *d_scale += sum as f64;
+            }
+        } else {
+            // SAFETY: as above; the three rows have equal lengths.
+            *d_scale +=
+                unsafe { weights_and_ds::<S>(raw_r, p_r, ds_r, scale, stats, delta) } as f64;
+        }
+    }
+}
+
+/// Step 3 of [`item`] for a block: `dVc += Wᵀ · dO` and `dKc += dSᵀ · Q` (A read transposed, in
+/// sub-chunks of TA_ROWS rows so the dO and Q rows a sub-chunk reads stay in L1 while every tile
+/// of the key block passes over them, as the forward's combine), and `dQ += dS · Kc`. Each
+/// accumulator is still one sequential chain over the rows. `grads` points at the block's dK
+/// and dV rows and the chunk's dQ rows.
+///
+/// # Safety
+/// As [`item`]; `kc` is the block's centred keys.
+#[inline(always)]
+unsafe fn accumulate<S: Simd, const NVC: usize>(
+    ctx: &BackCtx<'_, '_, f32>,
+    b: usize,
+    Block { c, i0, r, .. }: Block,
+    (p, ds): (&[f32], &[f32]),
+    kc: &[f32],
+    (dk_blk, dv_blk, dq_rows): (*mut f32, *mut f32, *mut f32),
+    mr: usize,
+) {
+    let Dims { d, dv, .. } = ctx.dims;
+    let kb = KEY_BLOCK;
+    let q = ctx.q.index_axis(Axis(0), b);
+    let dout = ctx.dout.index_axis(Axis(0), b);
+    let (q_ld, do_ld) = (
+        q.stride_of(Axis(0)) as usize,
+        dout.stride_of(Axis(0)) as usize,
+    );
+    let plain = |a: *const f32,
+                 lda: usize,
+                 m: usize,
+                 kdim: usize,
+                 bm: *const f32,
+                 b_row: usize,
+                 n: usize,
+                 c_: *mut f32| {
+        gemm::Gemm {
+            m,
+            n,
+            k: kdim,
+            a,
+            lda,
+            b: bm,
+            b_row,
+            b_panel: NVC * S::LANES,
+            c: c_,
+            ldc: n,
+        }
+    };
+    let dot = gemm::Dot { scale: None };
+    // SAFETY: within this function's `# Safety` contract, which the caller upholds.
+    unsafe {
+        let mut s0 = 0;
+        while s0 < r {
+            let n_rows = TA_ROWS.min(r - s0);
+            let (w_at, ds_at) = (p.as_ptr().add(s0 * kb), ds.as_ptr().add(s0 * kb));
+            let do_at = dout.as_ptr().add((i0 + s0) * do_ld);
+            let g_dv = plain(w_at, kb, c, n_rows, do_at, do_ld, dv, dv_blk);
+            gemm::gemm_with::<S, _, NVC, true, true>(&g_dv, dot, mr);
+            let q_at = q.as_ptr().add((i0 + s0) * q_ld);
+            let g_dk = plain(ds_at, kb, c, n_rows, q_at, q_ld, d, dk_blk);
+            gemm::gemm_with::<S, _, NVC, true, true>(&g_dk, dot, mr);
+            s0 += n_rows;
+        }
+        let g_dq = plain(ds.as_ptr(), kb, r, c, kc.as_ptr(), d, d, dq_rows);
+        gemm::gemm_with::<S, _, NVC, false, true>(&g_dq, dot, mr);
     }
 }
 
