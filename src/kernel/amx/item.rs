@@ -171,29 +171,7 @@ pub(crate) unsafe fn block_amx(
             let groups = last * dv.div_ceil(32) * (kp / 32) * 6;
             let mut ahead = SplitAhead::new(scratch, next_item_queries(ctx, item), groups);
             let (o, ldo) = if ctx.dropout.is_some() {
-                // SAFETY: the scores scratch holds `⌈rows/32⌉·32` rows of `ld ≥ cols ≥ lens[r]`
-                // floats; nothing else refers to it here, and the loop holds one row at a time.
-                let row = |r: usize| std::slice::from_raw_parts_mut(raw.add(r * ld), lens[r]);
-                for r in 0..rows {
-                    let (len, s) = (lens[r], row(r));
-                    scale_row(ctx, s);
-                    inv[r] = finish_fast_row::<simd::Avx512>(
-                        ctx,
-                        item,
-                        r,
-                        s,
-                        None,
-                        stats.as_deref_mut(),
-                    );
-                    split::split_weights(parts, r, s, kp);
-                    if ctx.normalize {
-                        // The returned weights: this row of `scores` (`rows · Tv`, possibly
-                        // uninitialised) is written in full here.
-                        let w = weights.add(r * tv);
-                        std::ptr::copy_nonoverlapping(s.as_ptr(), w, len);
-                        std::ptr::write_bytes(w.add(len), 0, tv - len);
-                    }
-                }
+                dropout_rows(ctx, item, bufs, &mut inv, stats);
                 tile::combine(&tiles, scratch, amx_keys, c_dims, None, &mut ahead)
             } else if overlap {
                 let st = stats.as_deref_mut();
@@ -211,17 +189,7 @@ pub(crate) unsafe fn block_amx(
                 tile::combine(&tiles, scratch, amx_keys, c_dims, None, &mut ahead)
             };
             ahead.finish(scratch);
-            // Each output row times its factor as it is copied out (one pass, in AVX-512), which
-            // leaves finish_out_rows only the query mask.
-            for (r, f) in inv[..rows].iter_mut().enumerate() {
-                // SAFETY: the combine's O holds `rows` rows of `ldo ≥ dv` floats.
-                let src = std::slice::from_raw_parts(o.add(r * ldo), dv);
-                let dst = &mut out[r * dv..(r + 1) * dv];
-                dst.iter_mut().zip(src).for_each(|(d, &x)| {
-                    d.write(x * *f);
-                });
-                *f = 1.0;
-            }
+            copy_out((o, ldo), dv, out, &mut inv[..rows]);
             true
         });
         if done {
@@ -231,6 +199,74 @@ pub(crate) unsafe fn block_amx(
             finish_out_rows(ctx, item, out, &inv);
         }
         done
+    }
+}
+
+/// The softmax rows of an item under dropout, one after another (no overlap with the tile
+/// products): scale and masks, softmax, statistics and dropout ([`finish_fast_row`]), the split
+/// into the weight parts, and the returned weights when `bufs.weights` is not null.
+///
+/// # Safety
+/// AVX-512F; `bufs` as [`RowSoftmax::new`] takes them, for the item's `rows` rows.
+#[inline(always)]
+unsafe fn dropout_rows(
+    ctx: &Ctx<'_, '_, f32>,
+    item: Item,
+    bufs: SoftmaxBufs<'_>,
+    inv: &mut [f32; MAX_ITEM_ROWS],
+    mut stats: Option<&mut [f32]>,
+) {
+    let tv = ctx.dims.tv;
+    let SoftmaxBufs {
+        raw,
+        ld,
+        parts,
+        kp,
+        weights,
+        lens,
+    } = bufs;
+    for r in 0..item.rows {
+        let len = lens[r];
+        // SAFETY: the scores scratch holds `⌈rows/32⌉·32` rows of `ld ≥ cols ≥ lens[r]` floats;
+        // nothing else refers to it here, and the loop holds one row at a time. The rest is this
+        // fn's contract.
+        unsafe {
+            let s = std::slice::from_raw_parts_mut(raw.add(r * ld), len);
+            scale_row(ctx, s);
+            inv[r] = finish_fast_row::<simd::Avx512>(ctx, item, r, s, None, stats.as_deref_mut());
+            split::split_weights(parts, r, s, kp);
+            if !weights.is_null() {
+                // The returned weights: this row of `scores` (`rows · Tv`, possibly
+                // uninitialised) is written in full here.
+                let w = weights.add(r * tv);
+                std::ptr::copy_nonoverlapping(s.as_ptr(), w, len);
+                std::ptr::write_bytes(w.add(len), 0, tv - len);
+            }
+        }
+    }
+}
+
+/// Copies the combine's output rows out of the tiles' O (`ldo` floats per row) into `out`, each
+/// times its factor in `inv`, which is then 1: one pass, which leaves `finish_out_rows` only the
+/// query mask.
+///
+/// # Safety
+/// `o` holds `inv.len()` rows of `ldo ≥ dv` floats.
+#[inline(always)]
+unsafe fn copy_out(
+    (o, ldo): (*const f32, usize),
+    dv: usize,
+    out: &mut [MaybeUninit<f32>],
+    inv: &mut [f32],
+) {
+    for (r, f) in inv.iter_mut().enumerate() {
+        // SAFETY: this fn's contract.
+        let src = unsafe { std::slice::from_raw_parts(o.add(r * ldo), dv) };
+        let dst = &mut out[r * dv..(r + 1) * dv];
+        dst.iter_mut().zip(src).for_each(|(d, &x)| {
+            d.write(x * *f);
+        });
+        *f = 1.0;
     }
 }
 
