@@ -170,10 +170,18 @@ def _check(
     stand-ins), the shapes by the kernel's rules (`_core.check_shapes`, on shapes alone, as the
     JAX bridge does). Returns the batch shape."""
     arrays = {"query": q, "value": v, "key": k, "query_mask": qm, "value_mask": vm}
-    _run.convert(*(None if x is None else np.empty(0, x.dtype) for x in arrays.values()), compute)
-    shapes = [None if x is None else tuple(x.shape) for x in arrays.values()]
+
+    def empty(x: da.Array | None) -> np.ndarray | None:
+        return None if x is None else np.empty(0, x.dtype)
+
+    def shape(x: da.Array | None) -> tuple[int, ...] | None:
+        return None if x is None else tuple(int(n) for n in x.shape)
+
+    q0, v0 = np.empty(0, q.dtype), np.empty(0, v.dtype)
+    _run.convert(q0, v0, empty(k), empty(qm), empty(vm), compute)
     try:
-        return tuple(_core.check_shapes(*shapes))
+        batch = _core.check_shapes(tuple(q.shape), tuple(v.shape), shape(k), shape(qm), shape(vm))
+        return tuple(batch)
     except ValueError as e:
         given = ", ".join(f"{n} {x.shape}" for n, x in arrays.items() if x is not None)
         raise ValueError(f"{e} (the arrays: {given})") from e
