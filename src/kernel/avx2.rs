@@ -1,7 +1,8 @@
 //! The AVX2 family ([`Family`]): the fused item, the decoding chunk and the backward item
 //! instantiated for `simd::Avx2` inside `#[target_feature(enable = "avx2,fma")]` trampolines.
 //! AVX2 with FMA has 16 registers of 8 floats: scores tiles 6 rows × 16 keys (2 vectors),
-//! combine 3 × 32 (12 accumulators of the 16 registers); the backward 6 × 16 and 3 × 32.
+//! combine 6 × 16 (12 accumulators and 3 operands: 3 × 32 needed 17 registers and spilled); the
+//! backward 6 × 16 and 3 × 32.
 
 use std::mem::MaybeUninit;
 use std::ops::Range;
@@ -39,9 +40,9 @@ impl Family for Avx2 {
         unsafe {
             let tiles = Tiles {
                 scores_mr: 6,
-                combine_mr: 3,
+                combine_mr: 6,
             };
-            fused::item::<simd::Avx2, 2>(ctx, item, keys, scores, out, stats, tiles)
+            fused::item::<simd::Avx2, 2, 2>(ctx, item, keys, scores, out, stats, tiles)
         }
     }
 

@@ -43,7 +43,7 @@ impl Family for Avx512 {
                 scores_mr: 6,
                 combine_mr: 6,
             };
-            fused::item::<simd::Avx512, 4>(ctx, item, keys, scores, out, stats, tiles)
+            fused::item::<simd::Avx512, 4, 4>(ctx, item, keys, scores, out, stats, tiles)
         }
     }
 

@@ -20,7 +20,7 @@ use crate::shape::Dims;
 /// Keys per chunk of the combine: 128 value rows of 64 floats are 32 KiB, inside L1 (48 KiB).
 const COMBINE_KEYS: usize = 128;
 
-/// A family's row counts for the fused item's two products (their widths are `NVS` and 4
+/// A family's row counts for the fused item's two products (their widths are `NVS` and `NVC`
 /// vectors).
 #[derive(Clone, Copy)]
 pub(crate) struct Tiles {
@@ -30,7 +30,8 @@ pub(crate) struct Tiles {
     pub(crate) combine_mr: usize,
 }
 
-/// The fused item on ISA `S`, its scores in panels of `NVS` vectors.
+/// The fused item on ISA `S`, its scores in panels of `NVS` vectors and its combine in tiles
+/// `NVC` vectors wide.
 ///
 /// # Safety
 /// `S`'s instructions must be available; `keys` was prepared (`KeyCache::prepare`) for this
@@ -46,7 +47,7 @@ pub(crate) struct Tiles {
 /// `scores` holds `rows · Tv` and `out` `rows · Dv` floats (asserted below), and the products
 /// write only `rows × cols` and `rows × Dv` of them.
 #[inline(always)]
-pub(crate) unsafe fn item<S: Simd, const NVS: usize>(
+pub(crate) unsafe fn item<S: Simd, const NVS: usize, const NVC: usize>(
     ctx: &Ctx<'_, '_, f32>,
     item: Item,
     keys: &KeyCache,
@@ -70,7 +71,7 @@ pub(crate) unsafe fn item<S: Simd, const NVS: usize>(
         let scores = scores_step::<S, NVS>(ctx, item, keys, cols, scores, max, tiles);
         let max = fused_max.then_some(&row_max);
         let inv = softmax_step::<S>(ctx, item, (cols, &lens), scores, max, stats);
-        combine_step::<S>(ctx, item, cols, scores, out, tiles);
+        combine_step::<S, NVC>(ctx, item, cols, scores, out, tiles);
         finish_out_rows(ctx, item, out, &inv);
     }
 }
@@ -220,7 +221,7 @@ unsafe fn softmax_step<S: Simd>(
 /// # Safety
 /// As [`item`]; `scores` is the block step 1 returned.
 #[inline(always)]
-unsafe fn combine_step<S: Simd>(
+unsafe fn combine_step<S: Simd, const NVC: usize>(
     ctx: &Ctx<'_, '_, f32>,
     item: Item,
     cols: usize,
@@ -244,15 +245,15 @@ unsafe fn combine_step<S: Simd>(
                 lda: tv,
                 b: v.as_ptr().add(k0 * v_ld),
                 b_row: v_ld,
-                b_panel: 4 * S::LANES,
+                b_panel: NVC * S::LANES,
                 c: out.as_mut_ptr(),
                 ldc: dv,
             };
             let dot = gemm::Dot { scale: None };
             if k0 == 0 {
-                gemm::gemm::<S, _, 4>(&g, dot, tiles.combine_mr);
+                gemm::gemm::<S, _, NVC>(&g, dot, tiles.combine_mr);
             } else {
-                gemm::gemm_with::<S, _, 4, false, true>(&g, dot, tiles.combine_mr);
+                gemm::gemm_with::<S, _, NVC, false, true>(&g, dot, tiles.combine_mr);
             }
         }
         k0 += kc;
