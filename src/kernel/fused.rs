@@ -17,7 +17,8 @@ use crate::config::ScoreMode;
 use crate::score::score_row;
 use crate::shape::Dims;
 
-/// Keys per chunk of the combine: 128 value rows of 64 floats are 32 KiB, inside L1 (48 KiB).
+/// Keys per chunk of the combine: 128 value rows of 64 floats are 32 KiB, inside L1 on recent
+/// Intel cores (48 KiB) and all of it on AMD Zen 3 and 4 (32 KiB).
 const COMBINE_KEYS: usize = 128;
 
 /// A family's row counts for the fused item's two products (their widths are `NVS` and `NVC`
