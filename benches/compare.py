@@ -1,6 +1,14 @@
 """Side-by-side speed of luong against PyTorch, JAX, Keras and NumPy on this machine.
 
-    python benches/compare.py [--calls 30] [--chart benches/compare.png] [--quick]
+    python benches/compare.py [--isa native|avx2|avx512] [--calls 30] [--chart PNG] [--quick]
+
+`--isa` holds luong and PyTorch to one instruction set (environment set before either is
+imported: LUONG_ISA, ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS, ONEDNN_MAX_CPU_ISA); `native`
+(the default) clears them, which is what a user gets. ONNX Runtime has no such switch: its MLAS
+kernels always take the best set the CPU has, and the table's header says so. Before
+the rows, benches/peak.rs (`cargo bench --bench peak`) measures the float32 FMA peak of the set,
+and each row quotes its share of it. On AMX machines `native` runs the tile kernels where luong's
+gate sends them, which the FMA peak does not bound: the AVX-512 peak is quoted as a reference.
 
 Every contender of a row runs in this one process, and the contenders take turns in short runs:
 a run is one untimed call then `--run` (4) timed calls back to back, and runs alternate, in an
@@ -37,25 +45,55 @@ import argparse
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
+# What `--isa` sets, before luong and torch are imported (their kernels are chosen at import).
+ISA_ENV = {
+    "avx2": {"LUONG_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+             "ONEDNN_MAX_CPU_ISA": "AVX2"},
+    # AVX-512 without AMX or AVX512-FP16: oneDNN's highest level below them is AVX512_CORE_BF16.
+    "avx512": {"LUONG_ISA": "avx512", "ATEN_CPU_CAPABILITY": "avx512",
+               "MKL_ENABLE_INSTRUCTIONS": "AVX512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"},
+}
+
+
+def isa_from_argv(argv: list[str]) -> str:
+    """The `--isa` value, read before argparse runs (the environment must be set before the
+    imports below); argparse checks it again."""
+    for i, a in enumerate(argv):
+        if a == "--isa" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--isa="):
+            return a.split("=", 1)[1]
+    return "native"
+
+
+ISA = isa_from_argv(sys.argv[1:])
+for _name in {n for env in ISA_ENV.values() for n in env}:
+    os.environ.pop(_name, None)
+os.environ.update(ISA_ENV.get(ISA, {}))
 os.environ.setdefault("KERAS_BACKEND", "jax")
 # The same for NumPy's OpenBLAS workers (luong 2.5 -> 4.8 ms interleaved with the NumPy
 # reference); a short spin leaves NumPy's own time unchanged (12.0 vs 11.5 ms).
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
-import numpy as np
+# After the environment above, which chooses luong's and torch's kernels: hence E402.
+import numpy as np  # noqa: E402
 
-import luong
-from luong._timing import cpu_model
-from luong.reference import reference_attention
+import luong  # noqa: E402
+from luong._timing import cpu_model  # noqa: E402
+from luong.reference import reference_attention  # noqa: E402
 
 THREADS = 2
 RUN = 4  # timed calls per run (see the module docstring); --run sets it
 GAP = 0.02  # seconds of sleep before each run; --gap sets it
+# Rows whose work is the two products (4·B·Tq·Tv·D FLOPs), the only ones quoted against the FMA
+# peak: the backward does more products, concat and small calls are bound by other things.
+PRODUCT_ROWS = {"dot", "value mask + causal", "returned scores", "threads"}
 
 
 def optional(name: str) -> Any:
@@ -67,11 +105,32 @@ def optional(name: str) -> Any:
 
 
 torch = optional("torch")
+ort = optional("onnxruntime")
+onnx = optional("onnx") if ort is not None else None
 jax = optional("jax")
 keras = optional("keras") if jax is not None else None
 if torch is not None:
     torch.set_num_threads(THREADS)
 luong.set_num_threads(THREADS)
+
+
+def fma_peak(isa: str) -> float | None:
+    """GFLOP/s of float32 FMAs in `isa` on THREADS threads, from benches/peak.rs (None where
+    cargo or the set is missing). Runs before any row, never beside one."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "LUONG_NUM_THREADS": str(THREADS)}
+    cmd = ["cargo", "bench", "--quiet", "--bench", "peak", "--", isa]
+    try:
+        out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+        print(f"# no FMA peak: {' '.join(cmd)} failed ({e})")
+        return None
+    for line in out.stdout.splitlines():
+        words = line.split()
+        if len(words) >= 3 and words[0] == isa and words[2] == "GFLOP/s":
+            return float(words[1])
+    print(f"# no FMA peak for {isa}: {out.stdout.strip()}")
+    return None
 
 
 def interleaved(
@@ -130,6 +189,31 @@ def torch_sdpa(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: Any = None) ->
     return lambda: f(tq, tk, tv, attn_mask=mask, scale=1.0)
 
 
+def ort_mha(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> Callable[[], Any]:
+    """ONNX Runtime's `com.microsoft` MultiHeadAttention with one head (its MLAS flash kernel on
+    the CPU), `scale=1.0`, THREADS intra-op threads that sleep rather than spin between calls."""
+    assert onnx is not None and ort is not None
+    helper, f32 = onnx.helper, onnx.TensorProto.FLOAT
+    d, dv = q.shape[-1], v.shape[-1]
+    node = helper.make_node("MultiHeadAttention", ["query", "key", "value"], ["out"],
+                            domain="com.microsoft", num_heads=1, scale=1.0)
+    graph = helper.make_graph(
+        [node], "attention",
+        [helper.make_tensor_value_info("query", f32, ["B", "Tq", d]),
+         helper.make_tensor_value_info("key", f32, ["B", "Tv", d]),
+         helper.make_tensor_value_info("value", f32, ["B", "Tv", dv])],
+        [helper.make_tensor_value_info("out", f32, ["B", "Tq", dv])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                     helper.make_opsetid("com.microsoft", 1)])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = THREADS, 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    feed = {"query": q, "key": k, "value": v}
+    return lambda: sess.run(None, feed)
+
+
 def rows_dot(calls: int, quick: bool) -> list[dict[str, Any]]:
     # The issue's four shapes, then single-sequence decoding (B = 1: the keys are split across
     # the threads, see src/kernel/decode.rs), then long keys (in chunks, kernel::flash).
@@ -147,6 +231,8 @@ def row_dot(shape: tuple[int, int, int, int], calls: int) -> dict[str, Any]:
         t3 = [torch.from_numpy(x) for x in (q, k, v)]
         sdpa = torch.nn.functional.scaled_dot_product_attention
         main["torch SDPA 3-D"] = lambda: sdpa(t3[0], t3[1], t3[2], scale=1.0)
+    if onnx is not None:
+        main["onnxruntime MHA"] = ort_mha(q, k, v)
     if shape[0] * shape[1] * shape[2] <= 8 * 512 * 512:
         main["numpy"] = lambda: reference_attention(q, v, k)
     if jax is not None:
@@ -299,18 +385,20 @@ def fmt_ms(s: float) -> str:
     return f"{s * 1e3:.3f}" if s < 1e-3 else f"{s * 1e3:.2f}"
 
 
-def table(rows: list[dict[str, Any]]) -> str:
+def table(rows: list[dict[str, Any]], peak: float | None) -> str:
     lines = [
-        "| case | (B, Tq, Tv, D) | luong ms | GFLOP/s | peer | peer ms | peer / luong |",
-        "|---|---|---:|---:|---|---:|---:|",
+        "| case | (B, Tq, Tv, D) | luong ms | GFLOP/s | % of peak | peer | peer ms "
+        "| peer / luong |",
+        "|---|---|---:|---:|---:|---|---:|---:|",
     ]
     for r in rows:
         b, tq, tv, d = r["shape"]
         lu = r["luong"]
         gf = 4 * b * tq * tv * d / lu / 1e9
+        share = f"{100 * gf / peak:.0f} %" if peak and r["row"] in PRODUCT_ROWS else "-"
         for i, (n, t, ratio) in enumerate(r["peers"] or [("-", float("nan"), float("nan"))]):
-            first = f"| {r['row']} | {r['shape']} | {fmt_ms(lu)} | {gf:.0f} |"
-            head = first if i == 0 else "| | | | |"
+            first = f"| {r['row']} | {r['shape']} | {fmt_ms(lu)} | {gf:.0f} | {share} |"
+            head = first if i == 0 else "| | | | | |"
             lines.append(f"{head} {n} | {fmt_ms(t)} | {ratio:.2f}x |")
     return "\n".join(lines)
 
@@ -353,18 +441,34 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="fewer rows (for a smoke run)")
     ap.add_argument("--run", type=int, default=RUN, help="timed calls per run, back to back")
     ap.add_argument("--gap", type=float, default=GAP, help="seconds of sleep before each run")
+    ap.add_argument("--isa", choices=["native", *ISA_ENV], default="native",
+                    help="instruction set for luong and torch (read before the imports)")
     args = ap.parse_args()
     RUN, GAP = args.run, args.gap
-    print(f"# luong {luong.__version__} on {cpu_model()} ({luong.kernel_isa()} kernels), "
-          f"python {sys.version.split()[0]}, "
-          f"torch {getattr(torch, '__version__', '-')}, jax {getattr(jax, '__version__', '-')}, "
-          f"keras {getattr(keras, '__version__', '-')}; {THREADS} threads; {args.calls} calls; "
+    ours = luong.kernel_isa()
+    if args.isa != "native" and ours != args.isa:
+        print(f"--isa {args.isa}: this CPU has no {args.isa} (luong runs {ours})", file=sys.stderr)
+        return 2
+    # On AMX the tiles are not bounded by the FMA peak; AVX-512's is quoted as a reference.
+    peak_isa = {"amx": "avx512", "scalar": None}.get(ours, ours)
+    peak = fma_peak(peak_isa) if peak_isa else None
+    torch_isa = torch.backends.cpu.get_cpu_capability() if torch is not None else "-"
+    print(f"# luong {luong.__version__} on {cpu_model()} ({ours} kernels, --isa {args.isa}), "
+          f"python {sys.version.split()[0]}, torch {getattr(torch, '__version__', '-')} "
+          f"({torch_isa}), onnxruntime {getattr(ort, '__version__', '-')}, "
+          f"jax {getattr(jax, '__version__', '-')}, keras {getattr(keras, '__version__', '-')}; "
+          f"{THREADS} threads; {args.calls} calls; "
           f"runs of 1 + {args.run} calls, {args.gap * 1e3:g} ms apart")
+    if args.isa != "native" and ort is not None:
+        print("# onnxruntime is not held to --isa: MLAS runs the best set this CPU has")
+    if peak:
+        ref = " (a reference: AMX tiles are not bound by it)" if ours == "amx" else ""
+        print(f"# float32 FMA peak, {peak_isa}, {THREADS} threads: {peak:.0f} GFLOP/s{ref}")
     rows = rows_dot(args.calls, args.quick)
     if not args.quick:
         rows += rows_masked(args.calls) + rows_scores(args.calls) + rows_concat(args.calls)
         rows += rows_training(args.calls) + rows_small(args.calls) + rows_threads(args.calls)
-    print(table(rows))
+    print(table(rows, peak))
     if args.chart:
         chart(rows, args.chart)
     return 0
