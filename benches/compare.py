@@ -72,10 +72,12 @@ def isa_from_argv(argv: list[str]) -> str:
     return "native"
 
 
-ISA = isa_from_argv(sys.argv[1:])
-for _name in {n for env in ISA_ENV.values() for n in env}:
-    os.environ.pop(_name, None)
-os.environ.update(ISA_ENV.get(ISA, {}))
+# Only when run as the script: ab_builds.py imports this module and keeps its LUONG_ISA.
+ISA = isa_from_argv(sys.argv[1:]) if __name__ == "__main__" else None
+if ISA is not None:
+    for _name in {n for env in ISA_ENV.values() for n in env}:
+        os.environ.pop(_name, None)
+    os.environ.update(ISA_ENV.get(ISA, {}))
 os.environ.setdefault("KERAS_BACKEND", "jax")
 # The same for NumPy's OpenBLAS workers (luong 2.5 -> 4.8 ms interleaved with the NumPy
 # reference); a short spin leaves NumPy's own time unchanged (12.0 vs 11.5 ms).
