@@ -372,9 +372,8 @@ pub(crate) unsafe fn pack<S: Simd>(key: ArrayView2<'_, f32>, nr: usize, out: &mu
     }
 }
 
-/// [`pack_panels`] with strided gathers on ISA `S` (`nr` a multiple of `S::LANES`): each vector
-/// of a panel row is one gather down `LANES` key rows. Partial panels gather with a mask whose
-/// off lanes read nothing and give 0, which is the padding.
+/// [`pack_panels`] on ISA `S` (`nr` a multiple of `S::LANES`): each `LANES` keys of a panel are
+/// `S::transpose_rows` of their rows; past Tv the lanes are 0, which is the padding.
 ///
 /// # Safety
 /// `S`'s instructions must be available; `key` has `tv` rows of `d` readable floats at stride
@@ -395,14 +394,9 @@ pub(crate) unsafe fn pack_panels_simd<S: Simd>(
         for (p, panel) in out.chunks_exact_mut(d * nr).enumerate() {
             for v in 0..nr / l {
                 let j0 = p * nr + v * l;
-                let m = S::mask(tv.saturating_sub(j0));
-                let src = key.wrapping_add(j0 * ld); // read only through the mask's lanes
-                for x in 0..d {
-                    S::store(
-                        panel.as_mut_ptr().add(x * nr + v * l),
-                        S::gather(src.wrapping_add(x), ld, m),
-                    );
-                }
+                let rows = tv.saturating_sub(j0).min(l);
+                let src = key.wrapping_add(j0 * ld); // read only in its first `rows` rows
+                S::transpose_rows(src, ld, rows, d, panel.as_mut_ptr().add(v * l), nr);
             }
         }
     }
@@ -484,7 +478,7 @@ mod tests {
     use super::*;
     use crate::kernel::Isa;
 
-    /// The gathering packer equals the portable one on every ISA this CPU has: partial panels
+    /// The SIMD packer equals the portable one on every ISA this CPU has: partial panels
     /// (Tv not a multiple of the panel or of the lanes), strided rows (a key view sliced out of
     /// wider rows), and a single key.
     #[test]
