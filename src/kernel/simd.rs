@@ -334,32 +334,27 @@ static MASK_WINDOW: [i32; 16] = [-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 
 unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
     // SAFETY: register-only AVX operations (this fn's contract).
     unsafe {
-        // Pairs of rows interleaved, then 2 × 2 blocks, then the 128-bit halves.
-        let t: [__m256; 8] = std::array::from_fn(|i| {
-            let (a, b) = (r[i / 2 * 2], r[i / 2 * 2 + 1]);
-            if i % 2 == 0 {
-                _mm256_unpacklo_ps(a, b)
-            } else {
-                _mm256_unpackhi_ps(a, b)
+        // Pairs of rows interleaved, then 2 × 2 blocks, then the 128-bit halves; t[2i] and
+        // t[2i + 1] hold rows 2i and 2i + 1, u[4h + c] columns c and c + 4 of rows 4h..4h + 4.
+        let mut t = [_mm256_setzero_ps(); 8];
+        for i in 0..4 {
+            t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+        }
+        let mut u = [_mm256_setzero_ps(); 8];
+        for h in 0..2 {
+            for c in 0..2 {
+                let (a, b) = (t[4 * h + c], t[4 * h + c + 2]);
+                u[4 * h + 2 * c] = _mm256_shuffle_ps::<0x44>(a, b);
+                u[4 * h + 2 * c + 1] = _mm256_shuffle_ps::<0xEE>(a, b);
             }
-        });
-        // u[4h + c] has columns c and c + 4 of rows 4h..4h + 4.
-        let u: [__m256; 8] = std::array::from_fn(|i| {
-            let (h, c) = (i / 4, i % 4);
-            let (a, b) = (t[4 * h + c / 2], t[4 * h + c / 2 + 2]);
-            if c % 2 == 0 {
-                _mm256_shuffle_ps::<0x44>(a, b)
-            } else {
-                _mm256_shuffle_ps::<0xEE>(a, b)
-            }
-        });
-        std::array::from_fn(|x| {
-            if x < 4 {
-                _mm256_permute2f128_ps::<0x20>(u[x], u[x + 4])
-            } else {
-                _mm256_permute2f128_ps::<0x31>(u[x - 4], u[x])
-            }
-        })
+        }
+        let mut out = [_mm256_setzero_ps(); 8];
+        for x in 0..4 {
+            out[x] = _mm256_permute2f128_ps::<0x20>(u[x], u[x + 4]);
+            out[x + 4] = _mm256_permute2f128_ps::<0x31>(u[x], u[x + 4]);
+        }
+        out
     }
 }
 
@@ -435,11 +430,16 @@ impl Simd for Avx2 {
             while x0 < d {
                 let w = (d - x0).min(8);
                 let m = Self::mask(w);
-                let r: [__m256; 8] = std::array::from_fn(|j| match j < rows {
-                    true if w == 8 => _mm256_loadu_ps(p.add(j * ld + x0)),
-                    true => _mm256_maskload_ps(p.add(j * ld + x0), m),
-                    false => _mm256_setzero_ps(),
-                });
+                // (Loops, not `array::from_fn`: a closure would not inherit the target features,
+                // and its intrinsics would be calls.)
+                let mut r = [_mm256_setzero_ps(); 8];
+                for (j, x) in r.iter_mut().enumerate().take(rows) {
+                    *x = if w == 8 {
+                        _mm256_loadu_ps(p.add(j * ld + x0))
+                    } else {
+                        _mm256_maskload_ps(p.add(j * ld + x0), m)
+                    };
+                }
                 let cols = transpose8(r);
                 for (x, &c) in cols.iter().enumerate().take(w) {
                     _mm256_storeu_ps(out.add((x0 + x) * out_ld), c);
