@@ -106,10 +106,11 @@ const P: [f32; 6] = [
 /// changes a weight by less than 3e-38.
 pub(crate) const EXP_LO: f32 = -86.5;
 
-/// The polynomial part of exp, shared by both ISAs: returns (e^r, n), for |x| < 2^22.
+/// The polynomial part of AVX2's exp: returns (e^r, t) for |x| < 2^22, where
+/// `t = x·log2 e + 1.5·2^23` rounded once by the FMA holds n in the low bits of its pattern.
 ///
-/// n = round(x·log2 e) comes from `x·log2 e + 1.5·2^23` rounded once by the FMA, minus
-/// 1.5·2^23 (exact): in that binade the float's ulp is 1, so the sum is rounded to an integer.
+/// n = round(x·log2 e) is t - 1.5·2^23 (exact): in that binade the float's ulp is 1, so the sum
+/// is rounded to an integer.
 /// Two instructions where a multiply and a round took three uops (vrndscaleps is two); the n
 /// can differ from rounding the rounded product when x·log2 e is within an ulp of a half, and
 /// either n keeps |r| ≤ ln2/2 + 1e-7, where the polynomial is as accurate.
@@ -118,7 +119,8 @@ unsafe fn exp_poly<S: Simd>(x: S::V) -> (S::V, S::V) {
     // SAFETY: register-only AVX2 and FMA operations (the `Simd` contract of its caller).
     unsafe {
         let magic = S::splat(12_582_912.0); // 1.5 · 2^23
-        let n = S::sub(S::fma(x, S::splat(LOG2E), magic), magic);
+        let t = S::fma(x, S::splat(LOG2E), magic);
+        let n = S::sub(t, magic);
         // n·C1 is exact (C1 has 9 significant bits), and each step rounds once.
         let r = S::fnma(n, S::splat(C1), x);
         let r = S::fnma(n, S::splat(C2), r);
@@ -128,7 +130,7 @@ unsafe fn exp_poly<S: Simd>(x: S::V) -> (S::V, S::V) {
             y = S::fma(y, r, S::splat(c));
         }
         let y = S::add(S::fma(y, z, r), S::splat(1.0));
-        (y, n)
+        (y, t)
     }
 }
 
@@ -507,17 +509,18 @@ impl Simd for Avx2 {
     unsafe fn exp(x: __m256) -> __m256 {
         // SAFETY: AVX2 and FMA (the `Simd` contract).
         unsafe {
-            // No vscalefps: build 2^n from its exponent bits, valid for n in [-126, 127], so clamp
-            // to [EXP_LO, 88.7] and write 0 where x was below (as for AVX-512). NaN lanes are
-            // restored at the end.
+            // No vscalefps: y · 2^n is y with n added to its exponent field, an integer add of
+            // t's low bits shifted up (1.5·2^23's low 23 bits shift out to 0). That is the
+            // multiply's exact result while it is normal, so clamp to [EXP_LO, 88.72] (y ≥ 0.7
+            // and n ≥ -125 below, y < 1 where n = 128 above) and write 0 where x was below (as
+            // for AVX-512). An integer add rather than a multiply, as both FMA pipes are busy
+            // with the polynomial. NaN lanes are restored at the end: the add can turn a NaN's
+            // pattern into a number.
             let lo = _mm256_set1_ps(EXP_LO);
             let xc = _mm256_min_ps(_mm256_set1_ps(88.72), _mm256_max_ps(lo, x));
-            let (y, n) = exp_poly::<Self>(xc);
-            let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(
-                _mm256_cvtps_epi32(n),
-                _mm256_set1_epi32(127),
-            ));
-            let e = _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
+            let (y, t) = exp_poly::<Self>(xc);
+            let shift = _mm256_slli_epi32::<23>(_mm256_castps_si256(t));
+            let e = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(y), shift));
             let e = _mm256_andnot_ps(_mm256_cmp_ps::<_CMP_LT_OQ>(x, lo), e);
             _mm256_blendv_ps(e, x, _mm256_cmp_ps::<_CMP_UNORD_Q>(x, x))
         }
@@ -563,6 +566,9 @@ mod tests {
                 -0.0,
                 1e-30,
                 -40.0,
+                f32::from_bits(0x7fc0_0001), // NaNs with payloads and a sign
+                f32::from_bits(0xffc0_1234),
+                88.5,
             ];
             let mut out = Vec::new();
             for c in special.chunks(l) {
@@ -580,6 +586,17 @@ mod tests {
         // e^-86.6 = 2.46e-38 is above f32's smallest normal but below EXP_LO: written as 0.
         assert_eq!(&special[1..6], &[0.0, 0.0, 0.0, 1.0, 1.0], "{isa}");
         assert_eq!(special[6], 1.0, "{isa}");
+        assert!(
+            special[8].is_nan() && special[9].is_nan(),
+            "{isa}: {:?}",
+            &special[8..10]
+        );
+        let e88 = 88.5f64.exp();
+        assert!(
+            ((special[10] as f64) - e88).abs() <= 2e-7 * e88,
+            "{isa}: {}",
+            special[10]
+        );
         let e40 = (-40f64).exp();
         assert!(
             ((special[7] as f64) - e40).abs() <= 2e-7 * e40,
