@@ -24,7 +24,7 @@ impl Family for Avx512 {
     unsafe fn prepare(keys: &mut KeyCache, ctx: &Ctx<'_, '_, f32>, b: usize) {
         // SAFETY: the `Family` contract (AVX-512F detected) is what this trampoline enables, and
         // the rest of it is the callee's own contract, passed on unchanged.
-        unsafe { keys.prepare::<simd::Avx512, 4>(ctx, b) }
+        unsafe { keys.prepare::<simd::Avx512, 4, false>(ctx, b) }
     }
 
     #[target_feature(enable = "avx512f")]

@@ -10,16 +10,12 @@ use ndarray::Axis;
 use super::gemm::{self, dot_rows};
 use super::item::{causal_lengths, finish_fast_row, finish_out_rows, masked, Ctx, Item};
 use super::keys::KeyCache;
-use super::plan::{CONCAT_EXP_LIMIT, MAX_ITEM_ROWS};
+use super::plan::{COMBINE_KEYS, CONCAT_EXP_LIMIT, MAX_ITEM_ROWS};
 use super::simd::Simd;
 use super::softmax::exp_scaled_simd;
 use crate::config::ScoreMode;
 use crate::score::score_row;
 use crate::shape::Dims;
-
-/// Keys per chunk of the combine: 128 value rows of 64 floats are 32 KiB, inside L1 on recent
-/// Intel cores (48 KiB) and all of it on AMD Zen 3 and 4 (32 KiB).
-const COMBINE_KEYS: usize = 128;
 
 /// A family's row counts for the fused item's two products (their widths are `NVS` and `NVC`
 /// vectors).
@@ -72,7 +68,7 @@ pub(crate) unsafe fn item<S: Simd, const NVS: usize, const NVC: usize>(
         let scores = scores_step::<S, NVS>(ctx, item, keys, cols, scores, max, tiles);
         let max = fused_max.then_some(&row_max);
         let inv = softmax_step::<S>(ctx, item, (cols, &lens), scores, max, stats);
-        combine_step::<S, NVC>(ctx, item, cols, scores, out, tiles);
+        combine_step::<S, NVC>(ctx, item, keys, cols, scores, out, tiles);
         finish_out_rows(ctx, item, out, &inv);
     }
 }
@@ -217,14 +213,18 @@ unsafe fn softmax_step<S: Simd>(
 /// Step 3 of [`item`]: `out = weights · V` over the first `cols` keys, in chunks of
 /// COMBINE_KEYS keys so a chunk of value rows stays in L1 while every row tile of the block
 /// passes over it; each output element is still one sequential chain over the keys (the tiles
-/// continue from C).
+/// continue from C). The values are read from `keys.values` when the family packed them there
+/// (each panel of a chunk one contiguous stream), else in place.
 ///
 /// # Safety
-/// As [`item`]; `scores` is the block step 1 returned.
+/// As [`item`]; `scores` is the block step 1 returned; with `keys.value_panels`, `keys.values`
+/// holds this batch element's values as `gemm::pack_value_chunks` packs them for chunks of
+/// COMBINE_KEYS keys and panels of `NVC · LANES` columns.
 #[inline(always)]
 unsafe fn combine_step<S: Simd, const NVC: usize>(
     ctx: &Ctx<'_, '_, f32>,
     item: Item,
+    keys: &KeyCache,
     cols: usize,
     scores: &[f32],
     out: &mut [f32],
@@ -233,20 +233,31 @@ unsafe fn combine_step<S: Simd, const NVC: usize>(
     let Dims { tv, dv, .. } = ctx.dims;
     let v = ctx.value.index_axis(Axis(0), item.b);
     let v_ld = v.stride_of(Axis(0)) as usize;
+    let nr = NVC * S::LANES;
+    let dv_padded = dv.div_ceil(nr) * nr;
     let mut k0 = 0;
     while k0 < cols {
         let kc = COMBINE_KEYS.min(cols - k0);
-        // SAFETY: within this function's `# Safety` contract, which the caller upholds.
+        // SAFETY: within this function's `# Safety` contract, which the caller upholds; the
+        // packed chunk at key k0 starts at k0 · dv_padded, and its panels have
+        // `min(COMBINE_KEYS, Tv - k0) ≥ kc` zero-padded rows of `nr` floats.
         unsafe {
+            let (b, b_row, b_panel) = match keys.value_panels {
+                true => {
+                    let chunk = COMBINE_KEYS.min(tv - k0);
+                    (keys.values.as_ptr().add(k0 * dv_padded), nr, chunk * nr)
+                }
+                false => (v.as_ptr().add(k0 * v_ld), v_ld, nr),
+            };
             let g = gemm::Gemm {
                 m: item.rows,
                 n: dv,
                 k: kc,
                 a: scores.as_ptr().add(k0),
                 lda: tv,
-                b: v.as_ptr().add(k0 * v_ld),
-                b_row: v_ld,
-                b_panel: NVC * S::LANES,
+                b,
+                b_row,
+                b_panel,
                 c: out.as_mut_ptr(),
                 ldc: dv,
             };

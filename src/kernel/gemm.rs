@@ -402,6 +402,35 @@ pub(crate) unsafe fn pack_panels_simd<S: Simd>(
     }
 }
 
+/// Packs `value` (`(Tv, Dv)`) for the fused combine: in chunks of `chunk` keys (the last one
+/// shorter), each chunk as the panels of `nr` columns of its rows, panel p of a chunk of `kc`
+/// keys being `[kc][nr]` (zero-padded past Dv) at `k0 · Dv' + p · kc · nr`, where k0 is the
+/// chunk's first key and `Dv' = Dv.div_ceil(nr) · nr`. A combine tile then reads one contiguous
+/// stream per panel instead of a strided one. `out` is resized to `Tv · Dv'`.
+pub(crate) fn pack_value_chunks(
+    value: ArrayView2<'_, f32>,
+    chunk: usize,
+    nr: usize,
+    out: &mut Vec<f32>,
+) {
+    let (tv, dv) = value.dim();
+    let dv_padded = dv.div_ceil(nr) * nr;
+    out.resize(tv * dv_padded, 0.0);
+    for k0 in (0..tv).step_by(chunk.max(1)) {
+        let kc = chunk.min(tv - k0);
+        let block = &mut out[k0 * dv_padded..(k0 + kc) * dv_padded];
+        for (p, panel) in block.chunks_exact_mut(kc * nr).enumerate() {
+            let (c0, w) = (p * nr, (dv - p * nr).min(nr));
+            for (k, dst) in panel.chunks_exact_mut(nr).enumerate() {
+                let row = value.row(k0 + k);
+                for (j, x) in dst.iter_mut().enumerate() {
+                    *x = if j < w { row[c0 + j] } else { 0.0 };
+                }
+            }
+        }
+    }
+}
+
 /// Packs the transpose of `key` (`(Tv, D)`) into panels of `nr` columns: panel p holds
 /// `[D][nr]`, zero-padded past Tv. `out` has `Tv.div_ceil(nr) · D · nr` elements. The portable
 /// form of [`pack`], which tests hold equal.

@@ -5,7 +5,7 @@
 use ndarray::Axis;
 
 use super::item::Ctx;
-use super::plan::{CONCAT_EXP_LIMIT, PACK_MIN_TQ};
+use super::plan::{COMBINE_KEYS, CONCAT_EXP_LIMIT, PACK_MIN_TQ};
 use super::simd::Simd;
 use super::{gemm, softmax};
 use crate::config::ScoreMode;
@@ -26,6 +26,10 @@ pub(crate) struct KeyCache {
     pub(crate) packed: Vec<f32>,
     /// Whether `packed` holds panels (false: the dot scores read key rows in place).
     pub(crate) has_panels: bool,
+    /// The values in the combine's chunked panels (`gemm::pack_value_chunks`), when
+    /// `value_panels`.
+    pub(crate) values: Vec<f32>,
+    pub(crate) value_panels: bool,
     /// Concat: whether the keys allow the exponential form.
     pub(crate) concat_ok: bool,
     /// Causal: whether keys and values are all finite (`causal_lengths`).
@@ -43,6 +47,7 @@ impl KeyCache {
     pub(crate) fn recycled() -> Self {
         KeyCache {
             packed: PACKED.with(|c| c.take()),
+            values: VALUES.with(|c| c.take()),
             #[cfg(target_arch = "x86_64")]
             amx: AMX_PACKED.with(|c| c.take()),
             ..KeyCache::default()
@@ -50,13 +55,14 @@ impl KeyCache {
     }
 
     /// Prepares batch element `b` for family `S` with panels of `NV` vectors, unless this cache
-    /// holds it already.
+    /// holds it already; with `PACK_VALUES` (and Tq ≥ PACK_MIN_TQ) the values too, in the
+    /// combine's chunks and panels of `NV` vectors.
     ///
     /// # Safety
     /// `S`'s instructions must be available (the caller is a family's target-feature
     /// trampoline).
     #[inline(always)]
-    pub(crate) unsafe fn prepare<S: Simd, const NV: usize>(
+    pub(crate) unsafe fn prepare<S: Simd, const NV: usize, const PACK_VALUES: bool>(
         &mut self,
         ctx: &Ctx<'_, '_, f32>,
         b: usize,
@@ -70,7 +76,7 @@ impl KeyCache {
         self.finite =
             ctx.masks.causal && all_finite(key) && all_finite(ctx.value.index_axis(Axis(0), b));
         self.b = Some(b);
-        self.amx_ready = false;
+        (self.amx_ready, self.value_panels) = (false, false);
         #[cfg(target_arch = "x86_64")]
         {
             // `tiles_or_not` left Isa::Amx only for calls that run on tiles.
@@ -96,6 +102,11 @@ impl KeyCache {
             }
         }
         let nr = NV * S::LANES;
+        if PACK_VALUES && tq >= PACK_MIN_TQ {
+            let value = ctx.value.index_axis(Axis(0), b);
+            gemm::pack_value_chunks(value, COMBINE_KEYS, nr, &mut self.values);
+            self.value_panels = true;
+        }
         let per_batch = tv.div_ceil(nr) * d * nr;
         let two_s = 2.0 * params.scale.unwrap_or(1.0);
         (self.has_panels, self.concat_ok) = match params.mode {
@@ -134,6 +145,10 @@ impl Drop for KeyCache {
         if packed.capacity() > 0 && packed.capacity() <= (64 << 20) / 4 {
             PACKED.with(|c| c.set(packed));
         }
+        let values = std::mem::take(&mut self.values);
+        if values.capacity() > 0 && values.capacity() <= (64 << 20) / 4 {
+            VALUES.with(|c| c.set(values));
+        }
         // The tile buffers too, up to 64 MiB each (a call with very long keys does not leave
         // its buffers to every later call of the thread).
         #[cfg(target_arch = "x86_64")]
@@ -151,6 +166,8 @@ impl Drop for KeyCache {
 thread_local! {
     /// The last call's packed keys on this thread (see [`KeyCache::recycled`]).
     static PACKED: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+    /// The last call's packed values on this thread.
+    static VALUES: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 #[cfg(target_arch = "x86_64")]

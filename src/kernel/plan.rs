@@ -19,6 +19,10 @@ pub(crate) const SCRATCH_BYTES: usize = 4 << 20;
 /// The most query rows of one work item.
 pub(crate) const MAX_ITEM_ROWS: usize = 64;
 
+/// Keys per chunk of the fused item's combine: 128 value rows of 64 floats are 32 KiB, inside L1
+/// on recent Intel cores (48 KiB) and all of it on AMD Zen 3 and 4 (32 KiB).
+pub(crate) const COMBINE_KEYS: usize = 128;
+
 /// Below this many query rows the dot scores read key rows in place instead of packing Kᵀ: the
 /// packing pass costs as much as the product when each key meets only a few queries.
 pub(crate) const PACK_MIN_TQ: usize = 8;
