@@ -2,7 +2,8 @@
 //! instantiated for `simd::Avx2` inside `#[target_feature(enable = "avx2,fma")]` trampolines.
 //! AVX2 with FMA has 16 registers of 8 floats: scores tiles 6 rows × 16 keys (2 vectors),
 //! combine 6 × 16 (12 accumulators and 3 operands: 3 × 32 needed 17 registers and spilled); the
-//! backward 6 × 16 and 3 × 32. Its prepare packs the values too, in the combine's chunks and panels.
+//! backward 6 × 16 and 3 × 32. Its prepare packs the values too, in the combine's chunks and
+//! panels.
 
 use std::mem::MaybeUninit;
 use std::ops::Range;

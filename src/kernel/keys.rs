@@ -141,13 +141,11 @@ impl KeyCache {
 impl Drop for KeyCache {
     /// Keeps the buffers for this thread's next call (up to 64 MiB each).
     fn drop(&mut self) {
-        let packed = std::mem::take(&mut self.packed);
-        if packed.capacity() > 0 && packed.capacity() <= (64 << 20) / 4 {
-            PACKED.with(|c| c.set(packed));
-        }
-        let values = std::mem::take(&mut self.values);
-        if values.capacity() > 0 && values.capacity() <= (64 << 20) / 4 {
-            VALUES.with(|c| c.set(values));
+        for (buffer, cell) in [(&mut self.packed, &PACKED), (&mut self.values, &VALUES)] {
+            let v = std::mem::take(buffer);
+            if v.capacity() > 0 && v.capacity() <= (64 << 20) / 4 {
+                cell.with(|c| c.set(v));
+            }
         }
         // The tile buffers too, up to 64 MiB each (a call with very long keys does not leave
         // its buffers to every later call of the thread).
