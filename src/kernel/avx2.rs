@@ -1,9 +1,9 @@
 //! The AVX2 family ([`Family`]): the fused item, the decoding chunk and the backward item
 //! instantiated for `simd::Avx2` inside `#[target_feature(enable = "avx2,fma")]` trampolines.
 //! AVX2 with FMA has 16 registers of 8 floats: scores tiles 6 rows × 16 keys (2 vectors),
-//! combine 6 × 16 (12 accumulators and 3 operands: 3 × 32 needed 17 registers and spilled); the
-//! backward 6 × 16 and 3 × 32. Its prepare packs the values too, in the combine's chunks and
-//! panels.
+//! combine 6 × 16 (12 accumulators and 3 operands: 3 × 32 needed 17 registers and spilled), and
+//! the backward's five products 6 × 16 for the same reason. Its prepare packs the values too, in
+//! the combine's chunks and panels.
 
 use std::mem::MaybeUninit;
 use std::ops::Range;
@@ -76,6 +76,6 @@ impl Family for Avx2 {
     ) -> Partials {
         // SAFETY: the `Family` contract (AVX2 and FMA detected) is what this trampoline enables,
         // and the rest of it is the callee's own contract, passed on unchanged.
-        unsafe { backward::fused::item::<simd::Avx2, 2, 4>(ctx, b, keys, g, (6, 3)) }
+        unsafe { backward::fused::item::<simd::Avx2, 2, 2>(ctx, b, keys, g, (6, 6)) }
     }
 }

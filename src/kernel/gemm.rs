@@ -236,7 +236,6 @@ pub(crate) unsafe fn gemm_with<
                     9 => tile::<S, O, 9, NV, TA, ACC>(&t, op),
                     10 => tile::<S, O, 10, NV, TA, ACC>(&t, op),
                     11 => tile::<S, O, 11, NV, TA, ACC>(&t, op),
-
                     12 => tile::<S, O, 12, NV, TA, ACC>(&t, op),
                     13 => tile::<S, O, 13, NV, TA, ACC>(&t, op),
                     _ => tile::<S, O, 14, NV, TA, ACC>(&t, op),

@@ -320,24 +320,31 @@ unsafe fn weights_and_ds<S: Simd>(
         let (mv, lv, dl) = (S::splat(max), S::splat(ln_sum), S::splat(delta));
         let sv = S::splat(scale.unwrap_or(1.0));
         let mut acc = S::zero();
+        // Whole vectors with plain loads and stores (AVX2's masked stores are slow on AMD), then
+        // the tail through a mask; the tail's dS is read back through the mask so lanes past the
+        // row (exp of anything) add exactly 0 to the sum.
+        let whole = n - n % l;
         let mut j = 0;
-        while j < n {
-            // Whole vectors, then the tail with masked loads and stores; the tail's dS is read back
-            // through the mask so lanes past the row (exp of anything) add exactly 0 to the sum.
-            let m = S::mask(n - j);
-            let x = S::load_masked(raw.as_ptr().add(j), m);
+        while j < whole {
+            let x = S::load(raw.as_ptr().add(j));
             let xs = if scale.is_some() { S::mul(x, sv) } else { x };
             let e = S::exp(S::sub(S::sub(xs, mv), lv));
-            S::store_masked(p.as_mut_ptr().add(j), m, e);
-            let g = S::mul(e, S::sub(S::load_masked(ds.as_ptr().add(j), m), dl));
-            S::store_masked(ds.as_mut_ptr().add(j), m, g);
-            let g = if n - j < l {
-                S::load_masked(ds.as_ptr().add(j), m)
-            } else {
-                g
-            };
+            S::store(p.as_mut_ptr().add(j), e);
+            let g = S::mul(e, S::sub(S::load(ds.as_ptr().add(j)), dl));
+            S::store(ds.as_mut_ptr().add(j), g);
             acc = S::fma(g, x, acc);
             j += l;
+        }
+        if whole < n {
+            let m = S::mask(n - whole);
+            let x = S::load_masked(raw.as_ptr().add(whole), m);
+            let xs = if scale.is_some() { S::mul(x, sv) } else { x };
+            let e = S::exp(S::sub(S::sub(xs, mv), lv));
+            S::store_masked(p.as_mut_ptr().add(whole), m, e);
+            let g = S::mul(e, S::sub(S::load_masked(ds.as_ptr().add(whole), m), dl));
+            S::store_masked(ds.as_mut_ptr().add(whole), m, g);
+            let g = S::load_masked(ds.as_ptr().add(whole), m);
+            acc = S::fma(g, x, acc);
         }
         if scale.is_some() {
             S::sum(acc)
