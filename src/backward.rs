@@ -199,6 +199,7 @@ impl Attention {
             dispatch::row_dots(
                 dout.index_axis(Axis(0), b),
                 saved_output.index_axis(Axis(0), b),
+                (self.effective_isa(), self.mode, dims),
             )
         };
         let deltas = run_jobs(pool, (0..batch).collect(), || (), |_, b| delta_of(b));

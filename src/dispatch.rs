@@ -9,8 +9,11 @@ use std::ops::Range;
 
 use ndarray::{ArrayView2, ArrayViewMut3};
 
+use crate::config::ScoreMode;
+use crate::cpu::Isa;
 use crate::float::Float;
 use crate::kernel::{self, BackCtx, Ctx, Item, ItemGrads, KeyCache, Partials};
+use crate::shape::Dims;
 
 /// Whether `T` is `f32`.
 pub(crate) fn is_f32<T: 'static>() -> bool {
@@ -132,9 +135,14 @@ pub(crate) fn backward_item<T: Float>(
     kernel::backward_item(ctx, b, keys, g)
 }
 
-/// `out[i] = a_i · b_i` for the rows of two `(n, d)` arrays (the backward's `Δ = dO · O`): FMA
-/// chains for f32 (`kernel::row_dots_f32`), ndarray's dot otherwise.
-pub(crate) fn row_dots<T: Float>(a: ArrayView2<'_, T>, b: ArrayView2<'_, T>) -> Vec<T> {
+/// `out[i] = a_i · b_i` for the rows of two `(n, d)` arrays (the backward's `Δ = dO · O`), in
+/// the order in which the call's backward items compute `dP = dO · Vᵀ`: FMA chains for the f32
+/// items of a SIMD family (`kernel::row_dots_f32`), the matrix product's for the portable item.
+pub(crate) fn row_dots<T: Float>(
+    a: ArrayView2<'_, T>,
+    b: ArrayView2<'_, T>,
+    (isa, mode, dims): (Isa, ScoreMode, Dims),
+) -> Vec<T> {
     if is_f32::<T>() {
         type View<'v, U> = ArrayView2<'v, U>;
         // SAFETY: `T` is `f32`, so each pair of types below is one type.
@@ -144,15 +152,12 @@ pub(crate) fn row_dots<T: Float>(a: ArrayView2<'_, T>, b: ArrayView2<'_, T>) -> 
                 same::<View<'_, T>, View<'_, f32>>(&b),
             )
         };
-        let mut dots = kernel::row_dots_f32(a32.view(), b32.view());
+        let simd_items = kernel::backward_on_family(isa, mode, dims);
+        let mut dots = kernel::row_dots_f32(a32.view(), b32.view(), simd_items);
         // SAFETY: as above, `Vec<f32>` is `Vec<T>`.
         return unsafe { std::mem::take(same_mut::<Vec<f32>, Vec<T>>(&mut dots)) };
     }
-    a.rows()
-        .into_iter()
-        .zip(b.rows())
-        .map(|(x, y)| x.dot(&y))
-        .collect()
+    kernel::row_dots_matmul(a, b)
 }
 
 /// `x = e^x` over a slice: the SIMD exp of the CPU's family for f32 (`kernel::exp_in_place`),

@@ -3,8 +3,8 @@
 
 mod common;
 
-use common::Rng;
-use luong::{set_num_threads, Attention, Dropout, Masks, ScoreMode, ValueMask};
+use common::{to_f32, Rng};
+use luong::{set_num_threads, Attention, Dropout, Isa, Masks, ScoreMode, ValueMask};
 use ndarray::{Array2, Array3};
 
 struct Inputs {
@@ -166,6 +166,76 @@ fn backward_bitwise_identical_across_thread_counts() {
         set_num_threads(2).unwrap();
         for r in &results[1..] {
             assert_eq!(r, &results[0], "{mode:?}");
+        }
+    }
+}
+
+/// A query row that sees one key has weight exactly 1 there, so its dS is exactly 0 and it passes
+/// no gradient: dQ is exactly 0, on every family and in f64, because `Δ = dO · O` is computed in
+/// the order the item computes `dP` (the FMA chains of the SIMD items, the matrix product of
+/// the portable one).
+#[test]
+fn a_row_that_sees_one_key_has_a_query_gradient_of_exactly_zero() {
+    let mut rng = Rng(57);
+    let (b, tq, tv, d, dv) = (2, 9, 40, 5, 19);
+    // Causal: row 0 sees key 0 only; with only key 3 kept in batch element 1, so do rows 3..
+    // there (rows 0..3 see nothing at all: their weights are the forward's fallback).
+    let mut keys = Array2::from_elem((b, tv), true);
+    keys.row_mut(1).fill(false);
+    keys[[1, 3]] = true;
+    let masks = Masks {
+        value: Some(ValueMask::Keys(keys.view())),
+        causal: true,
+        ..Masks::default()
+    };
+    let (q, k, v) = (
+        rng.array3((b, tq, d), 1.0),
+        rng.array3((b, tv, d), 1.0),
+        rng.array3((b, tv, dv), 1.0),
+    );
+    let dout = rng.array3((b, tq, dv), 1.0);
+    let one_key = |bb: usize, i: usize| (bb == 0 && i == 0) || (bb == 1 && i >= 3);
+    for isa in [Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Amx] {
+        for scaled in [false, true] {
+            let mut attn = Attention::default().isa(isa);
+            if scaled {
+                attn = attn.scale(0.7);
+            }
+            let label = format!("{isa:?} (runs {:?}), scaled {scaled}", attn.effective_isa());
+            let g64 = attn
+                .backward(q.view(), v.view(), Some(k.view()), &masks, dout.view())
+                .unwrap();
+            let (q32, k32, v32, do32) = (to_f32(&q), to_f32(&k), to_f32(&v), to_f32(&dout));
+            let g32 = attn
+                .backward(
+                    q32.view(),
+                    v32.view(),
+                    Some(k32.view()),
+                    &masks,
+                    do32.view(),
+                )
+                .unwrap();
+            for bb in 0..b {
+                for i in (0..tq).filter(|&i| one_key(bb, i)) {
+                    let row = ndarray::s![bb, i, ..];
+                    assert!(
+                        g64.query.slice(row).iter().all(|&x| x == 0.0),
+                        "{label} f64 row ({bb}, {i}): {}",
+                        g64.query.slice(row)
+                    );
+                    assert!(
+                        g32.query.slice(row).iter().all(|&x| x == 0.0),
+                        "{label} f32 row ({bb}, {i}): {}",
+                        g32.query.slice(row)
+                    );
+                }
+            }
+            // The other rows do get a gradient (the test would pass vacuously otherwise).
+            assert!(g32
+                .query
+                .slice(ndarray::s![0, 1, ..])
+                .iter()
+                .any(|&x| x != 0.0));
         }
     }
 }

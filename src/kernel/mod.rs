@@ -58,7 +58,7 @@ use crate::shape::Dims;
 use family::Family;
 
 pub(crate) use backward::ctx::{BackCtx, ItemGrads, Partials, KEY_BLOCK};
-pub(crate) use backward::row_dots_f32;
+pub(crate) use backward::{row_dots_f32, row_dots_matmul};
 pub(crate) use item::{next_call, Ctx, Item};
 pub(crate) use keys::KeyCache;
 pub(crate) use portable::portable_block;
@@ -144,12 +144,17 @@ pub(crate) fn backward_item(
     keys: Range<usize>,
     g: ItemGrads<'_, f32>,
 ) -> Partials {
-    let Dims { d, dv, .. } = ctx.dims;
-    if ctx.p.mode != ScoreMode::Dot || d == 0 || dv == 0 {
+    if !backward_on_family(ctx.isa, ctx.p.mode, ctx.dims) {
         return ctx.portable_item(b, keys, g);
     }
     // SAFETY: `ctx.isa` was detected (`on_family!`).
     on_family!(ctx.isa, F => unsafe { F::backward_item(ctx, b, keys, g) })
+}
+
+/// Whether the f32 backward items of a call run on a SIMD family's item (dot scores, D and Dv
+/// non-zero, any ISA but the scalar one); the rest run the portable item.
+pub(crate) fn backward_on_family(isa: Isa, mode: ScoreMode, dims: Dims) -> bool {
+    mode == ScoreMode::Dot && dims.d > 0 && dims.dv > 0 && isa != Isa::Scalar
 }
 
 /// `x = e^x` over a slice, on the CPU's best family.

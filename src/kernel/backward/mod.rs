@@ -5,31 +5,45 @@
 pub(crate) mod ctx;
 pub(crate) mod fused;
 
-#[cfg(target_arch = "x86_64")]
-use crate::cpu::Isa;
-
-/// `out[i] = dO_i · O_i`, each a sequential FMA chain over the features in order: the order in
-/// which the products compute `dP_ij = dO_i · v_j`. Where a row sees one key (weight exactly 1,
-/// so `O_i` is that value row, bit for bit) `Δ_i` then equals `dP_ij` exactly and the row's dS
-/// is exactly 0, as it is mathematically; in general the two roundings stay alike. Eight rows
-/// at a time hide the FMA latency. Falls back to ndarray's dot without FMA.
+/// `out[i] = dO_i · O_i` for the f32 items of a SIMD family (`simd_items`), each a sequential
+/// FMA chain over the features in order: the order in which their products compute
+/// `dP_ij = dO_i · v_j`. Where a row sees one key (weight exactly 1, so `O_i` is that value
+/// row, bit for bit) `Δ_i` then equals `dP_ij` exactly and the row's dS is exactly 0, as it is
+/// mathematically; in general the two roundings stay alike. Eight rows at a time hide the FMA
+/// latency. Otherwise (the portable item, whose dP is ndarray's matrix product) the rows' dots
+/// come from that same product ([`row_dots_matmul`]).
 pub(crate) fn row_dots_f32(
     d_out: ndarray::ArrayView2<'_, f32>,
     out: ndarray::ArrayView2<'_, f32>,
+    simd_items: bool,
 ) -> Vec<f32> {
     #[cfg(target_arch = "x86_64")]
     {
-        if Isa::detect() != Isa::Scalar && is_x86_feature_detected!("fma") {
+        if simd_items && is_x86_feature_detected!("fma") {
             // SAFETY: FMA was detected just above.
             return unsafe { row_dots_fma(d_out, out) };
         }
     }
-    d_out
-        .rows()
-        .into_iter()
-        .zip(out.rows())
-        .map(|(a, b)| a.dot(&b))
-        .collect()
+    let _ = simd_items; // every family off x86-64 is the portable one
+    row_dots_matmul(d_out, out)
+}
+
+/// `out[i] = a_i · b_i` as the diagonal of `A · Bᵀ` over blocks of 8 rows: the matrix product
+/// computes each element in the same order whatever its shape, so `Δ_i` matches the portable
+/// item's `dP = dO · Vᵀ` as the FMA chains match the SIMD items'.
+pub(crate) fn row_dots_matmul<T: ndarray::LinalgScalar>(
+    a: ndarray::ArrayView2<'_, T>,
+    b: ndarray::ArrayView2<'_, T>,
+) -> Vec<T> {
+    const ROWS: usize = 8;
+    let n = a.nrows();
+    let mut result = Vec::with_capacity(n);
+    for i0 in (0..n).step_by(ROWS) {
+        let rows = ndarray::s![i0..(i0 + ROWS).min(n), ..];
+        let block = a.slice(rows).dot(&b.slice(rows).t());
+        result.extend((0..block.nrows()).map(|r| block[[r, r]]));
+    }
+    result
 }
 
 #[cfg(target_arch = "x86_64")]
