@@ -67,8 +67,6 @@ pub(crate) trait Simd: Copy {
     }
     /// `a · b + c`, one rounding.
     unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
-    /// `c - a · b`, one rounding.
-    unsafe fn fnma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
     unsafe fn mul(a: Self::V, b: Self::V) -> Self::V;
     unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
     unsafe fn sub(a: Self::V, b: Self::V) -> Self::V;
@@ -87,52 +85,16 @@ pub(crate) trait Simd: Copy {
     unsafe fn recip(x: Self::V) -> Self::V;
 }
 
-// Cephes' expf: e^x = 2^n · e^r with n = round(x·log2 e) and r = x - n·ln 2 (ln 2 split in two so
-// n·C1 is exact: Cody–Waite), then a degree-5 polynomial for e^r on [-ln2/2, ln2/2].
+// Cody–Waite reduction: e^x = 2^(n/m) · e^r with r = x - (n/m)·ln 2, ln 2 split in two so that
+// (n/m)·C1 is exact.
 const LOG2E: f32 = std::f32::consts::LOG2_E;
 const C1: f32 = 0.693_359_4;
 const C2: f32 = -2.121_944_4e-4;
-const P: [f32; 6] = [
-    1.987_569_1e-4,
-    1.398_199_9e-3,
-    8.333_452e-3,
-    4.166_579_6e-2,
-    1.666_666_5e-1,
-    0.5,
-];
 
 /// Below this, `exp` returns 0: e^-86.5 = 2.7e-38 is the smallest result that stays a normal
 /// float for every polynomial value (y ≥ 2^-0.5 times 2^-125). Zero instead of a denormal there
 /// changes a weight by less than 3e-38.
 pub(crate) const EXP_LO: f32 = -86.5;
-
-/// The polynomial part of AVX2's exp: returns (e^r, t) for |x| < 2^22, where
-/// `t = x·log2 e + 1.5·2^23` rounded once by the FMA holds n in the low bits of its pattern.
-///
-/// n = round(x·log2 e) is t - 1.5·2^23 (exact): in that binade the float's ulp is 1, so the sum
-/// is rounded to an integer.
-/// Two instructions where a multiply and a round took three uops (vrndscaleps is two); the n
-/// can differ from rounding the rounded product when x·log2 e is within an ulp of a half, and
-/// either n keeps |r| ≤ ln2/2 + 1e-7, where the polynomial is as accurate.
-#[inline(always)]
-unsafe fn exp_poly<S: Simd>(x: S::V) -> (S::V, S::V) {
-    // SAFETY: register-only AVX2 and FMA operations (the `Simd` contract of its caller).
-    unsafe {
-        let magic = S::splat(12_582_912.0); // 1.5 · 2^23
-        let t = S::fma(x, S::splat(LOG2E), magic);
-        let n = S::sub(t, magic);
-        // n·C1 is exact (C1 has 9 significant bits), and each step rounds once.
-        let r = S::fnma(n, S::splat(C1), x);
-        let r = S::fnma(n, S::splat(C2), r);
-        let z = S::mul(r, r);
-        let mut y = S::splat(P[0]);
-        for &c in &P[1..] {
-            y = S::fma(y, r, S::splat(c));
-        }
-        let y = S::add(S::fma(y, z, r), S::splat(1.0));
-        (y, t)
-    }
-}
 
 /// `2^(k/16)` for k = 0..16, each rounded to f32.
 #[cfg(target_arch = "x86_64")]
@@ -155,10 +117,17 @@ const EXP2_SIXTEENTHS: [f32; 16] = [
     1.915_206_6,
 ];
 
+/// `2^(k/8)` for k = 0..8: every other sixteenth.
+#[cfg(target_arch = "x86_64")]
+const EXP2_EIGHTHS: [f32; 8] = {
+    let s = EXP2_SIXTEENTHS;
+    [s[0], s[2], s[4], s[6], s[8], s[10], s[12], s[14]]
+};
+
 /// AVX-512's `e^x`: `2^(n/16) · e^r` with n = round(16 x log2 e) and `|r| ≤ ln 2 / 32`,
 /// `2^(n/16)` as `2^⌊n/16⌋` (`vscalefps`) times a table entry picked by the low four bits of n
-/// (`vpermps`), and `e^r` from a degree-4 polynomial: within 0.98 ulp on [-86.4, 88], closer than
-/// the polynomial-only form ([`exp_poly`], which AVX2 keeps), in three fewer vector operations.
+/// (`vpermps`), and `e^r` from a degree-4 polynomial: within 0.98 ulp on [-86.4, 88] (AVX2's
+/// form is the same with eighths: `Avx2::exp`).
 /// Below `EXP_LO` the result is written as 0 (scalef's zero mask) instead of letting scalef
 /// underflow: an underflowing result costs a microcode assist of ~150 cycles per lane, and masked
 /// scores (s - 1e9) would hit it on every entry. Those lanes are not clamped first: a masked-off
@@ -263,11 +232,6 @@ impl Simd for Avx512 {
     unsafe fn fma(a: __m512, b: __m512, c: __m512) -> __m512 {
         // SAFETY: AVX-512F (the `Simd` contract).
         unsafe { _mm512_fmadd_ps(a, b, c) }
-    }
-    #[inline(always)]
-    unsafe fn fnma(a: __m512, b: __m512, c: __m512) -> __m512 {
-        // SAFETY: AVX-512F (the `Simd` contract).
-        unsafe { _mm512_fnmadd_ps(a, b, c) }
     }
     #[inline(always)]
     unsafe fn mul(a: __m512, b: __m512) -> __m512 {
@@ -456,11 +420,6 @@ impl Simd for Avx2 {
         unsafe { _mm256_fmadd_ps(a, b, c) }
     }
     #[inline(always)]
-    unsafe fn fnma(a: __m256, b: __m256, c: __m256) -> __m256 {
-        // SAFETY: AVX2 and FMA (the `Simd` contract).
-        unsafe { _mm256_fnmadd_ps(a, b, c) }
-    }
-    #[inline(always)]
     unsafe fn mul(a: __m256, b: __m256) -> __m256 {
         // SAFETY: AVX2 and FMA (the `Simd` contract).
         unsafe { _mm256_mul_ps(a, b) }
@@ -509,20 +468,35 @@ impl Simd for Avx2 {
     unsafe fn exp(x: __m256) -> __m256 {
         // SAFETY: AVX2 and FMA (the `Simd` contract).
         unsafe {
-            // No vscalefps: y · 2^n is y with n added to its exponent field, an integer add of
-            // t's low bits shifted up (1.5·2^23's low 23 bits shift out to 0). That is the
-            // multiply's exact result while it is normal, so clamp to [EXP_LO, 88.72] (y ≥ 0.7
-            // and n ≥ -125 below, y < 1 where n = 128 above) and write 0 where x was below (as
-            // for AVX-512). An integer add rather than a multiply, as both FMA pipes are busy
-            // with the polynomial. NaN lanes are restored at the end: the add can turn a NaN's
-            // pattern into a number.
+            // AVX-512's form (`exp_table`) with eighths: `2^(n/8) · e^r` with |r| ≤ ln 2 / 16,
+            // `2^(n/8)` as a table entry picked by n mod 8 (vpermps reads the low three bits of
+            // each index) times `2^⌊n/8⌋` built in an exponent field, and `e^r` from a degree-4
+            // polynomial. The shortest chain found, which is what bounds it (the exp of a
+            // softmax runs out of scheduler entries before it runs out of FMA pipes). The
+            // multiply by `2^⌊n/8⌋` keeps NaN (the min below passes it on); `⌊n/8⌋ ≤ 127` holds
+            // with x clamped to 88.67 (e^88.67 = 3.2e38 above it), and x below EXP_LO gives 0.
             let lo = _mm256_set1_ps(EXP_LO);
-            let xc = _mm256_min_ps(_mm256_set1_ps(88.72), _mm256_max_ps(lo, x));
-            let (y, t) = exp_poly::<Self>(xc);
-            let shift = _mm256_slli_epi32::<23>(_mm256_castps_si256(t));
-            let e = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(y), shift));
-            let e = _mm256_andnot_ps(_mm256_cmp_ps::<_CMP_LT_OQ>(x, lo), e);
-            _mm256_blendv_ps(e, x, _mm256_cmp_ps::<_CMP_UNORD_Q>(x, x))
+            let xc = _mm256_min_ps(_mm256_set1_ps(88.67), x);
+            // 1.5 · 2^20: the sum rounds to an eighth, n/8 (in that binade the ulp is 1/8), and
+            // the low bits of t's pattern hold n.
+            let magic = _mm256_set1_ps(1_572_864.0);
+            let t = _mm256_fmadd_ps(xc, _mm256_set1_ps(LOG2E), magic);
+            let n8 = _mm256_sub_ps(t, magic);
+            // (n/8)·C1 is exact (C1 has 9 significant bits, n at most 11).
+            let r = _mm256_fnmadd_ps(n8, _mm256_set1_ps(C1), xc);
+            let r = _mm256_fnmadd_ps(n8, _mm256_set1_ps(C2), r);
+            let table = _mm256_loadu_ps(EXP2_EIGHTHS.as_ptr());
+            let tab = _mm256_permutevar8x32_ps(table, _mm256_castps_si256(t));
+            let mut p = _mm256_fmadd_ps(r, _mm256_set1_ps(1.0 / 24.0), _mm256_set1_ps(1.0 / 6.0));
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5));
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0));
+            let y = _mm256_fmadd_ps(_mm256_mul_ps(p, r), tab, tab); // tab · e^r
+                                                                    // ⌊n/8⌋ in the exponent field: n's bits shifted up by 20, the three below it cleared
+                                                                    // (1.5·2^20's pattern shifts out), plus the bias.
+            let high = _mm256_slli_epi32::<20>(_mm256_castps_si256(t));
+            let k = _mm256_and_si256(high, _mm256_set1_epi32(0xff80_0000_u32 as i32));
+            let pow = _mm256_castsi256_ps(_mm256_add_epi32(k, _mm256_set1_epi32(127 << 23)));
+            _mm256_andnot_ps(_mm256_cmp_ps::<_CMP_LT_OQ>(x, lo), _mm256_mul_ps(y, pow))
         }
     }
     #[inline(always)]
