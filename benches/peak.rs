@@ -1,4 +1,4 @@
-//! `cargo bench --bench peak [-- avx2|avx512]`: the float32 FMA peak of an instruction set on
+//! `cargo bench --bench peak [-- avx2|avx512|neon]`: the float32 FMA peak of an instruction set on
 //! this machine, the number the kernels' rates are quoted against. Each thread (one per core
 //! luong uses) runs independent FMA chains, enough to cover the FMA latency on every core we
 //! know, for about 0.2 s; the best of five rounds is printed in GFLOP/s (2 flops per lane per
@@ -62,6 +62,32 @@ mod x86 {
     }
 }
 
+#[cfg(target_arch = "aarch64")]
+mod arm {
+    use super::CHAINS;
+    use std::arch::aarch64::*;
+
+    /// FMAs on 128-bit NEON registers; returns a value that depends on every chain.
+    pub fn neon(seed: f32, iters: usize) -> f32 {
+        // SAFETY: NEON is part of every aarch64 target.
+        unsafe {
+            let mut acc = [vdupq_n_f32(seed); CHAINS];
+            let a = vdupq_n_f32(0.999_999);
+            let b = vdupq_n_f32(1e-7);
+            for _ in 0..iters {
+                for x in acc.iter_mut() {
+                    *x = vfmaq_f32(b, *x, a);
+                }
+            }
+            let mut s = vdupq_n_f32(0.0);
+            for x in acc {
+                s = vaddq_f32(s, x);
+            }
+            vaddvq_f32(s)
+        }
+    }
+}
+
 /// GFLOP/s of `threads` threads each running `f` once (best of five rounds).
 fn measure(lanes: usize, threads: usize, f: fn(f32, usize) -> f32, iters: usize) -> f64 {
     let flop = (2 * lanes * CHAINS * iters * threads) as f64;
@@ -113,6 +139,14 @@ fn main() {
             );
             any = true;
         }
+    }
+    #[cfg(target_arch = "aarch64")]
+    if want("neon") {
+        println!(
+            "neon {:.1} GFLOP/s on {threads} threads",
+            measure(4, threads, arm::neon, iters)
+        );
+        any = true;
     }
     if !any {
         println!("no measured instruction set among {wanted:?} on this CPU");

@@ -3,8 +3,9 @@
 //! Runs causal self-attention with a padding mask on a small batch, checks that the weights
 //! form a distribution over the visible keys, then takes one gradient step on the query with
 //! the memory-efficient backward (`forward_saved` + `backward_saved`) and shows the loss fall.
+//! It first prints the kernel family it runs on (`avx512`, `avx2`, `neon`, ...).
 
-use luong::{Attention, AttentionError, Masks, ScoreMode, ValueMask};
+use luong::{Attention, AttentionError, Isa, Masks, ScoreMode, ValueMask};
 use ndarray::{Array2, Array3, Axis};
 
 fn main() -> Result<(), AttentionError> {
@@ -23,6 +24,8 @@ fn main() -> Result<(), AttentionError> {
     let attn = Attention::new(ScoreMode::Dot)
         .scale(1.0 / (d as f64).sqrt())
         .return_scores(true);
+    // The kernel family this CPU runs (`LUONG_ISA` can pick a lower one).
+    println!("kernel family: {}", Isa::detect().name());
 
     let out = attn.forward(query.view(), value.view(), None, &masks)?;
     let weights = out.scores.expect("asked for");

@@ -4,8 +4,8 @@
 
 use std::sync::OnceLock;
 
-/// The instruction sets the f32 kernels can use. More may be added (a NEON family), so matches
-/// outside this crate need a wildcard arm.
+/// The instruction sets the f32 kernels can use. More may be added, so matches outside this
+/// crate need a wildcard arm.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Isa {
@@ -18,13 +18,15 @@ pub enum Isa {
     Avx512,
     /// AVX2 and FMA: 8 lanes.
     Avx2,
+    /// NEON (Advanced SIMD) on aarch64: 4 lanes, 32 registers; part of every aarch64 target.
+    Neon,
     /// The portable row-by-row path.
     Scalar,
 }
 
 impl Isa {
-    /// The best set this CPU supports, or what `LUONG_ISA` (`amx`, `avx512`, `avx2`, `scalar`)
-    /// asks for when the CPU supports it (to test and benchmark every path on one machine;
+    /// The best set this CPU supports, or what `LUONG_ISA` (`amx`, `avx512`, `avx2`, `neon`,
+    /// `scalar`) asks for when the CPU supports it (to test and benchmark every path on one machine;
     /// `amx` also runs calls of every size on tiles). Detected once.
     /// [`Isa::Amx`] asks Linux for the tile state the first time (`arch_prctl`).
     pub fn detect() -> Isa {
@@ -32,19 +34,20 @@ impl Isa {
         *ISA.get_or_init(|| resolve(requested_by_env(), Isa::best()))
     }
 
-    /// The name `LUONG_ISA` takes for this set: `amx`, `avx512`, `avx2` or `scalar`.
+    /// The name `LUONG_ISA` takes for this set: `amx`, `avx512`, `avx2`, `neon` or `scalar`.
     pub fn name(self) -> &'static str {
         match self {
             Isa::Amx => "amx",
             Isa::Avx512 => "avx512",
             Isa::Avx2 => "avx2",
+            Isa::Neon => "neon",
             Isa::Scalar => "scalar",
         }
     }
 
     /// The set named `name` (as [`Isa::name`] spells it), if any.
     pub fn parse(name: &str) -> Option<Isa> {
-        [Isa::Amx, Isa::Avx512, Isa::Avx2, Isa::Scalar]
+        [Isa::Amx, Isa::Avx512, Isa::Avx2, Isa::Neon, Isa::Scalar]
             .into_iter()
             .find(|isa| isa.name() == name)
     }
@@ -64,17 +67,23 @@ impl Isa {
                 return Isa::Avx2;
             }
         }
+        #[cfg(target_arch = "aarch64")]
+        {
+            return Isa::Neon;
+        }
+        #[allow(unreachable_code)]
         Isa::Scalar
     }
 }
 
 /// The set a call runs on when `requested` is asked for and `best` is available: the request
 /// when the CPU has it (a lower x86 set, or the portable path), else `best`. Asking for
-/// [`Isa::Amx`] or for nothing gives `best`.
+/// [`Isa::Amx`], [`Isa::Neon`] or for nothing gives `best`.
 pub(crate) fn resolve(requested: Option<Isa>, best: Isa) -> Isa {
+    let x86 = matches!(best, Isa::Amx | Isa::Avx512 | Isa::Avx2);
     match requested {
         Some(Isa::Scalar) => Isa::Scalar,
-        Some(Isa::Avx2) if best != Isa::Scalar => Isa::Avx2,
+        Some(Isa::Avx2) if x86 => Isa::Avx2,
         Some(Isa::Avx512) if best == Isa::Amx => Isa::Avx512,
         _ => best,
     }
@@ -173,15 +182,35 @@ mod tests {
             (Some(Avx2), Scalar, Scalar),
             (Some(Scalar), Amx, Scalar),
             (Some(Amx), Scalar, Scalar),
+            // aarch64: NEON or the portable path; the x86 sets are not there to ask for.
+            (None, Neon, Neon),
+            (Some(Avx2), Neon, Neon),
+            (Some(Avx512), Neon, Neon),
+            (Some(Amx), Neon, Neon),
+            (Some(Scalar), Neon, Scalar),
+            (Some(Neon), Avx512, Avx512),
+            (Some(Neon), Scalar, Scalar),
         ];
         for (requested, best, runs) in table {
             assert_eq!(resolve(requested, best), runs, "{requested:?} on {best:?}");
         }
     }
 
+    /// An aarch64 CPU runs the NEON family unless the portable path is asked for.
+    #[cfg(target_arch = "aarch64")]
+    #[test]
+    fn aarch64_runs_neon() {
+        assert_eq!(Isa::best(), Isa::Neon);
+        let want = match requested_by_env() {
+            Some(Isa::Scalar) => Isa::Scalar,
+            _ => Isa::Neon,
+        };
+        assert_eq!(Isa::detect(), want);
+    }
+
     #[test]
     fn names_parse_back() {
-        for isa in [Isa::Amx, Isa::Avx512, Isa::Avx2, Isa::Scalar] {
+        for isa in [Isa::Amx, Isa::Avx512, Isa::Avx2, Isa::Neon, Isa::Scalar] {
             assert_eq!(Isa::parse(isa.name()), Some(isa));
         }
         assert_eq!(Isa::parse("neon?"), None);

@@ -422,8 +422,8 @@ fn get_num_threads() -> usize {
     crate::num_threads()
 }
 
-/// The instruction set the float32 kernels run on (`Isa::detect`): "amx", "avx512", "avx2" or
-/// "scalar".
+/// The instruction set the float32 kernels run on (`Isa::detect`): "amx", "avx512", "avx2",
+/// "neon" or "scalar".
 #[pyfunction]
 fn kernel_isa() -> &'static str {
     crate::Isa::detect().name()
@@ -454,7 +454,7 @@ fn check_shapes(
     Ok(plan.batch_shape)
 }
 
-/// planned_isa(dims, dtype, options) -> "amx" | "avx512" | "avx2" | "scalar"
+/// planned_isa(dims, dtype, options) -> "amx" | "avx512" | "avx2" | "neon" | "scalar"
 ///
 /// The kernel family a call of `dims = (B, Tq, Tv, D, Dv)` (B the product of the broadcast
 /// batch dims) in `dtype` ("float32", "float64", "float16" or "bfloat16") with `options` runs on

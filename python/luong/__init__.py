@@ -41,8 +41,8 @@ def get_num_threads() -> int:
 def kernel_isa() -> str:
     """The instruction set luong's float32 kernels run on in this process: "amx" (AVX-512 with
     the two products on AMX tiles for the calls they win: dot scores, 24 MFLOP or more, blocks
-    of 32 query rows or more, at most 2048 keys with returned weights), "avx512", "avx2" or
-    "scalar".
+    of 32 query rows or more, at most 2048 keys with returned weights), "avx512", "avx2", "neon"
+    (aarch64) or "scalar".
     The best the CPU has, or what the environment variable `LUONG_ISA` asks for (tests and
     benchmarks use it to compare the paths; results agree within float32 rounding)."""
     return _core.kernel_isa()

@@ -504,6 +504,7 @@ pub(crate) unsafe fn dot_rows<S: Simd>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(target_arch = "x86_64")]
     use crate::kernel::Isa;
 
     /// The SIMD packer equals the portable one on every ISA this CPU has: partial panels
@@ -519,6 +520,13 @@ mod tests {
                 let mut want = vec![f32::NAN; len];
                 pack_panels(key, nr, &mut want);
                 assert!(want.iter().all(|x| !x.is_nan()), "every element written");
+                #[cfg(target_arch = "aarch64")]
+                {
+                    let mut got = vec![f32::NAN; len];
+                    // SAFETY: NEON is part of the target; `got` has the panel length.
+                    unsafe { pack::<crate::kernel::simd::Neon>(key, nr, &mut got) };
+                    assert_eq!(got, want, "neon, Tv {tv}, D {d}, NR {nr}");
+                }
                 #[cfg(target_arch = "x86_64")]
                 {
                     #[target_feature(enable = "avx512f")]

@@ -30,9 +30,11 @@ pub(crate) struct Ctx<'a, 'm, T> {
     /// Query rows per work item (the last item of a batch element may have fewer).
     pub(crate) item_rows: usize,
     /// Items on tiles run their keys in chunks (`plan::flash`).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // read by the AMX item only
     pub(crate) flash: bool,
     /// This call's number ([`next_call`]): what a thread split ahead for its next item
     /// (`amx::SplitAhead`) is used only within the call that split it.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // read by the AMX item only
     pub(crate) call: u64,
 }
 
@@ -133,6 +135,7 @@ pub(crate) fn mask_fast_row(
 /// Keras scales the finished dot product: a tile-product row of raw scores times the scale.
 /// Inlined, so it runs in the kernel's AVX-512 instructions.
 #[inline(always)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // used by the AMX item only
 pub(crate) fn scale_row(ctx: &Ctx<'_, '_, f32>, s: &mut [f32]) {
     if let Some(c) = ctx.params.scale {
         s.iter_mut().for_each(|x| *x *= c);

@@ -7,11 +7,11 @@
 //! | `plan.rs` | every threshold and gate: threads per call, rows per item, tiles or not, flash |
 //! | `item.rs` | the call's context ([`Ctx`]), the item ([`Item`]), the per-row steps all share |
 //! | `family.rs` | the kernel-family trait: prepare, item, exp, decode chunk, backward item |
-//! | `avx512.rs`, `avx2.rs`, `portable.rs` | the families, each with its own tile shapes |
+//! | `avx512.rs`, `avx2.rs`, `neon.rs`, `portable.rs` | the families, each with its own tiles |
 //! | `fused.rs` | the fused item, written once, generic over [`simd::Simd`] and a tile shape |
 //! | `softmax.rs` | the SIMD softmax of a row and the SIMD exp passes |
 //! | `gemm.rs` | register-tiled products with epilogues, the panel packing, `dot_rows` |
-//! | `simd.rs` | the `Simd` trait, its AVX-512 and AVX2 implementations, the SIMD exp |
+//! | `simd.rs` | the `Simd` trait, its AVX-512, AVX2 and NEON implementations, the SIMD exp |
 //! | `keys.rs` | what a thread prepares per batch element ([`KeyCache`]) |
 //! | `decode.rs` | few query rows against many keys: split keys, merged in a fixed order |
 //! | `amx/` | the AMX family: f32 on tiles, its own item and softmax (one `cfg` on the folder) |
@@ -23,8 +23,8 @@
 //!
 //! Selection is in one place, `on_family!`: [`Isa::Avx512`] and
 //! [`Isa::Amx`] take the AVX-512 family (an AMX call tries its tiles first and
-//! falls back to it), [`Isa::Avx2`] the AVX2 family, anything else the
-//! portable one. Adding a family is adding one implementation of [`family::Family`] and one arm
+//! falls back to it), [`Isa::Avx2`] the AVX2 family, [`Isa::Neon`] (aarch64) the NEON
+//! family, anything else the portable one. Adding a family is adding one implementation of [`family::Family`] and one arm
 //! there. These paths compute in f32; the entry layer sends f64 to the portable item. Tests hold
 //! every family equal to the stage functions within float32 rounding (`tests/kernels.rs`).
 
@@ -41,6 +41,8 @@ mod fused;
 mod gemm;
 mod item;
 mod keys;
+#[cfg(target_arch = "aarch64")]
+mod neon;
 pub(crate) mod plan;
 mod portable;
 mod simd;
@@ -77,6 +79,11 @@ macro_rules! on_family {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => {
                 type $F = avx2::Avx2;
+                $body
+            }
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => {
+                type $F = neon::Neon;
                 $body
             }
             _ => {

@@ -46,6 +46,7 @@ pub(crate) const AMX_WEIGHTS_MAX_TV: usize = 2048;
 
 /// Keys per chunk of an item on tiles with long keys ([`flash`]): 64 rows × 512 keys are
 /// 128 KiB of scores and 192 KiB of weight parts, in L2.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // used by the AMX item only
 pub(crate) const FLASH_KEYS: usize = 512;
 
 /// Beyond this many keys an item on tiles runs its keys in chunks ([`flash`]); at 1024 keys two

@@ -1,13 +1,16 @@
-//! The vector operations the kernels are written in, for AVX-512 (16 lanes) and AVX2 + FMA
-//! (8 lanes). Kernels are generic over [`Simd`] and instantiated inside `#[target_feature]`
-//! functions (`kernel/mod.rs`), where these `#[inline(always)]` bodies inline and compile to the
-//! right instructions.
+//! The vector operations the kernels are written in, for AVX-512 (16 lanes), AVX2 + FMA (8 lanes)
+//! and NEON (4 lanes). Kernels are generic over [`Simd`] and instantiated inside
+//! `#[target_feature]` functions (`kernel/mod.rs`; NEON is part of every aarch64 target, so its
+//! family needs none), where these `#[inline(always)]` bodies inline and compile to the right
+//! instructions.
 //!
 //! Safety: every method is `unsafe` because it uses instructions the CPU must support; callers
 //! reach them only through functions selected after `is_x86_feature_detected!`. Pointer methods
 //! additionally need the (unmasked) lanes they touch to be in bounds; masked loads and stores
 //! never touch masked-off lanes (they do not fault there), which is what the tails rely on.
 
+#[cfg(target_arch = "aarch64")]
+use std::arch::aarch64::*;
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
@@ -56,14 +59,15 @@ pub(crate) trait Simd: Copy {
     #[inline(always)]
     unsafe fn prefetch(p: *const f32) {
         // SAFETY: a prefetch never faults, whatever the address.
+        #[cfg(target_arch = "x86_64")]
         unsafe {
-            #[cfg(target_arch = "x86_64")]
-            {
-                let p = p as *const i8;
-                _mm_prefetch::<_MM_HINT_T0>(p);
-                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(128));
-            }
+            let p = p as *const i8;
+            _mm_prefetch::<_MM_HINT_T0>(p);
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(128));
         }
+        // (No stable prefetch intrinsic elsewhere: a hint, so nothing.)
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = p;
     }
     /// `a · b + c`, one rounding.
     unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
@@ -97,7 +101,7 @@ const C2: f32 = -2.121_944_4e-4;
 pub(crate) const EXP_LO: f32 = -86.5;
 
 /// `2^(k/16)` for k = 0..16, each rounded to f32.
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 const EXP2_SIXTEENTHS: [f32; 16] = [
     1.0,
     1.044_273_7,
@@ -118,7 +122,7 @@ const EXP2_SIXTEENTHS: [f32; 16] = [
 ];
 
 /// `2^(k/8)` for k = 0..8: every other sixteenth.
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 const EXP2_EIGHTHS: [f32; 8] = {
     let s = EXP2_SIXTEENTHS;
     [s[0], s[2], s[4], s[6], s[8], s[10], s[12], s[14]]
@@ -506,7 +510,178 @@ impl Simd for Avx2 {
     }
 }
 
-#[cfg(all(test, target_arch = "x86_64"))]
+/// NEON (aarch64's baseline: 32 registers of 4 floats).
+#[cfg(target_arch = "aarch64")]
+#[derive(Clone, Copy)]
+pub(crate) struct Neon;
+
+#[cfg(target_arch = "aarch64")]
+static NEON_MASK_WINDOW: [u32; 8] = [u32::MAX, u32::MAX, u32::MAX, u32::MAX, 0, 0, 0, 0];
+
+#[cfg(target_arch = "aarch64")]
+impl Neon {
+    /// The lanes of `m` that are on (each lane of a mask is all ones or all zeros).
+    #[inline(always)]
+    unsafe fn lanes_on(m: uint32x4_t) -> [bool; 4] {
+        let mut bits = [0u32; 4];
+        // SAFETY: NEON (the `Simd` contract); `bits` holds four u32.
+        unsafe { vst1q_u32(bits.as_mut_ptr(), m) };
+        bits.map(|b| b != 0)
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+impl Simd for Neon {
+    const LANES: usize = 4;
+    type V = float32x4_t;
+    type M = uint32x4_t;
+    #[inline(always)]
+    unsafe fn zero() -> float32x4_t {
+        // SAFETY: NEON (the `Simd` contract).
+        unsafe { vdupq_n_f32(0.0) }
+    }
+    #[inline(always)]
+    unsafe fn splat(x: f32) -> float32x4_t {
+        // SAFETY: NEON (the `Simd` contract).
+        unsafe { vdupq_n_f32(x) }
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> float32x4_t {
+        // SAFETY: NEON, and the lanes touched are in bounds (the `Simd` contract).
+        unsafe { vld1q_f32(p) }
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, v: float32x4_t) {
+        // SAFETY: NEON, and the lanes touched are in bounds (the `Simd` contract).
+        unsafe { vst1q_f32(p, v) }
+    }
+    #[inline(always)]
+    unsafe fn mask(n: usize) -> uint32x4_t {
+        // SAFETY: NEON; four lanes of the window starting at 4 - n: n ones, then zeros.
+        unsafe { vld1q_u32(NEON_MASK_WINDOW.as_ptr().add(4 - n.min(4))) }
+    }
+    /// NEON has no masked load: the lanes on are read one by one (tails only).
+    #[inline(always)]
+    unsafe fn load_masked(p: *const f32, m: uint32x4_t) -> float32x4_t {
+        // SAFETY: NEON; only the lanes of `m`, which the `Simd` contract makes readable, are read.
+        unsafe {
+            let mut lanes = [0.0f32; 4];
+            for (i, on) in Self::lanes_on(m).into_iter().enumerate() {
+                if on {
+                    lanes[i] = *p.add(i);
+                }
+            }
+            vld1q_f32(lanes.as_ptr())
+        }
+    }
+    #[inline(always)]
+    unsafe fn store_masked(p: *mut f32, m: uint32x4_t, v: float32x4_t) {
+        // SAFETY: NEON; only the lanes of `m`, which the `Simd` contract makes writable, are
+        // written.
+        unsafe {
+            let mut lanes = [0.0f32; 4];
+            vst1q_f32(lanes.as_mut_ptr(), v);
+            for (i, on) in Self::lanes_on(m).into_iter().enumerate() {
+                if on {
+                    *p.add(i) = lanes[i];
+                }
+            }
+        }
+    }
+    #[inline(always)]
+    unsafe fn gather(p: *const f32, ld: usize, m: uint32x4_t) -> float32x4_t {
+        // SAFETY: NEON; only the lanes of `m`, readable by the `Simd` contract, are read.
+        unsafe {
+            let mut lanes = [0.0f32; 4];
+            for (i, on) in Self::lanes_on(m).into_iter().enumerate() {
+                if on {
+                    lanes[i] = *p.add(i * ld);
+                }
+            }
+            vld1q_f32(lanes.as_ptr())
+        }
+    }
+    #[inline(always)]
+    unsafe fn fma(a: float32x4_t, b: float32x4_t, c: float32x4_t) -> float32x4_t {
+        // SAFETY: NEON (the `Simd` contract).
+        unsafe { vfmaq_f32(c, a, b) }
+    }
+    #[inline(always)]
+    unsafe fn mul(a: float32x4_t, b: float32x4_t) -> float32x4_t {
+        // SAFETY: NEON (the `Simd` contract).
+        unsafe { vmulq_f32(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn add(a: float32x4_t, b: float32x4_t) -> float32x4_t {
+        // SAFETY: NEON (the `Simd` contract).
+        unsafe { vaddq_f32(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn sub(a: float32x4_t, b: float32x4_t) -> float32x4_t {
+        // SAFETY: NEON (the `Simd` contract).
+        unsafe { vsubq_f32(a, b) }
+    }
+    #[inline(always)]
+    unsafe fn select(m: uint32x4_t, a: float32x4_t, b: float32x4_t) -> float32x4_t {
+        // SAFETY: NEON (the `Simd` contract).
+        unsafe { vbslq_f32(m, a, b) }
+    }
+    /// x86's rule (`a > b ? a : b`): vmaxq_f32 would return NaN when `a` is NaN.
+    #[inline(always)]
+    unsafe fn max(a: float32x4_t, b: float32x4_t) -> float32x4_t {
+        // SAFETY: NEON (the `Simd` contract).
+        unsafe { vbslq_f32(vcgtq_f32(a, b), a, b) }
+    }
+    #[inline(always)]
+    unsafe fn sum(v: float32x4_t) -> f32 {
+        // SAFETY: NEON (the `Simd` contract); faddp's fixed order, (v0 + v1) + (v2 + v3).
+        unsafe { vaddvq_f32(v) }
+    }
+    #[inline(always)]
+    unsafe fn hmax(v: float32x4_t) -> f32 {
+        // SAFETY: NEON (the `Simd` contract).
+        unsafe { vmaxvq_f32(v) }
+    }
+    #[inline(always)]
+    unsafe fn exp(x: float32x4_t) -> float32x4_t {
+        // SAFETY: NEON (the `Simd` contract).
+        unsafe {
+            // AVX2's form (`Avx2::exp`): `2^(n/8) · e^r`, the table entry for n mod 8 picked by
+            // a byte lookup (tbl: lane bytes 4j..4j + 3 of the 32-byte table), `2^⌊n/8⌋` built
+            // in an exponent field and multiplied in (which keeps NaN), 0 below EXP_LO.
+            let xc = vminq_f32(vdupq_n_f32(88.67), x); // NaN stays NaN
+            let magic = vdupq_n_f32(1_572_864.0); // 1.5 · 2^20: the sum rounds to n/8
+            let t = vfmaq_f32(magic, xc, vdupq_n_f32(LOG2E));
+            let n8 = vsubq_f32(t, magic);
+            let r = vfmsq_f32(xc, n8, vdupq_n_f32(C1));
+            let r = vfmsq_f32(r, n8, vdupq_n_f32(C2));
+            let tb = vreinterpretq_u32_f32(t);
+            let j4 = vandq_u32(vshlq_n_u32::<2>(tb), vdupq_n_u32(0x1c));
+            let idx = vmlaq_u32(vdupq_n_u32(0x0302_0100), j4, vdupq_n_u32(0x0101_0101));
+            let table = uint8x16x2_t(
+                vld1q_u8(EXP2_EIGHTHS.as_ptr().cast::<u8>()),
+                vld1q_u8(EXP2_EIGHTHS.as_ptr().add(4).cast::<u8>()),
+            );
+            let tab = vreinterpretq_f32_u8(vqtbl2q_u8(table, vreinterpretq_u8_u32(idx)));
+            let mut p = vfmaq_f32(vdupq_n_f32(1.0 / 6.0), r, vdupq_n_f32(1.0 / 24.0));
+            p = vfmaq_f32(vdupq_n_f32(0.5), p, r);
+            p = vfmaq_f32(vdupq_n_f32(1.0), p, r);
+            let y = vfmaq_f32(tab, vmulq_f32(p, r), tab); // tab · e^r
+            let k = vandq_u32(vshlq_n_u32::<20>(tb), vdupq_n_u32(0xff80_0000));
+            let pow = vreinterpretq_f32_u32(vaddq_u32(k, vdupq_n_u32(127 << 23)));
+            let e = vmulq_f32(y, pow);
+            let below = vcltq_f32(x, vdupq_n_f32(EXP_LO));
+            vreinterpretq_f32_u32(vbicq_u32(vreinterpretq_u32_f32(e), below))
+        }
+    }
+    #[inline(always)]
+    unsafe fn recip(x: float32x4_t) -> float32x4_t {
+        // SAFETY: NEON (the `Simd` contract).
+        unsafe { vdivq_f32(vdupq_n_f32(1.0), x) }
+    }
+}
+
+#[cfg(all(test, any(target_arch = "x86_64", target_arch = "aarch64")))]
 mod tests {
     use super::*;
 
@@ -579,6 +754,37 @@ mod tests {
         );
     }
 
+    #[cfg(target_arch = "aarch64")]
+    #[test]
+    fn exp_within_its_ulp_bound_on_neon() {
+        // SAFETY: NEON is part of the target.
+        check(unsafe { sweep::<Neon>(2_000_000) }, "neon");
+    }
+
+    /// The masked loads and stores NEON emulates touch exactly the lanes of the mask.
+    #[cfg(target_arch = "aarch64")]
+    #[test]
+    fn neon_masks_touch_only_their_lanes() {
+        for n in 0..=4 {
+            let src = [1.0f32, 2.0, 3.0, 4.0];
+            let mut dst = [-1.0f32; 4];
+            // SAFETY: NEON; `src` and `dst` hold four floats.
+            let got = unsafe {
+                let m = Neon::mask(n);
+                let v = Neon::load_masked(src.as_ptr(), m);
+                Neon::store_masked(dst.as_mut_ptr(), m, v);
+                let mut lanes = [0.0f32; 4];
+                Neon::store(lanes.as_mut_ptr(), v);
+                lanes
+            };
+            for i in 0..4 {
+                let (want_load, want_store) = if i < n { (src[i], src[i]) } else { (0.0, -1.0) };
+                assert_eq!((got[i], dst[i]), (want_load, want_store), "n {n}, lane {i}");
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
     #[test]
     fn exp_within_its_ulp_bound_on_each_isa() {
         if std::arch::is_x86_feature_detected!("avx512f") {

@@ -101,6 +101,7 @@ pub(crate) unsafe fn row_max<S: Simd>(quads: &[f32], singles: &[f32], pad: &[f32
 /// # Safety
 /// `S`'s instructions must be available.
 #[inline(always)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // used by the AMX item only
 pub(crate) unsafe fn max_of_row<S: Simd>(row: &[f32]) -> f32 {
     // SAFETY: within this function's `# Safety` contract, which the caller upholds.
     unsafe {

@@ -24,7 +24,13 @@ pub(crate) fn row_dots_f32(
             return unsafe { row_dots_fma(d_out, out) };
         }
     }
-    let _ = simd_items; // every family off x86-64 is the portable one
+    #[cfg(target_arch = "aarch64")]
+    {
+        if simd_items {
+            // SAFETY: aarch64 has FMA (`fmadd`) in its baseline.
+            return unsafe { row_dots_fma(d_out, out) };
+        }
+    }
     row_dots_matmul(d_out, out)
 }
 
@@ -46,8 +52,8 @@ pub(crate) fn row_dots_matmul<T: ndarray::LinalgScalar>(
     result
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "fma")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+#[cfg_attr(target_arch = "x86_64", target_feature(enable = "fma"))]
 unsafe fn row_dots_fma(
     a: ndarray::ArrayView2<'_, f32>,
     b: ndarray::ArrayView2<'_, f32>,
