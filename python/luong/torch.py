@@ -9,12 +9,14 @@ Shapes, masks and numbers are those of `luong.attention` (Keras's `Attention`): 
 `(..., Tq, D)`, value `(..., Tv, Dv)`, key `(..., Tv, D)` (value when None); query_mask
 `(..., Tq)`, value_mask `(..., Tv)` or `(..., Tq, Tv)`; output `(..., Tq, Dv)`.
 
-No copies at the boundary: a CPU tensor of float32 or float64 is handed to the Rust kernel as a
-NumPy view of its memory (`tensor.detach().numpy()`, any strides), and the kernel's output arrays
-come back with `torch.from_numpy`, sharing memory. The compute dtype is the inputs' dtype (they
-must agree, as `torch.matmul` requires). Gradients flow to query, value, key, `scale` and
-`concat_score_weight`; masks are not differentiable, nor are the returned attention scores (the
-kernel's backward takes only the output's gradient), and there is no double backward.
+No copies at the boundary: a CPU tensor of float32, float64, float16 or bfloat16 is handed to the
+Rust kernel as a NumPy view of its memory (`tensor.detach().numpy()`, any strides; bfloat16 as
+`ml_dtypes.bfloat16`, which needs the `ml_dtypes` package), and the kernel's output arrays come
+back with `torch.from_numpy`, sharing memory. The dtype is the inputs' dtype (they must agree, as
+`torch.matmul` requires); half precision computes in float32 and rounds each result once, as
+`luong.attention` does, and its backward reruns the forward. Gradients flow to query, value, key,
+`scale` and `concat_score_weight`; masks are not differentiable, nor are the returned attention
+scores (the kernel's backward takes only the output's gradient), and there is no double backward.
 
 Importing this module imports torch; `import luong` alone does not.
 """
@@ -40,11 +42,9 @@ __all__ = ["Attention", "attention", "AttentionFunction"]
 Tensor = torch.Tensor
 Output = Union[Tensor, tuple[Tensor, Tensor]]
 
-# torch dtype -> the NumPy compute dtype the kernel runs in.
-_DTYPES: dict[torch.dtype, np.dtype[Any]] = {
-    torch.float32: np.dtype(np.float32),
-    torch.float64: np.dtype(np.float64),
-}
+# The dtypes the kernel takes (bfloat16's NumPy dtype comes from ml_dtypes, looked up when used).
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def _check_cpu(t: Tensor, arg: str) -> None:
@@ -59,21 +59,34 @@ def _check_cpu(t: Tensor, arg: str) -> None:
 
 
 def _view(t: Tensor, arg: str) -> np.ndarray:
-    """A NumPy view of a CPU tensor's memory, without a copy (any strides, also 0)."""
+    """A NumPy view of a CPU tensor's memory, without a copy (any strides, also 0); bfloat16,
+    which NumPy lacks, through its bits as `ml_dtypes.bfloat16`."""
     _check_cpu(t, arg)
     # resolve_conj / resolve_neg are no-ops (no copy) unless a lazy conj/neg bit is set.
-    return t.detach().resolve_conj().resolve_neg().numpy()
+    t = t.detach().resolve_conj().resolve_neg()
+    if t.dtype == torch.bfloat16:
+        bits: np.ndarray = t.view(torch.int16).numpy()
+        return bits.view(_run._np_dtype("bfloat16"))
+    return t.numpy()
+
+
+def _tensor(a: np.ndarray) -> Tensor:
+    """A kernel result as a tensor sharing its memory (bfloat16 through its bits)."""
+    if a.dtype.name == "bfloat16":
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
 
 
 def _input(t: Any, arg: str, dtype: torch.dtype | None) -> Tensor:
-    """Checks a query/value/key tensor: CPU, float32 or float64, the same dtype as the others."""
+    """Checks a query/value/key tensor: CPU, float32, float64, float16 or bfloat16, the same
+    dtype as the others."""
     if not isinstance(t, Tensor):
         raise TypeError(f"`{arg}` must be a torch.Tensor; got {type(t).__name__}")
     _check_cpu(t, arg)
     if t.dtype not in _DTYPES:
         raise TypeError(
-            f"`{arg}` must be float32 or float64 for luong; got {t.dtype} of shape "
-            f"{tuple(t.shape)} (convert it with `.float()` or `.double()`)"
+            f"`{arg}` must be float32, float64, float16 or bfloat16 for luong; got {t.dtype} of "
+            f"shape {tuple(t.shape)} (convert it with `.float()` or `.double()`)"
         )
     if dtype is not None and t.dtype != dtype:
         raise TypeError(
@@ -139,22 +152,27 @@ class AttentionFunction(torch.autograd.Function):
         }
         arrays = _arrays(query, value, key, query_mask, value_mask)
         # When a gradient may be asked for, the forward keeps each row's softmax statistics so
-        # the backward need not rerun it (with returned scores it reruns: rarely trained on).
-        keep = any(ctx.needs_input_grad[:5]) and not opts["return_scores"]
+        # the backward need not rerun it (with returned scores it reruns: rarely trained on; and
+        # half precision reruns it in float32, as `luong.attention_vjp` does).
+        keep = (
+            any(ctx.needs_input_grad[:5])
+            and not opts["return_scores"]
+            and query.dtype not in _HALF
+        )
         stats_t: Tensor | None = None
         if keep:
             output, stats = _core.forward_saved(*arrays, opts)
             scores, stats_t = None, torch.from_numpy(stats)
         else:
             output, scores = _core.attention(*arrays, opts)
-        output_t = torch.from_numpy(output)
+        output_t = _tensor(output)
         # The output is saved as a tensor so torch notices if it is modified in place.
         ctx.save_for_backward(
             query, value, key, scale, concat_score_weight, query_mask, value_mask,
             output_t if keep else None, stats_t,
         )
         ctx.options = {**opts, "return_scores": False}
-        scores_t = torch.from_numpy(scores) if scores is not None else query.new_empty(0)
+        scores_t = _tensor(scores) if scores is not None else query.new_empty(0)
         ctx.mark_non_differentiable(scores_t)
         return output_t, scores_t
 
@@ -174,9 +192,9 @@ class AttentionFunction(torch.autograd.Function):
             return torch.tensor(g, dtype=like.dtype).reshape(like.shape)
 
         return (
-            torch.from_numpy(dq) if need[0] else None,
-            torch.from_numpy(dv) if need[1] else None,
-            torch.from_numpy(dk) if need[2] and dk is not None else None,
+            _tensor(dq) if need[0] else None,
+            _tensor(dv) if need[1] else None,
+            _tensor(dk) if need[2] and dk is not None else None,
             scalar_grad(d_scale, scale, need[3]),
             scalar_grad(d_weight, weight, need[4]),
             None,  # query_mask
@@ -244,7 +262,8 @@ def attention(
     """`luong.attention` on CPU tensors, differentiable with torch.autograd.
 
     Args:
-        query, value, key: float32 or float64 CPU tensors of one dtype, the compute dtype;
+        query, value, key: float32, float64, float16 or bfloat16 CPU tensors of one dtype (half
+            precision computes in float32, each result rounded once);
             `(..., Tq, D)`, `(..., Tv, Dv)`, `(..., Tv, D)` (key defaults to value).
         query_mask, value_mask: tensors or arrays, bool or numbers (non-zero keeps); not
             differentiable.
@@ -260,7 +279,7 @@ def attention(
         output `(..., Tq, Dv)` tensor, or `(output, scores)`.
 
     Raises:
-        TypeError: a tensor not on the CPU, or not float32/float64, or of mixed dtypes.
+        TypeError: a tensor not on the CPU, or of another dtype, or of mixed dtypes.
         ValueError: shapes or settings luong rejects (the messages of `luong.attention`).
     """
     if training and dropout and seed is None:
@@ -273,7 +292,8 @@ def attention(
 
 
 class Attention(torch.nn.Module):
-    """`keras.layers.Attention` as an `nn.Module`, computed by luong (CPU, float32/float64).
+    """`keras.layers.Attention` as an `nn.Module`, computed by luong (CPU; float32, float64,
+    float16 or bfloat16).
 
     Args:
         use_scale: create the Parameter `scale` (initialised to 1) that scales the scores.

@@ -8,6 +8,7 @@
   scores, boolean masks, no fully masked rows), within the parity tests' tolerance rule;
 - the Module's Parameters get gradients and an optimiser step moves them; dropout follows
   `train()` / `eval()` and draws luong.Attention's masks;
+- float16 and bfloat16 tensors give luong's half-precision results and gradients, bit for bit;
 - clear errors for non-CPU tensors, unsupported dtypes and mixed dtypes.
 """
 
@@ -315,12 +316,54 @@ def test_non_cpu_tensors_are_a_type_error() -> None:
         lt.attention(v[:, :3], v, value_mask=torch.ones(2, 5, dtype=torch.bool, device="meta"))
 
 
-@pytest.mark.parametrize("bad", [torch.float16, torch.bfloat16, torch.int32, torch.complex64])
+@pytest.mark.parametrize("bad", [torch.float8_e4m3fn, torch.int32, torch.complex64])
 def test_unsupported_dtypes_are_a_type_error(bad: Any) -> None:
     q = torch.ones(2, 3, 4, dtype=bad)
     v = torch.ones(2, 5, 4)
-    with pytest.raises(TypeError, match=rf"`query` must be float32 or float64.*{bad}"):
+    with pytest.raises(TypeError, match=rf"`query` must be float32, float64, float16 or.*{bad}"):
         lt.attention(q, v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["dot", "concat"])
+def test_half_precision_equals_luong_on_the_same_half_arrays(dtype: Any, mode: str) -> None:
+    """float16 and bfloat16 tensors: the output, the returned scores and every gradient are
+    `luong.attention` / `luong.attention_vjp` on the same half-precision arrays, bit for bit, in
+    the tensors' dtype; a strided (transposed) query gives the same bits."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    t = _tensors({"query": (2, 6, 4), "value": (2, 7, 5), "key": (2, 7, 4)}, torch.float32)
+    t = {n: x.detach().to(dtype).requires_grad_() for n, x in t.items()}
+    np_dtype = np.dtype(np.float16) if dtype == torch.float16 else np.dtype(ml_dtypes.bfloat16)
+
+    def as_np(x: Any) -> np.ndarray:
+        return x.detach().float().numpy().astype(np_dtype)  # exact: widening then narrowing
+
+    value_mask = _value_mask((2, 7))
+    kwargs: dict[str, Any] = dict(value_mask=value_mask, score_mode=mode, use_causal_mask=True)
+    out, scores = lt.attention(
+        t["query"], t["value"], t["key"], scale=0.5, return_attention_scores=True, **kwargs
+    )
+    assert out.dtype == dtype and scores.dtype == dtype
+    arrays = [as_np(t[n]) for n in ("query", "value", "key")]
+    np_kwargs = {**kwargs, "value_mask": value_mask.numpy(), "scale": 0.5, "dtype": np_dtype}
+    ref_out, ref_scores = luong.attention(*arrays, return_attention_scores=True, **np_kwargs)
+    np.testing.assert_array_equal(as_np(out), ref_out, strict=True)
+    np.testing.assert_array_equal(as_np(scores), ref_scores, strict=True)
+
+    d_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(4)).to(dtype)
+    leaves = [t["query"], t["value"], t["key"]]
+    grads = torch.autograd.grad(out, leaves, grad_outputs=d_out)
+    _, backward = luong.attention_vjp(*arrays, **np_kwargs)
+    expected = backward(as_np(d_out))
+    for name, g in zip(["query", "value", "key"], grads):
+        assert g.dtype == dtype and g.shape == t[name].shape, name
+        np.testing.assert_array_equal(as_np(g), expected[name], strict=True, err_msg=name)
+    assert any(np.any(as_np(g) != 0) for g in grads), "the gradients are not all zero"
+
+    strided = t["query"].detach().transpose(0, 1).contiguous().transpose(0, 1)
+    assert not strided.is_contiguous()
+    again = lt.attention(strided, t["value"], t["key"], scale=0.5, **kwargs)
+    np.testing.assert_array_equal(as_np(again), ref_out, strict=True)
 
 
 def test_mixed_dtypes_and_non_tensors_are_a_type_error() -> None:
