@@ -8,7 +8,10 @@ use luong::{Attention, Isa, Masks};
 use ndarray::Array3;
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
     let bench = std::env::args().any(|a| a == "--bench");
     let mode = args.first().map_or("forward", String::as_str);
     let dims: Vec<usize> = args.iter().skip(1).filter_map(|a| a.parse().ok()).collect();
@@ -19,18 +22,28 @@ fn main() {
     };
     luong::set_num_threads(1).expect("one thread");
     let fill = |n: usize, t: usize, f: f32| {
-        Array3::from_shape_fn((n, t, d), |(i, j, k)| ((i * 31 + j * 7 + k) as f32 * f).sin())
+        Array3::from_shape_fn((n, t, d), |(i, j, k)| {
+            ((i * 31 + j * 7 + k) as f32 * f).sin()
+        })
     };
     let (q, k, v) = (fill(b, tq, 0.37), fill(b, tv, 0.71), fill(b, tv, 0.13));
     let attn = Attention::default();
     let masks = Masks::default();
     let mut check = q.sum() + k.sum() + v.sum();
     if mode != "inputs" {
-        let out = attn.forward(q.view(), v.view(), Some(k.view()), &masks).expect("valid");
+        let out = attn
+            .forward(q.view(), v.view(), Some(k.view()), &masks)
+            .expect("valid");
         check += out.output.sum();
         if mode == "backward" {
             let g = attn
-                .backward(q.view(), v.view(), Some(k.view()), &masks, out.output.view())
+                .backward(
+                    q.view(),
+                    v.view(),
+                    Some(k.view()),
+                    &masks,
+                    out.output.view(),
+                )
                 .expect("valid");
             check += g.query.sum();
         }

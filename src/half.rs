@@ -1,7 +1,8 @@
 //! Half precision storage: float16 and bfloat16 inputs and outputs, computed in float32.
 //!
 //! Shapes and rules are those of [`Attention::forward_nd`]. The inputs are widened to f32 once
-//! per call (`O(B·T·D)` work, against the `O(B·Tq·Tv·D)` of attention itself), the f32 kernels
+//! per call (`O(B·T·D)` work, against the `O(B·Tq·Tv·D)` of attention itself, into buffers each
+//! thread keeps for its next call), the f32 kernels
 //! run with Keras's mask bias for the storage type (`65504` for float16, float16's largest
 //! finite number; `1e9` for bfloat16, as Keras), and the results are rounded back to the storage
 //! type. Accumulation and softmax are in f32, so the results are at least as accurate as
@@ -66,13 +67,62 @@ fn convert<A: Sync, B: Send>(src: &[A], dst: &mut [B], f: impl Fn(&[A], &mut [B]
     }
 }
 
-/// `a` widened to a fresh f32 array (standard layout).
-fn widen<H: Half>(a: &ArrayViewD<'_, H>) -> ArrayD<f32> {
+/// `a` widened to f32 (standard layout) in a buffer this thread kept from its previous call
+/// ([`Widened`]): a fresh one would be fresh pages, and a page fault per 4 KiB cost more than the
+/// widening itself.
+fn widen<H: Half>(a: &ArrayViewD<'_, H>) -> Widened {
     let src = a.as_standard_layout();
     let src = src.as_slice().expect("standard layout");
-    let mut out = vec![0.0f32; src.len()];
-    convert(src, &mut out, H::widen);
-    ArrayD::from_shape_vec(a.raw_dim(), out).expect("same shape")
+    let mut buf = WIDENED.with_borrow_mut(|kept| take_fitting(kept, src.len()));
+    buf.clear();
+    buf.resize(src.len(), 0.0); // within the kept capacity: no new pages
+    convert(src, &mut buf, H::widen);
+    Widened {
+        buf,
+        dim: a.raw_dim(),
+    }
+}
+
+/// A widened input; its buffer goes back to this thread's [`WIDENED`] when dropped.
+struct Widened {
+    buf: Vec<f32>,
+    dim: ndarray::IxDyn,
+}
+
+impl Widened {
+    fn view(&self) -> ArrayViewD<'_, f32> {
+        ArrayViewD::from_shape(self.dim.clone(), &self.buf).expect("same shape")
+    }
+}
+
+impl Drop for Widened {
+    /// Keeps the buffer for this thread's next call: at most four (query, value, key and the
+    /// upstream gradient), of up to 64 MiB each.
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.buf);
+        if buf.capacity() <= (64 << 20) / 4 {
+            WIDENED.with_borrow_mut(|kept| {
+                if kept.len() < 4 {
+                    kept.push(buf);
+                }
+            });
+        }
+    }
+}
+
+/// The smallest kept buffer that holds `len` floats without growing, else the largest (or a new
+/// one): inputs of different sizes each find their own buffer again.
+fn take_fitting(kept: &mut Vec<Vec<f32>>, len: usize) -> Vec<f32> {
+    let fits = (0..kept.len())
+        .filter(|&i| kept[i].capacity() >= len)
+        .min_by_key(|&i| kept[i].capacity());
+    let pick = fits.or_else(|| (0..kept.len()).max_by_key(|&i| kept[i].capacity()));
+    pick.map(|i| kept.swap_remove(i)).unwrap_or_default()
+}
+
+thread_local! {
+    /// The widening buffers of this thread's previous call.
+    static WIDENED: std::cell::RefCell<Vec<Vec<f32>>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// A fresh f32 array rounded to `H`.
