@@ -1,14 +1,14 @@
 //! Half precision storage: float16 and bfloat16 inputs and outputs, computed in float32.
 //!
-//! Shapes and rules are those of [`Attention::forward_nd`]. The inputs are widened to f32 once
-//! per call (`O(B·T·D)` work, against the `O(B·Tq·Tv·D)` of attention itself, into buffers each
-//! thread keeps for its next call), the f32 kernels
-//! run with Keras's mask bias for the storage type (`65504` for float16, float16's largest
-//! finite number; `1e9` for bfloat16, as Keras), and the results are rounded back to the storage
-//! type. Accumulation and softmax are in f32, so the results are at least as accurate as
-//! Keras's, which computes in half precision throughout; one difference shows: in a fully
-//! masked float16 row Keras's `s - 65504` overflows to `-inf` and its weights are NaN, while
-//! luong's (f32) are finite — the same weights as every other fully masked row.
+//! Shapes and rules are those of [`Attention::forward_nd`]. The inputs are widened to f32 once per
+//! call (`O(B·T·D)` work, against the `O(B·Tq·Tv·D)` of attention itself, into buffers each thread
+//! keeps for its next call), the f32 kernels run with Keras's mask bias for the storage type
+//! (`65504` for float16, float16's largest finite number; `1e9` for bfloat16, as Keras), and the
+//! results are rounded back to the storage type. Accumulation and softmax are in f32, so the
+//! results are at least as accurate as Keras's, which computes in half precision throughout; one
+//! difference shows: in a fully masked float16 row Keras's `s - 65504` overflows to `-inf` and its
+//! weights are NaN, while luong's (f32) are finite — the same weights as every other fully masked
+//! row.
 
 use ::half::{bf16, f16, slice::HalfFloatSliceExt};
 use ndarray::{ArrayD, ArrayViewD};
