@@ -1,4 +1,4 @@
-//! The kernel-family trait: what one CPU family (AVX-512, AVX2, the portable path; NEON next)
+//! The kernel-family trait: what one CPU family (AVX-512, AVX2, NEON, the portable path)
 //! provides to the fused item and its helpers. Each implementation lives in a file of its own and
 //! carries its own tile shapes; it is picked in one place, `kernel::on_family!`. AMX is not a
 //! family of this trait: its items overlap the softmax with the tile products (`kernel::amx`)

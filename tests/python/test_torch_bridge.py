@@ -330,7 +330,7 @@ def test_half_precision_equals_luong_on_the_same_half_arrays(dtype: Any, mode: s
     """float16 and bfloat16 tensors: the output, the returned scores and every gradient are
     `luong.attention` / `luong.attention_vjp` on the same half-precision arrays, bit for bit, in
     the tensors' dtype; a strided (transposed) query gives the same bits."""
-    ml_dtypes = pytest.importorskip("ml_dtypes")
+    import ml_dtypes  # of the test extra: bfloat16's NumPy dtype
     t = _tensors({"query": (2, 6, 4), "value": (2, 7, 5), "key": (2, 7, 4)}, torch.float32)
     t = {n: x.detach().to(dtype).requires_grad_() for n, x in t.items()}
     np_dtype = np.dtype(np.float16) if dtype == torch.float16 else np.dtype(ml_dtypes.bfloat16)
