@@ -21,7 +21,8 @@ dims NumPy-style), in one kernel call; it loops per example only when the mapped
 `concat_score_weight` or `call` differ between examples, or under dropout. The backward loops
 per example (`vmap_method="sequential"`), so each example gets its own gradients, also of `scale`.
 
-dtypes: the inputs' common float dtype, when luong computes in it (float32; float64 needs JAX's
+dtypes: the inputs' common float dtype, when luong computes in it (float32; float16 and bfloat16,
+computed in float32 and rounded once, their backward rerunning the forward; float64 needs JAX's
 x64 mode set globally, `jax.config.update("jax_enable_x64", True)`: the thread-local
 `jax.enable_x64()` context does not reach the thread XLA may run callbacks on, and JAX then
 rejects the float64 results).
@@ -260,7 +261,9 @@ Residuals = tuple[Primals, Extras, Saved]
 def _attention_fwd(
     plan: _Plan, primals: Primals, extras: Extras
 ) -> tuple[tuple[jax.Array, ...], Residuals]:
-    if plan.options.return_scores:  # forward_saved returns no scores
+    # forward_saved returns no scores, and half precision keeps no statistics (its backward
+    # reruns the forward in float32, as luong.attention_vjp's does).
+    if plan.options.return_scores or plan.dtype in _run.HALF:
         return _run_forward(plan, primals, extras), (primals, extras, None)
     output, stats = _run_forward(plan, primals, extras, saved=True)
     return (output,), (primals, extras, (output, stats))

@@ -415,6 +415,36 @@ def test_dtype_follows_the_inputs() -> None:
     assert luong.jax.attention(ints, ints).dtype == jnp.float32
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_forward_and_gradients_are_luongs(dtype: str) -> None:
+    """float16 / bfloat16 arrays under jit and grad: the output and the gradients are
+    `luong.attention` / `luong.attention_vjp` on the same half arrays, bit for bit, in that dtype
+    (the backward reruns the forward in float32, as luong's does)."""
+    rng = np.random.default_rng(5)
+    half = jnp.dtype(dtype)
+    q, v, k = (jnp.asarray(rng.standard_normal(s), half) for s in [(2, 6, 4), (2, 7, 5), (2, 7, 4)])
+    mask = np.array([[True] * 7, [True, False] * 3 + [True]])
+    kwargs: dict[str, Any] = dict(value_mask=mask, scale=0.5, use_causal_mask=True)
+
+    def f(q: Any, v: Any, k: Any) -> Any:
+        return luong.jax.attention(q, v, k, **kwargs)
+
+    out = jax.jit(f)(q, v, k)
+    assert out.dtype == half
+    arrays = [np.asarray(x) for x in (q, v, k)]
+    expected = luong.attention(*arrays, **kwargs, dtype=dtype)
+    np.testing.assert_array_equal(np.asarray(out), expected, strict=True)
+    d_out = jnp.asarray(rng.standard_normal(out.shape), half)
+    _, pullback = jax.vjp(f, q, v, k)
+    grads = pullback(d_out)
+    _, backward = luong.attention_vjp(*arrays, **kwargs, dtype=dtype)
+    want = backward(np.asarray(d_out))
+    for name, g in zip(["query", "value", "key"], grads):
+        assert g.dtype == half, name
+        np.testing.assert_array_equal(np.asarray(g), want[name], strict=True, err_msg=name)
+    assert any(np.any(np.asarray(g) != 0) for g in grads)
+
+
 def test_import_luong_imports_neither_jax_nor_keras() -> None:
     code = (
         "import sys, luong; "
