@@ -364,6 +364,21 @@ model.save(KERAS_HOME + "/trained.keras")
 loaded = keras.models.load_model(KERAS_HOME + "/trained.keras")
 report["loaded_type"] = type(loaded.get_layer("attention")).__module__
 report["loaded_equal"] = bool(np.array_equal(loaded.predict(data, verbose=0), a))
+
+# 5. mixed_bfloat16: the layer computes in bfloat16 through luong, and the model trains
+mixed = luong.keras.Attention(dtype="mixed_bfloat16", name="mixed")
+qi, vi = keras.Input((6, 8)), keras.Input((7, 8))
+mm = keras.Model([qi, vi], keras.layers.Dense(1)(mixed([qi, vi])))
+mm.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse", jit_compile=True)
+xq = rng.standard_normal((32, 6, 8)).astype("float32")
+xv = rng.standard_normal((32, 7, 8)).astype("float32")
+ty = rng.standard_normal((32, 6, 1)).astype("float32")
+report["mixed_loss"] = mm.fit([xq, xv], ty, epochs=6, batch_size=32, verbose=0).history["loss"]
+out = mixed([xq, xv])
+report["mixed_dtype"] = str(out.dtype)
+bf = np.asarray(out).dtype
+want = luong.attention(xq.astype(bf), xv.astype(bf), dtype="bfloat16")
+report["mixed_equal"] = bool(np.array_equal(np.asarray(out), want))
 print("REPORT" + json.dumps(report))
 """
 
@@ -398,3 +413,7 @@ def test_jax_backend_trains_and_matches_keras_gradients(tmp_path: Path) -> None:
         assert max(rel.values()) < 2e-4, (case, rel)
     assert report["loaded_type"] == "luong.keras"
     assert report["loaded_equal"]
+    mixed = report["mixed_loss"]
+    assert mixed[-1] < 0.8 * mixed[0], mixed
+    assert report["mixed_dtype"] == "bfloat16"
+    assert report["mixed_equal"], "the mixed_bfloat16 layer's output is luong's bfloat16 result"
