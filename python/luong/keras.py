@@ -10,8 +10,10 @@ What computes:
 - numpy backend: luong's kernel on the NumPy arrays (`luong.attention`'s path);
 - jax backend: `luong.jax.attention`, so `jit`, `model.fit` and gradients (into `scale`,
   `concat_score_weight` and the layers upstream) run luong's forward and backward kernels;
-- other backends (tensorflow, torch), or a compute dtype luong does not take (`_luong_dtype`):
-  Keras's own `keras.layers.Attention.call`.
+- torch backend: `luong.torch`'s autograd Function, so `model.fit` and `loss.backward()` run
+  luong's kernels too (CPU tensors);
+- other backends (tensorflow), or a compute dtype luong does not take (`_luong_dtype`): Keras's
+  own `keras.layers.Attention.call`.
 
 Numbers are Keras's up to float32 rounding (see the README's parity notes). Deviations from
 Keras, all luong's documented behaviour: value masks with other than one batch dim and full score
@@ -37,7 +39,7 @@ from . import _run
 __all__ = ["Attention"]
 
 # The backends on which luong computes; on the others the layer is Keras's own.
-LUONG_BACKENDS = ("numpy", "jax")
+LUONG_BACKENDS = ("numpy", "jax", "torch")
 
 
 def _luong_dtype(name: str) -> np.dtype[Any] | None:
@@ -51,7 +53,7 @@ def _luong_dtype(name: str) -> np.dtype[Any] | None:
 @keras.saving.register_keras_serializable(package="luong")
 class Attention(keras.layers.Attention):  # type: ignore[misc]  # Keras's classes are untyped
     """Dot-product attention layer, a.k.a. Luong-style attention: `keras.layers.Attention`
-    computed by luong on the numpy and jax backends.
+    computed by luong on the numpy, jax and torch backends.
 
     Args (Keras's):
         use_scale: create a scalar weight `scale` (initialised to 1) that scales the scores.
@@ -88,7 +90,8 @@ class Attention(keras.layers.Attention):  # type: ignore[misc]  # Keras's classe
         return_attention_scores: bool = False,
         use_causal_mask: bool = False,
     ) -> Any:
-        """`keras.layers.Attention.call`, computed by luong on the numpy and jax backends."""
+        """`keras.layers.Attention.call`, computed by luong on the numpy, jax and torch
+        backends."""
         backend = keras.backend.backend()
         dtype = _luong_dtype(self.compute_dtype)
         if backend not in LUONG_BACKENDS or dtype is None:
@@ -141,6 +144,22 @@ class Attention(keras.layers.Attention):  # type: ignore[misc]  # Keras's classe
             use_causal_mask=use_causal_mask,
             return_attention_scores=return_attention_scores,
         )
+        if backend == "torch":
+            from . import torch as luong_torch
+
+            # The weights go in as the Variables' tensors, so autograd reaches them; the
+            # Function takes their values from the tensors, not from `options`.
+            cast = keras.ops.cast
+            return luong_torch._apply(
+                cast(query, dtype.name),
+                cast(value, dtype.name),
+                None if key is None else cast(key, dtype.name),
+                scale,
+                weight,
+                query_mask,
+                value_mask,
+                options,
+            )
         output, scores = _run.run(
             query, value, key, query_mask, value_mask, dtype=dtype, options=options
         )

@@ -1,8 +1,9 @@
 """`luong.keras.Attention` as a drop-in for `keras.layers.Attention`, and
 `luong.Attention.from_keras`.
 
-In this process Keras runs on the numpy backend (conftest.py); the JAX backend, fixed when Keras
-is imported, gets one subprocess (`test_jax_backend_trains_and_matches_keras_gradients`).
+In this process Keras runs on the numpy backend (conftest.py); the JAX and torch backends, fixed
+when Keras is imported, get one subprocess each (`test_jax_backend_trains_and_matches_keras_
+gradients`, `test_torch_backend_trains_through_luong_torch_and_matches_keras_gradients`).
 Outputs are compared with Keras's by attention_cases.py's float32 tolerance rule (the one
 test_keras_parity.py uses); where both sides run luong's kernel they must agree bit for bit.
 """
@@ -417,3 +418,101 @@ def test_jax_backend_trains_and_matches_keras_gradients(tmp_path: Path) -> None:
     assert mixed[-1] < 0.8 * mixed[0], mixed
     assert report["mixed_dtype"] == "bfloat16"
     assert report["mixed_equal"], "the mixed_bfloat16 layer's output is luong's bfloat16 result"
+
+
+# ---------------------------------------------------------------------------------------------
+# the torch backend, in a subprocess
+
+_TORCH_SCRIPT = """
+import json
+import keras, numpy as np, torch
+import luong.keras, luong.torch
+
+assert keras.backend.backend() == "torch"
+report = {}
+rng = np.random.default_rng(0)
+calls = [0]
+apply = luong.torch.AttentionFunction.apply
+
+def counted(*args):
+    calls[0] += 1
+    return apply(*args)
+
+luong.torch.AttentionFunction.apply = counted
+
+# 1. model.fit trains scale, concat_score_weight and the embedding through luong.torch
+tokens = keras.Input((None,), dtype="int32")
+x = keras.layers.Embedding(16, 8, mask_zero=True)(tokens)
+att = luong.keras.Attention(use_scale=True, score_mode="concat", name="attention")
+y = keras.layers.Dense(1)(keras.layers.GlobalAveragePooling1D()(att([x, x])))
+model = keras.Model(tokens, y)
+model.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse")
+data = rng.integers(1, 16, (32, 6))
+data[:, 4:] = 0
+target = rng.standard_normal((32, 1)).astype("float32")
+before = [np.array(w.numpy()) for w in model.weights]
+history = model.fit(data, target, epochs=6, batch_size=32, verbose=0)
+after = [np.array(w.numpy()) for w in model.weights]
+report["loss"] = history.history["loss"]
+report["changed"] = {w.path: bool(np.any(a != b)) for w, a, b in zip(model.weights, before, after)}
+report["calls"] = calls[0]
+
+# 2. gradients by torch autograd equal keras.layers.Attention's
+for mode in ("dot", "concat"):
+    for causal in (False, True):
+        ours = luong.keras.Attention(use_scale=True, score_mode=mode)
+        theirs = keras.layers.Attention(use_scale=True, score_mode=mode)
+        shapes = [(3, 5, 4), (3, 7, 2), (3, 7, 4)]
+        arrays = [rng.standard_normal(s).astype("float32") for s in shapes]
+        masks = [torch.from_numpy(rng.random(s) < 0.7) for s in [(3, 5), (3, 7)]]
+        masks[1][:, 0] = True
+        do = torch.from_numpy(rng.standard_normal((3, 5, 2)).astype("float32"))
+        weights = [np.float32(0.37)] + ([np.float32(1.7)] if mode == "concat" else [])
+        grads = []
+        for layer in (ours, theirs):
+            layer.build([a.shape for a in arrays])
+            layer.set_weights(weights)
+            q, v, k = (torch.from_numpy(a).requires_grad_() for a in arrays)
+            out = layer([q, v, k], mask=masks, use_causal_mask=causal)
+            variables = [w.value for w in layer.trainable_variables]
+            g = torch.autograd.grad((do * out).sum(), [q, v, k] + variables)
+            grads.append({"query": g[0], "value": g[1], "key": g[2],
+                          **{w.name: x for w, x in zip(layer.trainable_variables, g[3:])}})
+        report[f"grad_rel_{mode}_{causal}"] = {
+            name: float((grads[0][name] - want).abs().max() / want.abs().max())
+            for name, want in grads[1].items()
+        }
+print("REPORT" + json.dumps(report))
+"""
+
+
+def test_torch_backend_trains_through_luong_torch_and_matches_keras_gradients(
+    tmp_path: Path,
+) -> None:
+    pytest.importorskip("torch")  # the torch extra; CI installs it
+    package = str(Path(luong.__file__).resolve().parents[1])
+    env = {
+        **os.environ,
+        "KERAS_BACKEND": "torch",
+        "KERAS_HOME": str(tmp_path),
+        "PYTHONPATH": os.pathsep.join([package, os.environ.get("PYTHONPATH", "")]),
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(_TORCH_SCRIPT)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    line = next(x for x in result.stdout.splitlines() if x.startswith("REPORT"))
+    report = json.loads(line[len("REPORT") :])
+    loss = report["loss"]
+    assert loss[-1] < 0.8 * loss[0], loss
+    changed = report["changed"]
+    assert changed["attention/scale"] and changed["attention/concat_score_weight"], changed
+    assert all(changed.values()), changed
+    assert report["calls"] >= 6, "model.fit computed the layer through luong.torch"
+    for case in (f"grad_rel_{m}_{c}" for m in ("dot", "concat") for c in (False, True)):
+        rel = report[case]
+        assert set(rel) == {"query", "value", "key", "scale"} | (
+            {"concat_score_weight"} if "concat" in case else set()
+        ), (case, rel)
+        assert max(rel.values()) < 2e-4, (case, rel)
