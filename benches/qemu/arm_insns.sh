@@ -26,8 +26,9 @@ for isa in neon scalar; do
     read -r i0 v0 s0 l0 t0 <<<"$(count $isa inputs)"
     read -r i1 v1 s1 l1 t1 <<<"$(count $isa forward)"
     read -r i2 v2 s2 l2 t2 <<<"$(count $isa backward)"
-    for row in "forward $((i1 - i0)) $((v1 - v0)) $((s1 - s0)) $((l1 - l0)) $((t1 - t0)) $flop" \
-        "backward $((i2 - i1)) $((v2 - v1)) $((s2 - s1)) $((l2 - l1)) $((t2 - t1)) $((flop * 5 / 2))"; do
+    fwd="$((i1 - i0)) $((v1 - v0)) $((s1 - s0)) $((l1 - l0)) $((t1 - t0)) $flop"
+    bwd="$((i2 - i1)) $((v2 - v1)) $((s2 - s1)) $((l2 - l1)) $((t2 - t1)) $((flop * 5 / 2))"
+    for row in "forward $fwd" "backward $bwd"; do
         read -r call n v s l t f <<<"$row"
         printf '%-8s %-9s %14.3f %10d %10d %10d %10d\n' $isa "$call" \
             "$(echo "$n / $f" | bc -l)" "$v" "$s" "$l" "$t"

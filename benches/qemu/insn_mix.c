@@ -47,7 +47,8 @@ static void translate(qemu_plugin_id_t id, struct qemu_plugin_tb *tb) {
         else if (strncmp(d, "st", 2) == 0)
             counter = &stores;
         if (counter)
-            qemu_plugin_register_vcpu_insn_exec_inline(insn, QEMU_PLUGIN_INLINE_ADD_U64, counter, 1);
+            qemu_plugin_register_vcpu_insn_exec_inline(insn, QEMU_PLUGIN_INLINE_ADD_U64, counter,
+                                                       1);
         free(d); /* glib's g_free is free */
     }
 }
