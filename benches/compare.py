@@ -185,8 +185,11 @@ def inputs(b: int, tq: int, tv: int, d: int, seed: int = 0) -> tuple[np.ndarray,
     return q, k, v
 
 
-def torch_sdpa(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: Any = None) -> Callable[[], Any]:
-    tq, tk, tv = (torch.from_numpy(x)[:, None] for x in (q, k, v))  # (B, 1, T, D): its best layout
+def torch_sdpa(
+    q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: Any = None, dtype: Any = None
+) -> Callable[[], Any]:
+    """SDPA on (B, 1, T, D) tensors, its best layout; in `dtype` (a torch dtype) when given."""
+    tq, tk, tv = (torch.from_numpy(x)[:, None].to(dtype or torch.float32) for x in (q, k, v))
     f = torch.nn.functional.scaled_dot_product_attention
     return lambda: f(tq, tk, tv, attn_mask=mask, scale=1.0)
 
@@ -243,6 +246,30 @@ def row_dot(shape: tuple[int, int, int, int], calls: int) -> dict[str, Any]:
         jax_group["jax dot_product_attention"] = lambda: f(jq, jk, jv).block_until_ready()
     groups = [g for g in (main, jax_group) if g]
     return measure("dot", shape, lambda: luong.attention(q, v, k), groups, calls)
+
+
+def luong_call(q: np.ndarray, k: np.ndarray, v: np.ndarray, dtype: str) -> Callable[[], Any]:
+    return lambda: luong.attention(q, v, k, dtype=dtype)
+
+
+def rows_half(calls: int) -> list[dict[str, Any]]:
+    """float16 and bfloat16 inputs against luong's own float32 call on the same data (the
+    half-precision issue asks for a time ratio of at least 0.97) and against torch's SDPA in
+    the same dtype."""
+    halves: dict[str, Any] = {"float16": np.float16}
+    ml_dtypes = optional("ml_dtypes")
+    if ml_dtypes is not None:
+        halves["bfloat16"] = ml_dtypes.bfloat16
+    rows = []
+    for shape in [(8, 512, 512, 64), (2, 2048, 2048, 64), (32, 128, 128, 64)]:
+        q, k, v = inputs(*shape)
+        for name, dt in halves.items():
+            hq, hk, hv = (x.astype(dt) for x in (q, k, v))
+            fns = {"luong float32": luong_call(q, k, v, "float32")}
+            if torch is not None:
+                fns[f"torch SDPA 4-D {name}"] = torch_sdpa(q, k, v, dtype=getattr(torch, name))
+            rows.append(measure(name, shape, luong_call(hq, hk, hv, name), [fns], calls))
+    return rows
 
 
 def rows_masked(calls: int) -> list[dict[str, Any]]:
@@ -470,9 +497,10 @@ def main() -> int:
     if not args.quick:
         rows += rows_masked(args.calls) + rows_scores(args.calls) + rows_concat(args.calls)
         rows += rows_training(args.calls) + rows_small(args.calls) + rows_threads(args.calls)
-    print(table(rows, peak))
+    half = [] if args.quick else rows_half(args.calls)
+    print(table(rows + half, peak))
     if args.chart:
-        chart(rows, args.chart)
+        chart(rows, args.chart)  # float32 only
     return 0
 
 
