@@ -384,34 +384,46 @@ print("REPORT" + json.dumps(report))
 """
 
 
-def test_jax_backend_trains_and_matches_keras_gradients(tmp_path: Path) -> None:
+def _run_on_backend(backend: str, script: str, tmp_path: Path) -> dict[str, Any]:
+    """Runs `script` in a Python with Keras on `backend` (and KERAS_HOME in `tmp_path`, also
+    as the script's global `KERAS_HOME`) and returns the JSON it printed after "REPORT"."""
     package = str(Path(luong.__file__).resolve().parents[1])
     env = {
         **os.environ,
-        "KERAS_BACKEND": "jax",
+        "KERAS_BACKEND": backend,
         "KERAS_HOME": str(tmp_path),
         "PYTHONPATH": os.pathsep.join([package, os.environ.get("PYTHONPATH", "")]),
     }
-    script = f"KERAS_HOME = {str(tmp_path)!r}\n" + textwrap.dedent(_JAX_SCRIPT)
+    script = f"KERAS_HOME = {str(tmp_path)!r}\n" + textwrap.dedent(script)
     result = subprocess.run(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-4000:]
     line = next(x for x in result.stdout.splitlines() if x.startswith("REPORT"))
-    report = json.loads(line[len("REPORT") :])
+    report: dict[str, Any] = json.loads(line[len("REPORT") :])
+    return report
 
+
+def _assert_trained_and_keras_gradients(report: dict[str, Any]) -> None:
+    """The scripts' shared parts: model.fit's loss fell and every weight moved, and the
+    gradients of both score modes, causal or not, are Keras's within 2e-4 relative."""
     loss = report["loss"]
     assert loss[-1] < 0.8 * loss[0], loss
     changed = report["changed"]
     assert changed["attention/scale"] and changed["attention/concat_score_weight"], changed
     assert all(changed.values()), changed  # the embedding and the dense layer trained too
-    assert report["predict_rel"] < 2e-4, report["predict_rel"]
     for case in (f"grad_rel_{m}_{c}" for m in ("dot", "concat") for c in (False, True)):
         rel = report[case]
         assert set(rel) == {"query", "value", "key", "scale"} | (
             {"concat_score_weight"} if "concat" in case else set()
         ), (case, rel)
         assert max(rel.values()) < 2e-4, (case, rel)
+
+
+def test_jax_backend_trains_and_matches_keras_gradients(tmp_path: Path) -> None:
+    report = _run_on_backend("jax", _JAX_SCRIPT, tmp_path)
+    _assert_trained_and_keras_gradients(report)
+    assert report["predict_rel"] < 2e-4, report["predict_rel"]
     assert report["loaded_type"] == "luong.keras"
     assert report["loaded_equal"]
     mixed = report["mixed_loss"]
@@ -490,29 +502,6 @@ def test_torch_backend_trains_through_luong_torch_and_matches_keras_gradients(
     tmp_path: Path,
 ) -> None:
     pytest.importorskip("torch")  # the torch extra; CI installs it
-    package = str(Path(luong.__file__).resolve().parents[1])
-    env = {
-        **os.environ,
-        "KERAS_BACKEND": "torch",
-        "KERAS_HOME": str(tmp_path),
-        "PYTHONPATH": os.pathsep.join([package, os.environ.get("PYTHONPATH", "")]),
-    }
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(_TORCH_SCRIPT)],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    line = next(x for x in result.stdout.splitlines() if x.startswith("REPORT"))
-    report = json.loads(line[len("REPORT") :])
-    loss = report["loss"]
-    assert loss[-1] < 0.8 * loss[0], loss
-    changed = report["changed"]
-    assert changed["attention/scale"] and changed["attention/concat_score_weight"], changed
-    assert all(changed.values()), changed
+    report = _run_on_backend("torch", _TORCH_SCRIPT, tmp_path)
+    _assert_trained_and_keras_gradients(report)
     assert report["calls"] >= 6, "model.fit computed the layer through luong.torch"
-    for case in (f"grad_rel_{m}_{c}" for m in ("dot", "concat") for c in (False, True)):
-        rel = report[case]
-        assert set(rel) == {"query", "value", "key", "scale"} | (
-            {"concat_score_weight"} if "concat" in case else set()
-        ), (case, rel)
-        assert max(rel.values()) < 2e-4, (case, rel)
