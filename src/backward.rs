@@ -194,12 +194,13 @@ impl Attention {
         if let Some(pool) = pool {
             crate::pool::wake(pool);
         }
-        // Δ_i = dO_i · O_i (= Σ_j p_ij dP_ij): one dot product per row.
+        let isa = self.effective_isa();
+        // Δ_i = dO_i · O_i (= Σ_j p_ij dP_ij): one dot product per row, in the items' order.
         let delta_of = |b: usize| -> Vec<T> {
             dispatch::row_dots(
                 dout.index_axis(Axis(0), b),
                 saved_output.index_axis(Axis(0), b),
-                (self.effective_isa(), self.mode, dims),
+                (isa, self.mode, dims),
             )
         };
         let deltas = run_jobs(pool, (0..batch).collect(), || (), |_, b| delta_of(b));
@@ -222,7 +223,7 @@ impl Attention {
                 .active_dropout()
                 .map(|dr| (DropoutMask::new(&dr), T::of(1.0 - dr.rate))),
             dims,
-            isa: self.effective_isa(),
+            isa,
             skip: Vec::new(),
             exp: dispatch::exp_in_place::<T>,
         };

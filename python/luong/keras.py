@@ -113,14 +113,18 @@ class Attention(keras.layers.Attention):  # type: ignore[misc]  # Keras's classe
         call = self.seed_generator.next()[1] if rate > 0 else 0
         scale = None if self.scale is None else self.scale.value
         weight = 1.0 if self.concat_score_weight is None else self.concat_score_weight.value
+
+        def cast(x: Any) -> Any:
+            """A backend tensor in luong's compute dtype (the jax and torch paths)."""
+            return None if x is None else keras.ops.cast(x, dtype.name)
+
         if backend == "jax":
             from . import jax as luong_jax
 
-            cast = keras.ops.cast
             return luong_jax.attention(
-                cast(query, dtype.name),
-                cast(value, dtype.name),
-                None if key is None else cast(key, dtype.name),
+                cast(query),
+                cast(value),
+                cast(key),
                 query_mask=query_mask,
                 value_mask=value_mask,
                 score_mode=self.score_mode,
@@ -149,11 +153,10 @@ class Attention(keras.layers.Attention):  # type: ignore[misc]  # Keras's classe
 
             # The weights go in as the Variables' tensors, so autograd reaches them; the
             # Function takes their values from the tensors, not from `options`.
-            cast = keras.ops.cast
             return luong_torch._apply(
-                cast(query, dtype.name),
-                cast(value, dtype.name),
-                None if key is None else cast(key, dtype.name),
+                cast(query),
+                cast(value),
+                cast(key),
                 scale,
                 weight,
                 query_mask,
