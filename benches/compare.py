@@ -371,6 +371,77 @@ def rows_training(calls: int) -> list[dict[str, Any]]:
     ]
 
 
+def rows_model_step(calls: int) -> list[dict[str, Any]]:
+    """luong inside a PyTorch model: `Linear(64 -> 192) -> split -> attention -> Linear(64 -> 64)`
+    at (8, 512, 512, 64), torch with its default OpenMP settings, the attention by luong.torch,
+    by SDPA (4-D) or left out (the value passes through), forward alone (no_grad) and forward +
+    backward (the gradients of the two Linear layers' parameters). Each step row compares the
+    luong step with the SDPA step; each share row is a step's time minus the step without
+    attention, against the same attention called alone (the training issue asks for a share of
+    at most 1.15x the standalone time: ratio >= 0.87)."""
+    if torch is None:
+        return []
+    import luong.torch as lt
+
+    b, t, d = 8, 512, 64
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(b, t, d, generator=gen)
+    proj, out = torch.nn.Linear(d, 3 * d), torch.nn.Linear(d, d)
+    params = [*proj.parameters(), *out.parameters()]
+    layer = lt.Attention()
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    attentions: dict[str, Callable[[Any, Any, Any], Any]] = {
+        "luong": lambda q, k, v: layer(q, v, k),
+        "SDPA": lambda q, k, v: sdpa(q[:, None], k[:, None], v[:, None], scale=1.0)[:, 0],
+        "none": lambda q, k, v: v,
+    }
+
+    def step(att: Callable[[Any, Any, Any], Any], grad: bool) -> Callable[[], Any]:
+        def forward() -> Any:
+            q, k, v = proj(x).split(d, -1)
+            return out(att(q, k, v))
+
+        def train() -> Any:
+            return torch.autograd.grad(forward().sum(), params)
+
+        def infer() -> Any:
+            with torch.no_grad():
+                return forward()
+
+        return train if grad else infer
+
+    q, k, v = (torch.randn(b, t, d, generator=gen) for _ in range(3))
+    leaves = [z.clone().requires_grad_() for z in (q, k, v)]
+    d_out = torch.randn(b, t, d, generator=gen)
+
+    def alone(grad: bool) -> Callable[[], Any]:
+        def infer() -> Any:
+            with torch.no_grad():
+                return layer(q, v, k)
+
+        def train() -> Any:
+            return torch.autograd.grad(layer(leaves[0], leaves[2], leaves[1]), leaves, d_out)
+
+        return train if grad else infer
+
+    rows = []
+    shape = (b, t, t, d)
+    for grad, name in ((False, "model step"), (True, "model step fwd + bwd")):
+        fns = {n: step(a, grad) for n, a in attentions.items()}
+        fns["luong alone"] = alone(grad)
+        times = interleaved(fns, calls)
+        share = times["luong"] - times["none"]
+        sdpa_share = times["SDPA"] - times["none"]
+        rows.append({"row": name, "shape": shape, "luong": times["luong"],
+                     "peers": [("same step, SDPA", times["SDPA"], times["SDPA"] / times["luong"]),
+                               ("same step, no attention", times["none"], float("nan"))]})
+        rows.append({"row": f"{name}: attention's share", "shape": shape, "luong": share,
+                     "peers": [("luong alone", times["luong alone"],
+                                times["luong alone"] / share),
+                               ("SDPA's share", sdpa_share, sdpa_share / share)]})
+    return rows
+
+
 def rows_small(calls: int) -> list[dict[str, Any]]:
     shape = (1, 8, 8, 16)
     q, k, v = inputs(*shape)
@@ -428,7 +499,8 @@ def table(rows: list[dict[str, Any]], peak: float | None) -> str:
         for i, (n, t, ratio) in enumerate(r["peers"] or [("-", float("nan"), float("nan"))]):
             first = f"| {r['row']} | {r['shape']} | {fmt_ms(lu)} | {gf:.0f} | {share} |"
             head = first if i == 0 else "| | | | | |"
-            lines.append(f"{head} {n} | {fmt_ms(t)} | {ratio:.2f}x |")
+            shown = f"{ratio:.2f}x" if ratio == ratio else "-"  # NaN: a time without a ratio
+            lines.append(f"{head} {n} | {fmt_ms(t)} | {shown} |")
     return "\n".join(lines)
 
 
@@ -443,8 +515,10 @@ def chart(rows: list[dict[str, Any]], path: str) -> None:
         return
     labels, ratios = [], []
     for r in rows:
+        if "share" in r["row"]:  # a time against a time, not luong against a peer
+            continue
         for n, _, ratio in r["peers"]:
-            if n != "numpy":
+            if n != "numpy" and ratio == ratio:
                 labels.append(f"{r['row']} {r['shape']}\nvs {n}")
                 ratios.append(ratio)
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(labels) + 1.2))
@@ -486,7 +560,7 @@ def main() -> int:
           f"python {sys.version.split()[0]}, torch {getattr(torch, '__version__', '-')} "
           f"({torch_isa}), onnxruntime {getattr(ort, '__version__', '-')}, "
           f"jax {getattr(jax, '__version__', '-')}, keras {getattr(keras, '__version__', '-')}; "
-          f"{THREADS} threads; {args.calls} calls; "
+          f"{THREADS} threads on {luong.parallel_backend()}'s; {args.calls} calls; "
           f"runs of 1 + {args.run} calls, {args.gap * 1e3:g} ms apart")
     if args.isa != "native" and ort is not None:
         print("# onnxruntime is not held to --isa: MLAS runs the best set this CPU has")
@@ -496,7 +570,8 @@ def main() -> int:
     rows = rows_dot(args.calls, args.quick)
     if not args.quick:
         rows += rows_masked(args.calls) + rows_scores(args.calls) + rows_concat(args.calls)
-        rows += rows_training(args.calls) + rows_small(args.calls) + rows_threads(args.calls)
+        rows += rows_training(args.calls) + rows_model_step(args.calls)
+        rows += rows_small(args.calls) + rows_threads(args.calls)
     half = [] if args.quick else rows_half(args.calls)
     print(table(rows + half, peak))
     if args.chart:

@@ -32,7 +32,8 @@
 //!
 //! Modules: [`shape`] (all shape rules), [`score`], [`mask`], [`softmax`], [`dropout`],
 //! [`combine`](mod@combine) (the stages, public and readable), `attention` (the orchestration),
-//! `pool` (the thread pool), and, with the `python` feature, the PyO3 bindings.
+//! `pool` (the thread pool), `openmp` (joining a host's OpenMP team), and, with the `python`
+//! feature, the PyO3 bindings.
 
 pub mod backward;
 pub mod combine;
@@ -51,6 +52,7 @@ mod attention;
 mod cpu;
 mod dispatch;
 mod kernel;
+mod openmp;
 mod pool;
 
 #[cfg(feature = "python")]
@@ -66,6 +68,7 @@ pub use dropout::apply_dropout;
 pub use error::{AttentionError, Result};
 pub use float::Float;
 pub use mask::{apply_query_mask, apply_score_mask, Masks, ValueMask};
+pub use openmp::{parallel_backend, ParallelBackend};
 pub use pool::{num_threads, set_num_threads};
 pub use score::scores;
 pub use softmax::softmax_rows;

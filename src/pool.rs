@@ -5,6 +5,7 @@
 //! one) so that luong's thread count never changes a host program's own rayon work. Results do
 //! not depend on the size: each output row is computed by one thread in a fixed order.
 
+use std::ffi::c_void;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
@@ -144,6 +145,23 @@ pub(crate) fn run_indexed<S>(
     if threads == 1 {
         return drain(0);
     }
+    if let Some(team) = crate::openmp::team() {
+        let region = Region {
+            drain: &drain,
+            team,
+            gate: &gate,
+        };
+        // SAFETY: `in_region` catches every panic, and `region` outlives the region, which
+        // returns only when every thread of the team has left it.
+        unsafe {
+            team.run(
+                threads,
+                in_region,
+                &region as *const Region<'_> as *mut c_void,
+            )
+        };
+        return resume_first_panic(&gate);
+    }
     let task: &(dyn Fn(usize) + Sync) = &drain;
     let task: *const (dyn Fn(usize) + Sync + '_) = task;
     // SAFETY: only the trait object's lifetime bound changes (same pointer, same vtable). A
@@ -168,25 +186,41 @@ pub(crate) fn run_indexed<S>(
             // `Closer::drop` and `task` is alive (see above).
             let result =
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unsafe { (*task.0)(t) }));
-            // Keep the first panic and close the call so every thread stops after its current
-            // item; drop any other payload only after leaving (its Drop may panic too).
-            let extra = result.err().and_then(|payload| {
-                gate.state.fetch_or(CLOSED, Ordering::AcqRel);
-                let mut slot = gate.panic.lock().unwrap_or_else(|e| e.into_inner());
-                match *slot {
-                    None => {
-                        *slot = Some(payload);
-                        None
-                    }
-                    Some(_) => Some(payload),
-                }
-            });
+            // Drop a second panic's payload only after leaving (its Drop may panic too).
+            let extra = result.err().and_then(|payload| gate.keep_panic(payload));
             gate.leave();
             drop(extra);
         });
     }
     drain(0);
     drop(closer);
+    resume_first_panic(&gate)
+}
+
+/// What a thread of an OpenMP region needs: the per-thread loop, the team (for the thread's
+/// number) and the call's gate (for its panics).
+struct Region<'a> {
+    drain: &'a (dyn Fn(usize) + Sync + 'a),
+    team: crate::openmp::Team,
+    gate: &'a Gate,
+}
+
+/// The OpenMP region's body: thread t drains share t, catching a panic (it must not unwind
+/// into the OpenMP runtime) for the caller to resume.
+extern "C" fn in_region(data: *mut c_void) {
+    // SAFETY: `run_indexed` passes a `Region` that lives until the region has returned.
+    let region = unsafe { &*(data as *const Region<'_>) };
+    let t = region.team.thread_num();
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (region.drain)(t)));
+    if let Err(payload) = result {
+        // A second payload's Drop could panic too; outside the catch that would abort.
+        let extra = region.gate.keep_panic(payload);
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(extra)));
+    }
+}
+
+/// Resumes the call's first panic, if any thread had one.
+fn resume_first_panic(gate: &Gate) {
     let payload = gate.panic.lock().unwrap_or_else(|e| e.into_inner()).take();
     if let Some(payload) = payload {
         std::panic::resume_unwind(payload);
@@ -233,6 +267,9 @@ pub(crate) fn run_jobs<J: Send, S, R: Send>(
 /// call's first parallel step needs them: a worker woken by that step after the pool sat idle
 /// (e.g. between a service's requests) joins late.
 pub(crate) fn wake(pool: &ThreadPool) {
+    if crate::openmp::team().is_some() {
+        return; // the step runs on the host's OpenMP team (see `run_indexed`)
+    }
     pool.spawn_broadcast(|_| {});
 }
 
@@ -286,6 +323,22 @@ impl Gate {
             }
         }
     }
+    /// Keeps the call's first panic and closes the call, so that every thread stops after its
+    /// current item; hands back a later panic's payload for the thread to drop.
+    fn keep_panic(
+        &self,
+        payload: Box<dyn std::any::Any + Send>,
+    ) -> Option<Box<dyn std::any::Any + Send>> {
+        self.state.fetch_or(CLOSED, Ordering::AcqRel);
+        let mut slot = self.panic.lock().unwrap_or_else(|e| e.into_inner());
+        match *slot {
+            None => {
+                *slot = Some(payload);
+                None
+            }
+            Some(_) => Some(payload),
+        }
+    }
     fn inside(&self) -> usize {
         self.state.load(Ordering::Acquire) & !CLOSED
     }
@@ -319,7 +372,7 @@ impl Drop for Closer<'_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -392,6 +445,107 @@ mod tests {
             helped > 0,
             "no helper ever took an item: the race was not exercised"
         );
+    }
+
+    /// Loads GNU OpenMP into the process's global symbol scope, as PyTorch does, and lets this
+    /// test's thread run on its team.
+    #[cfg(target_os = "linux")]
+    pub(crate) fn on_gnu_openmp() -> crate::openmp::Team {
+        // SAFETY: dlopen with a NUL-terminated name; libgomp's initialisers only read the
+        // environment.
+        let lib =
+            unsafe { libc::dlopen(c"libgomp.so.1".as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
+        assert!(
+            !lib.is_null(),
+            "this test needs libgomp.so.1 (Debian's libgomp1, which gcc depends on)"
+        );
+        crate::openmp::TEAM_IN_THIS_TEST.with(|t| t.set(true));
+        crate::openmp::team().expect("the calling thread's team, once libgomp is loaded")
+    }
+
+    /// On a host's OpenMP team every index runs exactly once too, on the caller and the team's
+    /// worker (never on luong's pool), over many calls in a row.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn run_indexed_on_an_openmp_team_runs_each_index_once_on_its_threads() {
+        let team = on_gnu_openmp();
+        let pool = build(2).unwrap();
+        let on_worker = AtomicUsize::new(0);
+        for n in [1usize, 2, 3, 64, 1000] {
+            for _ in 0..50 {
+                let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+                let on_pool = AtomicUsize::new(0);
+                run_indexed(
+                    &pool,
+                    n,
+                    || (),
+                    |_, i| {
+                        let t = std::time::Instant::now();
+                        while t.elapsed() < std::time::Duration::from_micros(2) {
+                            std::hint::spin_loop();
+                        }
+                        hits[i].fetch_add(1, Ordering::Relaxed);
+                        if team.thread_num() != 0 {
+                            on_worker.fetch_add(1, Ordering::Relaxed);
+                        }
+                        if std::thread::current()
+                            .name()
+                            .is_some_and(|n| n.starts_with("luong-"))
+                        {
+                            on_pool.fetch_add(1, Ordering::Relaxed);
+                        }
+                    },
+                );
+                assert!(
+                    hits.iter().all(|h| h.load(Ordering::Relaxed) == 1),
+                    "n = {n}: some index ran other than once"
+                );
+                assert_eq!(
+                    on_pool.load(Ordering::Relaxed),
+                    0,
+                    "n = {n}: ran on luong's pool"
+                );
+            }
+        }
+        assert!(
+            on_worker.load(Ordering::Relaxed) > 0,
+            "the team's worker never took an item"
+        );
+    }
+
+    /// A panic in `work` on the team's worker or on the caller reaches the caller (instead of
+    /// unwinding into the OpenMP runtime, which would abort) and stops the call early.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn run_indexed_on_an_openmp_team_propagates_a_panic() {
+        let team = on_gnu_openmp();
+        let pool = build(2).unwrap();
+        for on_worker in [true, false] {
+            let ran = AtomicUsize::new(0);
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                run_indexed(
+                    &pool,
+                    2000,
+                    || (),
+                    |_, _| {
+                        ran.fetch_add(1, Ordering::SeqCst);
+                        if (team.thread_num() != 0) == on_worker {
+                            panic!("on the worker: {on_worker}");
+                        }
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    },
+                )
+            }));
+            assert!(
+                r.is_err(),
+                "the panic (on the worker: {on_worker}) was lost"
+            );
+            let ran = ran.load(Ordering::SeqCst);
+            assert!(
+                ran < 2000,
+                "a panic (on the worker: {on_worker}) did not stop the call: {ran} items ran"
+            );
+        }
     }
 
     /// A panic in `work` reaches the caller, from a helper thread and from the caller itself,

@@ -429,6 +429,13 @@ fn kernel_isa() -> &'static str {
     crate::Isa::detect().name()
 }
 
+/// Where the next parallel call from this thread runs its steps: "openmp" (the host's OpenMP
+/// team, e.g. PyTorch's) or "luong" (luong's own pool); see `crate::parallel_backend`.
+#[pyfunction]
+fn parallel_backend() -> &'static str {
+    crate::parallel_backend().as_str()
+}
+
 /// check_shapes(query, value, key, query_mask, value_mask) -> batch shape
 ///
 /// luong's shape rules (`shape::plan`) on shapes alone, for callers that check before any array
@@ -488,6 +495,8 @@ fn planned_isa(
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    // From import on, so that a process forked before luong's first call keeps to its pool.
+    crate::openmp::watch_forks();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(attention, m)?)?;
     m.add_function(wrap_pyfunction!(forward_saved, m)?)?;
@@ -495,6 +504,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(kernel_isa, m)?)?;
+    m.add_function(wrap_pyfunction!(parallel_backend, m)?)?;
     m.add_function(wrap_pyfunction!(planned_isa, m)?)?;
     m.add_function(wrap_pyfunction!(check_shapes, m)?)?;
     Ok(())

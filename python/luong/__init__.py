@@ -20,6 +20,7 @@ __all__ = [
     "set_num_threads",
     "get_num_threads",
     "kernel_isa",
+    "parallel_backend",
     "__version__",
 ]
 
@@ -46,3 +47,14 @@ def kernel_isa() -> str:
     The best the CPU has, or what the environment variable `LUONG_ISA` asks for (tests and
     benchmarks use it to compare the paths; results agree within float32 rounding)."""
     return _core.kernel_isa()
+
+
+def parallel_backend() -> str:
+    """Which threads a parallel call made now on this thread runs on: "openmp", the calling
+    thread's team of the OpenMP runtime the process has loaded (PyTorch's: its workers spin on
+    after each torch op, so luong's own would find their cores taken), or "luong", luong's own
+    pool. "luong" when no OpenMP runtime is loaded globally, inside an OpenMP region, when that
+    runtime is held to one thread (`torch.set_num_threads(1)`, `OMP_NUM_THREADS=1`), in a process
+    forked after luong was imported, or with `LUONG_OPENMP=0`. Either way a call uses
+    `get_num_threads()` threads and gives the same bits."""
+    return _core.parallel_backend()

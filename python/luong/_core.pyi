@@ -13,6 +13,7 @@ __all__ = [
     "forward_saved",
     "get_num_threads",
     "kernel_isa",
+    "parallel_backend",
     "planned_isa",
     "set_num_threads",
 ]
@@ -56,6 +57,7 @@ def backward(
 def set_num_threads(threads: int) -> None: ...
 def get_num_threads() -> int: ...
 def kernel_isa() -> str: ...
+def parallel_backend() -> str: ...
 def check_shapes(
     query: tuple[int, ...],
     value: tuple[int, ...],

@@ -396,3 +396,76 @@ def test_import_luong_imports_no_framework() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
     )
     assert result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
+def _torch_runs_openmp() -> bool:
+    return "ATen parallel backend: OpenMP" in torch.__config__.parallel_info()
+
+
+def _attention_and_gradients() -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """A call big enough to run in parallel (4, 256, 256, 64), causal, with its gradients."""
+    rng = np.random.default_rng(7)
+    q, k, v = (rng.standard_normal((4, 256, 64), dtype=np.float32) for _ in range(3))
+    out, backward = luong.attention_vjp(q, v, k, use_causal_mask=True)
+    return out, backward(rng.standard_normal(out.shape, dtype=np.float32))
+
+
+def test_calls_join_torchs_openmp_team_and_give_the_bits_of_one_thread() -> None:
+    # PyTorch's pip wheels compute on OpenMP (libgomp on Linux) and load it globally; a call made
+    # after a torch op then runs on torch's team, whose workers are still spinning.
+    assert luong.parallel_backend() == ("openmp" if _torch_runs_openmp() else "luong")
+    threads = luong.get_num_threads()
+    a = torch.randn(512, 512)
+    try:
+        luong.set_num_threads(1)
+        out1, grads1 = _attention_and_gradients()
+        luong.set_num_threads(2)
+        (a @ a).sum()
+        out2, grads2 = _attention_and_gradients()
+    finally:
+        luong.set_num_threads(threads)
+    assert np.array_equal(out1, out2)
+    assert grads1.keys() == grads2.keys()
+    for name in grads1:
+        assert np.array_equal(grads1[name], grads2[name]), name
+
+
+def test_torch_held_to_one_thread_keeps_luong_on_its_own_pool() -> None:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert luong.parallel_backend() == "luong"
+    finally:
+        torch.set_num_threads(before)
+    assert luong.parallel_backend() == ("openmp" if _torch_runs_openmp() else "luong")
+
+
+def test_a_process_forked_after_torch_ran_computes_on_luongs_pool_instead_of_hanging() -> None:
+    # GNU OpenMP's team does not survive fork: in the child, torch's own next parallel op waits
+    # forever for the parent's workers. luong, imported before the fork, keeps to its pool there.
+    package_root = str(Path(luong.__file__).resolve().parents[1])
+    paths = (package_root, str(Path(__file__).parent), os.environ.get("PYTHONPATH"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+    code = """
+import os, sys, numpy as np, torch, luong
+from test_torch_bridge import _attention_and_gradients
+luong.set_num_threads(2)
+a = torch.randn(512, 512)
+for _ in range(5):
+    (a @ a).sum()
+out, grads = _attention_and_gradients()
+pid = os.fork()
+if pid == 0:
+    ok = luong.parallel_backend() == "luong"
+    out_child, grads_child = _attention_and_gradients()
+    ok = ok and np.array_equal(out, out_child)
+    ok = ok and all(np.array_equal(grads[n], grads_child[n]) for n in grads)
+    os._exit(0 if ok else 3)
+_, status = os.waitpid(pid, 0)
+print(os.waitstatus_to_exitcode(status))
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == "0", result.stdout + result.stderr
