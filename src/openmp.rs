@@ -1,20 +1,26 @@
-//! The host program's OpenMP team, which luong's parallel steps join when the process has one.
+//! The host program's OpenMP team, which luong's parallel steps join while its workers run.
 //!
 //! A host that computes with OpenMP (PyTorch's libgomp, MKL's libiomp5, LLVM's libomp) leaves
 //! its team's workers spinning on their cores for milliseconds after each of its parallel regions
 //! (libgomp's default wait policy). A luong helper woken then finds no free core and shares one
 //! with the caller or a spinner, so a call between two torch ops runs at about one core's speed.
-//! Those spinning workers take a new region at once: luong's items run as one OpenMP region on
-//! the calling thread's team instead of on luong's pool. Nothing is linked: the runtime is looked
-//! up in the process's global symbol scope (where PyTorch puts its libgomp) at each call until
-//! found, so `import luong` needs no OpenMP and a runtime loaded later is found then.
+//! Those spinning workers take a new region at once: while they run, luong's items run as one
+//! OpenMP region on the calling thread's team instead of on luong's pool. While they sleep, the
+//! pool is the better choice: a region waits at its end for every worker, also one the kernel
+//! queued behind the spinning caller (seen: 3.6 ms after a 20 ms pause), where the pool's caller
+//! waits only for helpers that started. So the first region on a thread notes its workers'
+//! thread ids, and each later call reads their state from `/proc` first (R: running).
 //!
-//! The team is not used when `LUONG_OPENMP=0`, inside an OpenMP region (a nested region would be
-//! one thread), when the host's OpenMP is held to one thread (`omp_get_max_threads() == 1`, as
-//! PyTorch's DataLoader workers set it), or in a process forked after luong was loaded (GNU
-//! OpenMP's team does not survive `fork`: its next region waits forever for the parent's
-//! workers). Which thread runs an item never changes what it computes.
+//! Nothing is linked: the runtime is looked up in the process's global symbol scope (where
+//! PyTorch puts its libgomp) at each call until found, so `import luong` needs no OpenMP and a
+//! runtime loaded later is found then. The team is not used off Linux, with `LUONG_OPENMP=0`,
+//! inside an OpenMP region (a nested region would be one thread), when the host's OpenMP is held
+//! to one thread (`omp_get_max_threads() == 1`, as PyTorch's DataLoader workers set it), or in a
+//! process forked after luong was loaded (GNU OpenMP's team does not survive `fork`: its next
+//! region waits forever for the parent's workers). Which thread runs an item never changes what
+//! it computes.
 
+use std::cell::RefCell;
 use std::ffi::{c_int, c_uint, c_void};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Once, OnceLock};
@@ -58,7 +64,7 @@ impl Team {
 
 static FORKED: AtomicBool = AtomicBool::new(false);
 
-#[cfg(unix)]
+#[cfg(target_os = "linux")]
 extern "C" fn after_fork_in_child() {
     FORKED.store(true, Ordering::Relaxed);
 }
@@ -67,7 +73,7 @@ extern "C" fn after_fork_in_child() {
 pub(crate) fn watch_forks() {
     static WATCH: Once = Once::new();
     WATCH.call_once(|| {
-        #[cfg(unix)]
+        #[cfg(target_os = "linux")]
         // SAFETY: registers a handler that only stores to an atomic, which is async-signal-safe.
         unsafe {
             libc::pthread_atfork(None, None, Some(after_fork_in_child));
@@ -80,7 +86,7 @@ fn allowed() -> bool {
     *ALLOWED.get_or_init(|| std::env::var("LUONG_OPENMP").map_or(true, |v| v.trim() != "0"))
 }
 
-#[cfg(unix)]
+#[cfg(target_os = "linux")]
 fn lookup() -> Option<Team> {
     fn symbol(name: &std::ffi::CStr) -> Option<*mut c_void> {
         // SAFETY: dlsym with RTLD_DEFAULT and a NUL-terminated name only reads the loader's tables.
@@ -109,7 +115,7 @@ fn lookup() -> Option<Team> {
     Some(*FOUND.get_or_init(|| team))
 }
 
-#[cfg(not(unix))]
+#[cfg(not(target_os = "linux"))]
 fn lookup() -> Option<Team> {
     None
 }
@@ -121,9 +127,8 @@ thread_local! {
     pub(crate) static TEAM_IN_THIS_TEST: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// The calling thread's OpenMP team, when luong's parallel steps should run on it (see the
-/// module's conditions).
-pub(crate) fn team() -> Option<Team> {
+/// The calling thread's OpenMP team, when luong may run on it (see the module's conditions).
+fn team() -> Option<Team> {
     watch_forks();
     #[cfg(test)]
     if !TEAM_IN_THIS_TEST.with(|t| t.get()) {
@@ -138,13 +143,85 @@ pub(crate) fn team() -> Option<Team> {
     usable.then_some(team)
 }
 
+/// A team's workers as the calling thread last saw them: the step size they served and their
+/// `/proc/self/task/<tid>/stat` files, read again (one `pread` each) before each step.
+struct Workers {
+    threads: usize,
+    stats: Vec<std::fs::File>,
+}
+
+impl Workers {
+    /// Whether every worker is running or runnable now (spinning between regions), or `None`
+    /// when one's state cannot be read (it exited: learn the team again).
+    #[cfg(target_os = "linux")]
+    fn running(&self) -> Option<bool> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = [0u8; 128];
+        for stat in &self.stats {
+            let n = stat.read_at(&mut buf, 0).ok()?;
+            // "tid (comm) S ...": the state follows the last ')' (comm may hold one).
+            let close = buf[..n].iter().rposition(|&c| c == b')')?;
+            if buf.get(close + 2)? != &b'R' {
+                return Some(false);
+            }
+        }
+        Some(true)
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn running(&self) -> Option<bool> {
+        None
+    }
+}
+
+thread_local! {
+    static WORKERS: RefCell<Option<Workers>> = const { RefCell::new(None) };
+}
+
+/// How a parallel step of `threads` threads should run now: on the calling thread's team when
+/// its workers are running (`Some((team, false))`), or when they are not known yet (`Some((team,
+/// true))`: the region is to report its workers' ids to [`remember`]); `None` for luong's pool.
+pub(crate) fn awake_team(threads: usize) -> Option<(Team, bool)> {
+    let team = team()?;
+    WORKERS.with(|w| {
+        let mut w = w.borrow_mut();
+        let known = w.as_ref().filter(|w| w.threads == threads);
+        match known.map(Workers::running) {
+            Some(Some(true)) => Some((team, false)),
+            Some(Some(false)) => None,
+            Some(None) | None => {
+                *w = None;
+                Some((team, true))
+            }
+        }
+    })
+}
+
+/// Notes the workers (thread ids) that ran a region of `threads` threads on this thread's team.
+pub(crate) fn remember(threads: usize, tids: &[i32]) {
+    let stats = tids
+        .iter()
+        .map(|tid| std::fs::File::open(format!("/proc/self/task/{tid}/stat")))
+        .collect::<std::io::Result<Vec<_>>>();
+    WORKERS.with(|w| *w.borrow_mut() = stats.ok().map(|stats| Workers { threads, stats }));
+}
+
+/// The calling thread's kernel thread id (for [`remember`]).
+pub(crate) fn thread_id() -> i32 {
+    #[cfg(target_os = "linux")]
+    // SAFETY: gettid takes nothing and cannot fail.
+    return unsafe { libc::gettid() };
+    #[cfg(not(target_os = "linux"))]
+    return 0;
+}
+
 /// Where luong's parallel steps run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ParallelBackend {
     /// luong's own pool (see [`crate::set_num_threads`]).
     Pool,
     /// The host program's OpenMP team of the calling thread (PyTorch's, for instance), which a
-    /// call joins when the process has an OpenMP runtime in its global symbol scope.
+    /// call joins while the team's workers run (they spin for a while after each host region).
     OpenMp,
 }
 
@@ -158,11 +235,12 @@ impl ParallelBackend {
     }
 }
 
-/// Where a parallel call made now on this thread would run its steps: on the host's OpenMP team
-/// when the process has an OpenMP runtime in its global symbol scope (PyTorch loads one), the
-/// calling thread is not inside an OpenMP region, that runtime allows more than one thread, the
-/// process was not forked after luong was loaded and `LUONG_OPENMP` is not `0`; otherwise on
-/// luong's pool. Either way a call uses [`crate::num_threads`] threads and computes the same bits.
+/// Where a parallel call made on this thread runs its steps: [`ParallelBackend::OpenMp`] when
+/// it may join the host's OpenMP team (on Linux, an OpenMP runtime in the process's global
+/// symbol scope, as PyTorch loads one; the calling thread not inside an OpenMP region; that
+/// runtime allowing more than one thread; the process not forked after luong was loaded;
+/// `LUONG_OPENMP` not `0`), which it does while the team's workers run, and on luong's pool
+/// otherwise. Either way a call uses [`crate::num_threads`] threads and computes the same bits.
 pub fn parallel_backend() -> ParallelBackend {
     match team() {
         Some(_) => ParallelBackend::OpenMp,
@@ -173,6 +251,7 @@ pub fn parallel_backend() -> ParallelBackend {
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicUsize;
 
     /// The team is left alone inside one of its regions (a nested region would have one thread)
     /// and when the host holds OpenMP to one thread; it is used again once allowed.
@@ -209,5 +288,72 @@ mod tests {
         // SAFETY: as above.
         unsafe { set_num(2) };
         assert_eq!(parallel_backend(), ParallelBackend::OpenMp);
+    }
+
+    /// After a region the team's worker spins and a step joins the team; once it has gone to
+    /// sleep, steps run on luong's pool; a host region wakes it and the team is joined again.
+    #[test]
+    fn the_team_is_joined_while_its_worker_runs_and_left_while_it_sleeps() {
+        let team = crate::pool::tests::on_gnu_openmp();
+        let pool = crate::pool::tests::two_threads();
+        // Where the items of one step ran: (on the team's worker, on luong's pool).
+        let step = || {
+            let (worker, helper) = (AtomicUsize::new(0), AtomicUsize::new(0));
+            crate::pool::run_indexed(
+                &pool,
+                200,
+                || (),
+                |_, _| {
+                    let t = std::time::Instant::now();
+                    while t.elapsed() < std::time::Duration::from_micros(20) {
+                        std::hint::spin_loop();
+                    }
+                    if team.thread_num() != 0 {
+                        worker.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if std::thread::current()
+                        .name()
+                        .is_some_and(|n| n.starts_with("luong-"))
+                    {
+                        helper.fetch_add(1, Ordering::Relaxed);
+                    }
+                },
+            );
+            (worker.into_inner(), helper.into_inner())
+        };
+        let (worker, helper) = step(); // the first region notes the worker
+        assert!(
+            worker > 0 && helper == 0,
+            "first step: {worker} on the worker, {helper} on the pool"
+        );
+        // GNU OpenMP's worker spins for a few ms (longer under emulation), then sleeps.
+        let start = std::time::Instant::now();
+        while awake_team(2).is_some() {
+            assert!(
+                start.elapsed().as_secs() < 5,
+                "the team's worker never went to sleep"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        // Steps now run on the pool, never on the sleeping worker (a helper may wake too late
+        // for the first few: repeat until one takes items).
+        for round in 0.. {
+            let (worker, helper) = step();
+            assert_eq!(
+                worker, 0,
+                "round {round}: {worker} items on the sleeping team's worker"
+            );
+            if helper > 0 {
+                break;
+            }
+            assert!(round < 100, "luong's pool never took an item");
+        }
+        extern "C" fn nothing(_: *mut c_void) {}
+        // SAFETY: `nothing` does not unwind and reads no data.
+        unsafe { team.run(2, nothing, std::ptr::null_mut()) };
+        assert!(
+            matches!(awake_team(2), Some((_, false))),
+            "the woken worker is not seen running"
+        );
     }
 }

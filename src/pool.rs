@@ -145,21 +145,21 @@ pub(crate) fn run_indexed<S>(
     if threads == 1 {
         return drain(0);
     }
-    if let Some(team) = crate::openmp::team() {
+    if let Some((team, learn)) = crate::openmp::awake_team(threads) {
         let region = Region {
             drain: &drain,
             team,
             gate: &gate,
+            workers: learn.then(|| Mutex::new(Vec::new())),
         };
+        let data = &region as *const Region<'_> as *mut c_void;
         // SAFETY: `in_region` catches every panic, and `region` outlives the region, which
         // returns only when every thread of the team has left it.
-        unsafe {
-            team.run(
-                threads,
-                in_region,
-                &region as *const Region<'_> as *mut c_void,
-            )
-        };
+        unsafe { team.run(threads, in_region, data) };
+        if let Some(workers) = region.workers {
+            let tids = workers.into_inner().unwrap_or_else(|e| e.into_inner());
+            crate::openmp::remember(threads, &tids);
+        }
         return resume_first_panic(&gate);
     }
     let task: &(dyn Fn(usize) + Sync) = &drain;
@@ -198,11 +198,13 @@ pub(crate) fn run_indexed<S>(
 }
 
 /// What a thread of an OpenMP region needs: the per-thread loop, the team (for the thread's
-/// number) and the call's gate (for its panics).
+/// number), the call's gate (for its panics) and, when the team is new to the caller, where the
+/// workers note their thread ids.
 struct Region<'a> {
     drain: &'a (dyn Fn(usize) + Sync + 'a),
     team: crate::openmp::Team,
     gate: &'a Gate,
+    workers: Option<Mutex<Vec<i32>>>,
 }
 
 /// The OpenMP region's body: thread t drains share t, catching a panic (it must not unwind
@@ -211,6 +213,10 @@ extern "C" fn in_region(data: *mut c_void) {
     // SAFETY: `run_indexed` passes a `Region` that lives until the region has returned.
     let region = unsafe { &*(data as *const Region<'_>) };
     let t = region.team.thread_num();
+    if let (Some(workers), true) = (&region.workers, t != 0) {
+        let tid = crate::openmp::thread_id();
+        workers.lock().unwrap_or_else(|e| e.into_inner()).push(tid);
+    }
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (region.drain)(t)));
     if let Err(payload) = result {
         // A second payload's Drop could panic too; outside the catch that would abort.
@@ -267,8 +273,8 @@ pub(crate) fn run_jobs<J: Send, S, R: Send>(
 /// call's first parallel step needs them: a worker woken by that step after the pool sat idle
 /// (e.g. between a service's requests) joins late.
 pub(crate) fn wake(pool: &ThreadPool) {
-    if crate::openmp::team().is_some() {
-        return; // the step runs on the host's OpenMP team (see `run_indexed`)
+    if crate::openmp::awake_team(pool.current_num_threads()).is_some() {
+        return; // the step will run on the host's OpenMP team (see `run_indexed`)
     }
     pool.spawn_broadcast(|_| {});
 }
@@ -447,6 +453,11 @@ pub(crate) mod tests {
         );
     }
 
+    /// A pool of two threads for one test.
+    pub(crate) fn two_threads() -> Arc<ThreadPool> {
+        build(2).unwrap()
+    }
+
     /// Loads GNU OpenMP into the process's global symbol scope, as PyTorch does, and lets this
     /// test's thread run on its team.
     #[cfg(target_os = "linux")]
@@ -460,7 +471,9 @@ pub(crate) mod tests {
             "this test needs libgomp.so.1 (Debian's libgomp1, which gcc depends on)"
         );
         crate::openmp::TEAM_IN_THIS_TEST.with(|t| t.set(true));
-        crate::openmp::team().expect("the calling thread's team, once libgomp is loaded")
+        crate::openmp::awake_team(2)
+            .expect("the calling thread's team, once libgomp is loaded")
+            .0
     }
 
     /// On a host's OpenMP team every index runs exactly once too, on the caller and the team's
