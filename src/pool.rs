@@ -1,9 +1,11 @@
-//! The one thread pool luong computes on.
+//! The thread pool luong computes on, and the scheduler of every parallel step.
 //!
 //! Sized from `LUONG_NUM_THREADS` when it holds a positive integer, else from the machine's
 //! available parallelism; resized with [`set_num_threads`]. A dedicated pool (not rayon's global
-//! one) so that luong's thread count never changes a host program's own rayon work. Results do
-//! not depend on the size: each output row is computed by one thread in a fixed order.
+//! one) so that luong's thread count never changes a host program's own rayon work. Inside a host
+//! whose OpenMP workers are running, a step runs on them instead ([`crate::openmp`]), with as
+//! many threads. Results do not depend on the size: each output row is computed by one thread in
+//! a fixed order.
 
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -95,8 +97,10 @@ pub fn num_threads() -> usize {
 /// helpers that have started (spinning: they are finishing one item), never for one that has not
 /// woken yet: that helper finds the call closed and returns without touching it. (A rayon scope
 /// would make the caller sleep until every spawned helper had run, then wait to be woken.)
-/// Which thread runs an index never changes what it computes. A panic in `work` on any thread
-/// reaches the caller after every started helper has stopped.
+/// When the calling thread's OpenMP team is running ([`crate::openmp::awake_team`]), the same
+/// shares run as one OpenMP region of the pool's size on it instead (threads past the shares
+/// only take from others). Which thread runs an index never changes what it computes. A panic
+/// in `work` on any thread reaches the caller after every started helper has stopped.
 pub(crate) fn run_indexed<S>(
     pool: &ThreadPool,
     n: usize,
@@ -117,7 +121,7 @@ pub(crate) fn run_indexed<S>(
         if gate.is_closed() {
             return None;
         }
-        {
+        if own < threads {
             let mut s = lock(own);
             if s.0 < s.1 {
                 s.0 += 1;
@@ -145,7 +149,9 @@ pub(crate) fn run_indexed<S>(
     if threads == 1 {
         return drain(0);
     }
-    if let Some((team, learn)) = crate::openmp::awake_team(threads) {
+    // The team always runs the pool's size, so that its workers are the same ones every call.
+    let size = pool.current_num_threads();
+    if let Some((team, learn)) = crate::openmp::awake_team(size) {
         let region = Region {
             drain: &drain,
             team,
@@ -155,10 +161,10 @@ pub(crate) fn run_indexed<S>(
         let data = &region as *const Region<'_> as *mut c_void;
         // SAFETY: `in_region` catches every panic, and `region` outlives the region, which
         // returns only when every thread of the team has left it.
-        unsafe { team.run(threads, in_region, data) };
+        unsafe { team.run(size, in_region, data) };
         if let Some(workers) = region.workers {
             let tids = workers.into_inner().unwrap_or_else(|e| e.into_inner());
-            crate::openmp::remember(threads, &tids);
+            crate::openmp::remember(size, &tids);
         }
         return resume_first_panic(&gate);
     }
@@ -477,53 +483,66 @@ pub(crate) mod tests {
     }
 
     /// On a host's OpenMP team every index runs exactly once too, on the caller and the team's
-    /// worker (never on luong's pool), over many calls in a row.
+    /// workers (never on luong's pool), over many calls in a row; also with fewer indices than
+    /// the team has threads (a pool of 3, 2 indices: the third thread has no share of its own).
     #[cfg(target_os = "linux")]
     #[test]
     fn run_indexed_on_an_openmp_team_runs_each_index_once_on_its_threads() {
         let team = on_gnu_openmp();
-        let pool = build(2).unwrap();
         let on_worker = AtomicUsize::new(0);
+        // Runs one call and returns how many of its items ran on luong's pool.
+        let call = |pool: &ThreadPool, n: usize| {
+            let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+            let on_pool = AtomicUsize::new(0);
+            run_indexed(
+                pool,
+                n,
+                || (),
+                |_, i| {
+                    let t = std::time::Instant::now();
+                    while t.elapsed() < std::time::Duration::from_micros(2) {
+                        std::hint::spin_loop();
+                    }
+                    hits[i].fetch_add(1, Ordering::Relaxed);
+                    if team.thread_num() != 0 {
+                        on_worker.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if std::thread::current()
+                        .name()
+                        .is_some_and(|n| n.starts_with("luong-"))
+                    {
+                        on_pool.fetch_add(1, Ordering::Relaxed);
+                    }
+                },
+            );
+            let threads = pool.current_num_threads();
+            assert!(
+                hits.iter().all(|h| h.load(Ordering::Relaxed) == 1),
+                "{threads} threads, n = {n}: some index ran other than once"
+            );
+            on_pool.into_inner()
+        };
+        let pool = build(2).unwrap();
         for n in [1usize, 2, 3, 64, 1000] {
             for _ in 0..50 {
-                let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
-                let on_pool = AtomicUsize::new(0);
-                run_indexed(
-                    &pool,
-                    n,
-                    || (),
-                    |_, i| {
-                        let t = std::time::Instant::now();
-                        while t.elapsed() < std::time::Duration::from_micros(2) {
-                            std::hint::spin_loop();
-                        }
-                        hits[i].fetch_add(1, Ordering::Relaxed);
-                        if team.thread_num() != 0 {
-                            on_worker.fetch_add(1, Ordering::Relaxed);
-                        }
-                        if std::thread::current()
-                            .name()
-                            .is_some_and(|n| n.starts_with("luong-"))
-                        {
-                            on_pool.fetch_add(1, Ordering::Relaxed);
-                        }
-                    },
-                );
-                assert!(
-                    hits.iter().all(|h| h.load(Ordering::Relaxed) == 1),
-                    "n = {n}: some index ran other than once"
-                );
-                assert_eq!(
-                    on_pool.load(Ordering::Relaxed),
-                    0,
-                    "n = {n}: ran on luong's pool"
-                );
+                assert_eq!(call(&pool, n), 0, "n = {n}: ran on luong's pool");
             }
         }
         assert!(
             on_worker.load(Ordering::Relaxed) > 0,
             "the team's worker never took an item"
         );
+        // Three threads on a two-core machine: GNU OpenMP then spins only briefly, so later
+        // calls may find the workers asleep and use the pool; the first one learns the team.
+        let pool = build(3).unwrap();
+        assert_eq!(
+            call(&pool, 2),
+            0,
+            "the first call of a new size ran on luong's pool"
+        );
+        for _ in 0..50 {
+            call(&pool, 2);
+        }
     }
 
     /// A panic in `work` on the team's worker or on the caller reaches the caller (instead of
