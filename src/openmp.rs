@@ -120,18 +120,32 @@ fn lookup() -> Option<Team> {
     None
 }
 
+/// What a unit test lets its thread do with the team.
+#[cfg(test)]
+#[derive(Clone, Copy, PartialEq)]
+pub(crate) enum InThisTest {
+    /// Never join it (every test that does not ask).
+    Never,
+    /// Join it as a program would (while its workers run).
+    AsUsual,
+    /// Always join it: the region's own behaviour, whatever the runtime's spin (which under
+    /// qemu-user or on ARM cores may end before the next call).
+    Always,
+}
+
 #[cfg(test)]
 thread_local! {
     /// Unit tests share one process: only a test that asks for it gets the team (on its thread),
     /// so loading an OpenMP runtime for one test leaves the others on luong's pool.
-    pub(crate) static TEAM_IN_THIS_TEST: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    pub(crate) static TEAM_IN_THIS_TEST: std::cell::Cell<InThisTest> =
+        const { std::cell::Cell::new(InThisTest::Never) };
 }
 
 /// The calling thread's OpenMP team, when luong may run on it (see the module's conditions).
 fn team() -> Option<Team> {
     watch_forks();
     #[cfg(test)]
-    if !TEAM_IN_THIS_TEST.with(|t| t.get()) {
+    if TEAM_IN_THIS_TEST.with(|t| t.get()) == InThisTest::Never {
         return None;
     }
     if !allowed() || FORKED.load(Ordering::Relaxed) {
@@ -186,6 +200,10 @@ pub(crate) fn awake_team(threads: usize) -> Option<(Team, bool)> {
     WORKERS.with(|w| {
         let mut w = w.borrow_mut();
         let known = w.as_ref().filter(|w| w.threads == threads);
+        #[cfg(test)]
+        if TEAM_IN_THIS_TEST.with(|t| t.get()) == InThisTest::Always {
+            return Some((team, known.is_none()));
+        }
         match known.map(Workers::running) {
             Some(Some(true)) => Some((team, false)),
             Some(Some(false)) => None,
@@ -257,12 +275,12 @@ mod tests {
     /// and when the host holds OpenMP to one thread; it is used again once allowed.
     #[test]
     fn the_team_is_not_used_nested_or_when_held_to_one_thread() {
-        let team = crate::pool::tests::on_gnu_openmp();
+        let team = crate::pool::tests::on_gnu_openmp(InThisTest::AsUsual);
         assert_eq!(parallel_backend(), ParallelBackend::OpenMp);
         extern "C" fn inside(data: *mut c_void) {
             // SAFETY: `data` is the test's `AtomicUsize`, alive until the region returns.
             let nested = unsafe { &*(data as *const std::sync::atomic::AtomicUsize) };
-            crate::openmp::TEAM_IN_THIS_TEST.with(|t| t.set(true));
+            crate::openmp::TEAM_IN_THIS_TEST.with(|t| t.set(InThisTest::AsUsual));
             if parallel_backend() == ParallelBackend::OpenMp {
                 nested.fetch_add(1, Ordering::SeqCst);
             }
@@ -290,11 +308,11 @@ mod tests {
         assert_eq!(parallel_backend(), ParallelBackend::OpenMp);
     }
 
-    /// After a region the team's worker spins and a step joins the team; once it has gone to
-    /// sleep, steps run on luong's pool; a host region wakes it and the team is joined again.
+    /// The first step on a thread runs on the team (noting its worker); once the worker sleeps,
+    /// steps run on luong's pool and never on it.
     #[test]
-    fn the_team_is_joined_while_its_worker_runs_and_left_while_it_sleeps() {
-        let team = crate::pool::tests::on_gnu_openmp();
+    fn steps_leave_the_team_while_its_worker_sleeps() {
+        let team = crate::pool::tests::on_gnu_openmp(InThisTest::AsUsual);
         let pool = crate::pool::tests::two_threads();
         // Where the items of one step ran: (on the team's worker, on luong's pool).
         let step = || {
@@ -321,22 +339,22 @@ mod tests {
             );
             (worker.into_inner(), helper.into_inner())
         };
-        let (worker, helper) = step(); // the first region notes the worker
-        assert!(
-            worker > 0 && helper == 0,
-            "first step: {worker} on the worker, {helper} on the pool"
+        let (_, helper) = step();
+        assert_eq!(
+            helper, 0,
+            "the first step (which notes the team) ran on the pool"
         );
-        // GNU OpenMP's worker spins for a few ms (longer under emulation), then sleeps.
+        // GNU OpenMP's worker spins for a while (from about 0.1 ms on ARM cores to a few ms on
+        // x86 ones, longer under emulation), then sleeps.
         let start = std::time::Instant::now();
         while awake_team(2).is_some() {
             assert!(
-                start.elapsed().as_secs() < 5,
+                start.elapsed().as_secs() < 10,
                 "the team's worker never went to sleep"
             );
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
-        // Steps now run on the pool, never on the sleeping worker (a helper may wake too late
-        // for the first few: repeat until one takes items).
+        // A helper may wake too late for the first few steps: repeat until one takes items.
         for round in 0.. {
             let (worker, helper) = step();
             assert_eq!(
@@ -348,12 +366,39 @@ mod tests {
             }
             assert!(round < 100, "luong's pool never took an item");
         }
-        extern "C" fn nothing(_: *mut c_void) {}
-        // SAFETY: `nothing` does not unwind and reads no data.
-        unsafe { team.run(2, nothing, std::ptr::null_mut()) };
-        assert!(
-            matches!(awake_team(2), Some((_, false))),
-            "the woken worker is not seen running"
-        );
+    }
+
+    /// A thread's state as `Workers::running` reads it: running (this thread, reading), asleep
+    /// (a thread blocked on a channel), unreadable once the thread has exited.
+    #[test]
+    fn workers_count_as_running_only_while_their_threads_run() {
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let sleeper = std::thread::spawn(move || {
+            tid_tx.send(thread_id()).unwrap();
+            go_rx.recv().unwrap();
+        });
+        let sleeping = tid_rx.recv().unwrap();
+        let workers = |tid: i32| {
+            let stat = std::fs::File::open(format!("/proc/self/task/{tid}/stat")).unwrap();
+            Workers {
+                threads: 2,
+                stats: vec![stat],
+            }
+        };
+        assert_eq!(workers(thread_id()).running(), Some(true));
+        let asleep = workers(sleeping);
+        // The sleeper may not have reached `recv` yet: it is asleep within a second.
+        let start = std::time::Instant::now();
+        while asleep.running() != Some(false) {
+            assert!(
+                start.elapsed().as_secs() < 1,
+                "a blocked thread reads as running"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        go_tx.send(()).unwrap();
+        sleeper.join().unwrap();
+        assert_eq!(asleep.running(), None, "an exited thread's state was read");
     }
 }
