@@ -161,6 +161,7 @@ fn team() -> Option<Team> {
 /// `/proc/self/task/<tid>/stat` files, read again (one `pread` each) before each step.
 struct Workers {
     threads: usize,
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))] // read through `/proc`
     stats: Vec<std::fs::File>,
 }
 
