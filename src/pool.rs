@@ -538,6 +538,38 @@ pub(crate) mod tests {
         }
     }
 
+    /// Runs 2000 items of 1 ms on `pool`, panicking in the items where `here()` holds, and
+    /// checks that the panic reaches the caller and stops the call early (2000 items would take
+    /// a second; the panic hook's backtrace printing, during which other threads go on, takes
+    /// far less).
+    fn assert_a_panic_reaches_the_caller(
+        pool: &ThreadPool,
+        here: impl Fn() -> bool + Sync,
+        what: &str,
+    ) {
+        let ran = AtomicUsize::new(0);
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            run_indexed(
+                pool,
+                2000,
+                || (),
+                |_, _| {
+                    ran.fetch_add(1, Ordering::SeqCst);
+                    if here() {
+                        panic!("{what}");
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                },
+            )
+        }));
+        assert!(r.is_err(), "the panic ({what}) was lost");
+        let ran = ran.load(Ordering::SeqCst);
+        assert!(
+            ran < 2000,
+            "a panic ({what}) did not stop the call: {ran} items ran"
+        );
+    }
+
     /// A panic in `work` on the team's worker or on the caller reaches the caller (instead of
     /// unwinding into the OpenMP runtime, which would abort) and stops the call early.
     #[cfg(target_os = "linux")]
@@ -545,37 +577,14 @@ pub(crate) mod tests {
     fn run_indexed_on_an_openmp_team_propagates_a_panic() {
         let team = on_gnu_openmp(crate::openmp::InThisTest::Always);
         let pool = build(2).unwrap();
-        for on_worker in [true, false] {
-            let ran = AtomicUsize::new(0);
-            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                run_indexed(
-                    &pool,
-                    2000,
-                    || (),
-                    |_, _| {
-                        ran.fetch_add(1, Ordering::SeqCst);
-                        if (team.thread_num() != 0) == on_worker {
-                            panic!("on the worker: {on_worker}");
-                        }
-                        std::thread::sleep(std::time::Duration::from_millis(1));
-                    },
-                )
-            }));
-            assert!(
-                r.is_err(),
-                "the panic (on the worker: {on_worker}) was lost"
-            );
-            let ran = ran.load(Ordering::SeqCst);
-            assert!(
-                ran < 2000,
-                "a panic (on the worker: {on_worker}) did not stop the call: {ran} items ran"
-            );
+        for worker in [true, false] {
+            let here = || (team.thread_num() != 0) == worker;
+            assert_a_panic_reaches_the_caller(&pool, here, &format!("on the worker: {worker}"));
         }
     }
 
     /// A panic in `work` reaches the caller, from a helper thread and from the caller itself,
-    /// and stops the call early (2000 items of 1 ms would take a second; the panic hook's
-    /// backtrace printing, during which the other thread goes on, takes far less).
+    /// and stops the call early.
     #[test]
     fn run_indexed_propagates_a_panic() {
         let pool = build(2).unwrap();
@@ -585,27 +594,8 @@ pub(crate) mod tests {
                 .is_some_and(|n| n.starts_with("luong-"))
         };
         for helper in [true, false] {
-            let ran = AtomicUsize::new(0);
-            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                run_indexed(
-                    &pool,
-                    2000,
-                    || (),
-                    |_, _| {
-                        ran.fetch_add(1, Ordering::SeqCst);
-                        if on_helper() == helper {
-                            panic!("on a helper: {helper}");
-                        }
-                        std::thread::sleep(std::time::Duration::from_millis(1));
-                    },
-                )
-            }));
-            assert!(r.is_err(), "the panic (on a helper: {helper}) was lost");
-            let ran = ran.load(Ordering::SeqCst);
-            assert!(
-                ran < 2000,
-                "a panic (on a helper: {helper}) did not stop the call: {ran} items ran"
-            );
+            let here = || on_helper() == helper;
+            assert_a_panic_reaches_the_caller(&pool, here, &format!("on a helper: {helper}"));
         }
     }
 }
