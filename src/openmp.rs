@@ -157,7 +157,7 @@ fn team() -> Option<Team> {
     usable.then_some(team)
 }
 
-/// A team's workers as the calling thread last saw them: the step size they served and their
+/// A team's workers as the calling thread last saw them: the team size they served and their
 /// `/proc/self/task/<tid>/stat` files, read again (one `pread` each) before each step.
 struct Workers {
     threads: usize,
@@ -167,10 +167,14 @@ struct Workers {
 
 impl Workers {
     /// Whether every worker is running or runnable now (spinning between regions), or `None`
-    /// when one's state cannot be read (it exited: learn the team again).
+    /// when one's state cannot be read (it exited: learn the team again). A team the runtime
+    /// gave no workers (a thread limit of 1) never counts as running: luong's pool is parallel.
     #[cfg(target_os = "linux")]
     fn running(&self) -> Option<bool> {
         use std::os::unix::fs::FileExt;
+        if self.stats.is_empty() {
+            return Some(false);
+        }
         let mut buf = [0u8; 128];
         for stat in &self.stats {
             let n = stat.read_at(&mut buf, 0).ok()?;
@@ -370,7 +374,8 @@ mod tests {
     }
 
     /// A thread's state as `Workers::running` reads it: running (this thread, reading), asleep
-    /// (a thread blocked on a channel), unreadable once the thread has exited.
+    /// (a thread blocked on a channel), unreadable once the thread has exited; a team without
+    /// workers never counts as running.
     #[test]
     fn workers_count_as_running_only_while_their_threads_run() {
         let (tid_tx, tid_rx) = std::sync::mpsc::channel();
@@ -388,6 +393,15 @@ mod tests {
             }
         };
         assert_eq!(workers(thread_id()).running(), Some(true));
+        let none = Workers {
+            threads: 1,
+            stats: Vec::new(),
+        };
+        assert_eq!(
+            none.running(),
+            Some(false),
+            "a team without workers counts as running"
+        );
         let asleep = workers(sleeping);
         // The sleeper may not have reached `recv` yet: it is asleep within a second.
         let start = std::time::Instant::now();
