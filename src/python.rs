@@ -429,8 +429,9 @@ fn kernel_isa() -> &'static str {
     crate::Isa::detect().name()
 }
 
-/// Where the next parallel call from this thread runs its steps: "openmp" (the host's OpenMP
-/// team, e.g. PyTorch's) or "luong" (luong's own pool); see `crate::parallel_backend`.
+/// Where a parallel call from this thread runs its steps: "openmp" (the host's OpenMP team,
+/// e.g. PyTorch's, while its workers run; luong's pool while they sleep) or "luong" (luong's own
+/// pool); see `crate::parallel_backend`.
 #[pyfunction]
 fn parallel_backend() -> &'static str {
     crate::parallel_backend().as_str()

@@ -50,11 +50,13 @@ def kernel_isa() -> str:
 
 
 def parallel_backend() -> str:
-    """Which threads a parallel call made now on this thread runs on: "openmp", the calling
-    thread's team of the OpenMP runtime the process has loaded (PyTorch's: its workers spin on
-    after each torch op, so luong's own would find their cores taken), or "luong", luong's own
-    pool. "luong" when no OpenMP runtime is loaded globally, inside an OpenMP region, when that
-    runtime is held to one thread (`torch.set_num_threads(1)`, `OMP_NUM_THREADS=1`), in a process
-    forked after luong was imported, or with `LUONG_OPENMP=0`. Either way a call uses
-    `get_num_threads()` threads and gives the same bits."""
+    """Where a parallel call made on this thread runs: "openmp" when it may join the calling
+    thread's team of the OpenMP runtime the process has loaded (PyTorch's), which it does while
+    that team's workers are running: they spin on after each torch op, and luong's own helpers
+    would find their cores taken; between bursts, when they sleep, the call uses luong's pool.
+    "luong" (always luong's pool) off Linux, when no OpenMP runtime is loaded globally, inside an
+    OpenMP region, when that runtime is held to one thread (`torch.set_num_threads(1)`,
+    `OMP_NUM_THREADS=1`), in a process forked after luong was imported, or with
+    `LUONG_OPENMP=0`. Either way a call uses `get_num_threads()` threads and gives the same
+    bits."""
     return _core.parallel_backend()
