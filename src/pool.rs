@@ -459,6 +459,21 @@ pub(crate) mod tests {
         );
     }
 
+    /// Busy for `us` microseconds (a work item that takes time without sleeping).
+    pub(crate) fn spin_for(us: u64) {
+        let t = std::time::Instant::now();
+        while t.elapsed() < std::time::Duration::from_micros(us) {
+            std::hint::spin_loop();
+        }
+    }
+
+    /// Whether the calling thread is one of luong's pool threads.
+    pub(crate) fn on_luong_pool() -> bool {
+        std::thread::current()
+            .name()
+            .is_some_and(|n| n.starts_with("luong-"))
+    }
+
     /// A pool of two threads for one test.
     pub(crate) fn two_threads() -> Arc<ThreadPool> {
         build(2).unwrap()
@@ -499,18 +514,12 @@ pub(crate) mod tests {
                 n,
                 || (),
                 |_, i| {
-                    let t = std::time::Instant::now();
-                    while t.elapsed() < std::time::Duration::from_micros(2) {
-                        std::hint::spin_loop();
-                    }
+                    spin_for(2);
                     hits[i].fetch_add(1, Ordering::Relaxed);
                     if team.thread_num() != 0 {
                         on_worker.fetch_add(1, Ordering::Relaxed);
                     }
-                    if std::thread::current()
-                        .name()
-                        .is_some_and(|n| n.starts_with("luong-"))
-                    {
+                    if on_luong_pool() {
                         on_pool.fetch_add(1, Ordering::Relaxed);
                     }
                 },
@@ -588,13 +597,8 @@ pub(crate) mod tests {
     #[test]
     fn run_indexed_propagates_a_panic() {
         let pool = build(2).unwrap();
-        let on_helper = || {
-            std::thread::current()
-                .name()
-                .is_some_and(|n| n.starts_with("luong-"))
-        };
         for helper in [true, false] {
-            let here = || on_helper() == helper;
+            let here = || on_luong_pool() == helper;
             assert_a_panic_reaches_the_caller(&pool, here, &format!("on a helper: {helper}"));
         }
     }
